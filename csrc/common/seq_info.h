@@ -1,0 +1,46 @@
+// Where one (batch, head) sequence lives: its lengths and the element offsets of its first row,
+// for the batched layout and the varlen (cu_seqlens) layout alike.
+#pragma once
+#include <cstdint>
+
+#include "../params.h"
+
+namespace fat {
+
+struct SeqInfo {
+  int len_q, len_k;
+  int64_t first_q, first_k;  // varlen: first token of the sequence; batched: 0
+  int batch;
+  bool varlen;
+
+  __device__ __forceinline__ SeqInfo(const FwdParams& p, int b) : batch(b) {
+    varlen = p.cu_seqlens_q != nullptr;
+    if (varlen) {
+      first_q = p.cu_seqlens_q[b];
+      first_k = p.cu_seqlens_k[b];
+      len_q = p.cu_seqlens_q[b + 1] - static_cast<int>(first_q);
+      len_k = p.cu_seqlens_k[b + 1] - static_cast<int>(first_k);
+    } else {
+      first_q = first_k = 0;
+      len_q = p.seqlen_q;
+      len_k = p.seqlen_k;
+    }
+  }
+  // Offset of row 0 of a q-shaped (resp. k-shaped) tensor for this sequence.
+  __device__ __forceinline__ int64_t q_offset(int64_t batch_stride, int64_t row_stride) const {
+    return varlen ? first_q * row_stride : batch * batch_stride;
+  }
+  __device__ __forceinline__ int64_t k_offset(int64_t batch_stride, int64_t row_stride) const {
+    return varlen ? first_k * row_stride : batch * batch_stride;
+  }
+  // Offset of row 0 in the lse-shaped tensors: (batch, heads, seqlen_q) or (heads, total_q).
+  __device__ __forceinline__ int64_t lse_offset(const FwdParams& p, int head) const {
+    return (varlen ? first_q : batch * p.lse_batch_stride) + head * p.lse_head_stride;
+  }
+  // Bottom-right aligned causal mask: query row i sees keys j <= i + len_k - len_q.
+  __device__ __forceinline__ int causal_shift() const { return len_k - len_q; }
+};
+
+__host__ __device__ __forceinline__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+}  // namespace fat

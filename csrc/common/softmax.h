@@ -1,0 +1,109 @@
+// Online softmax over the rows of a warp's MMA accumulator tiles (m16n8 layout: a lane holds
+// rows lane/4 and lane/4 + 8, columns 2*(lane%4) and +1 of every 8-column tile).
+//
+// Two forms of the row sum l, chosen at compile time:
+//   vector: each lane adds its own exp2 values on the FP32 pipe, one quad reduction at the end;
+//   tensor: l is accumulated on the tensor cores as P x ones (an extra m16n8k16 MMA per P.V
+//           k-step), so every column of that accumulator holds the full row sum -- no adds, no
+//           shuffles -- and it sums exactly the rounded P that multiplies V.
+#pragma once
+#include <cmath>
+
+#include "ptx.h"
+
+namespace fat {
+
+template <int MTiles, bool TensorRowSum>
+struct OnlineSoftmax {
+  float row_max[MTiles][2];  // running max of the raw scores of each of the lane's rows
+  float row_sum[MTiles][2];  // vector form: this lane's partial sum
+  float sum_acc[MTiles][4];  // tensor form: P x ones accumulator
+
+  __device__ __forceinline__ OnlineSoftmax() {
+#pragma unroll
+    for (int mt = 0; mt < MTiles; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        row_max[mt][r] = -INFINITY;
+        row_sum[mt][r] = 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) sum_acc[mt][i] = 0.f;
+    }
+  }
+
+  // Takes a tile of raw scores s: raises the running max, replaces s by
+  // P = exp2(s * scale_log2 - max * scale_log2) (one FFMA + EX2 per score), and rescales the
+  // output accumulator o and the row sum by exp2((old max - new max) * scale_log2).
+  template <int NTiles, int OTiles>
+  __device__ __forceinline__ void step(float (&s)[MTiles][NTiles][4], float (&o)[MTiles][OTiles][4],
+                                       float scale_log2) {
+#pragma unroll
+    for (int mt = 0; mt < MTiles; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float m = row_max[mt][r];
+#pragma unroll
+        for (int nt = 0; nt < NTiles; ++nt) m = fmaxf(m, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+        m = quad_max(m);
+        // A row that has seen only masked keys keeps max -inf; shift by 0 so exp2 gives 0s.
+        const float shift = m == -INFINITY ? 0.f : m * scale_log2;
+        const float correction = fast_exp2(row_max[mt][r] * scale_log2 - shift);
+        row_max[mt][r] = m;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NTiles; ++nt) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            float& x = s[mt][nt][2 * r + c];
+            x = fast_exp2(fmaf(x, scale_log2, -shift));
+            if constexpr (!TensorRowSum) sum += x;
+          }
+        }
+#pragma unroll
+        for (int ot = 0; ot < OTiles; ++ot) {
+          o[mt][ot][2 * r] *= correction;
+          o[mt][ot][2 * r + 1] *= correction;
+        }
+        if constexpr (TensorRowSum) {
+          sum_acc[mt][2 * r] *= correction;
+          sum_acc[mt][2 * r + 1] *= correction;
+        } else {
+          row_sum[mt][r] = row_sum[mt][r] * correction + sum;
+        }
+      }
+    }
+  }
+
+  // Tensor form: adds P x ones for one k16 slice of P (already packed as an MMA A operand).
+  template <typename Element>
+  __device__ __forceinline__ void accumulate_row_sum(int mt, const uint32_t (&p)[4]) {
+    if constexpr (TensorRowSum) {
+      constexpr uint32_t ones = ElementOps<Element>::kOnePair;
+      ElementOps<Element>::mma(sum_acc[mt], p, ones, ones);
+    }
+  }
+
+  // Divides o by the row sums and returns each row's log-sum-exp in natural-log units;
+  // a row with no visible key gets zeros and lse = +inf.
+  template <int OTiles>
+  __device__ __forceinline__ void finalize(float (&o)[MTiles][OTiles][4], float scale_log2,
+                                           float (&lse)[MTiles][2]) {
+#pragma unroll
+    for (int mt = 0; mt < MTiles; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float l = TensorRowSum ? sum_acc[mt][2 * r] : quad_sum(row_sum[mt][r]);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+        for (int ot = 0; ot < OTiles; ++ot) {
+          o[mt][ot][2 * r] *= inv;
+          o[mt][ot][2 * r + 1] *= inv;
+        }
+        lse[mt][r] = l > 0.f ? (row_max[mt][r] * scale_log2 + __log2f(l)) * 0.69314718056f : INFINITY;
+      }
+    }
+  }
+};
+
+}  // namespace fat

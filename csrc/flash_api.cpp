@@ -1,0 +1,303 @@
+// The only translation unit that includes torch: checks arguments, allocates outputs, fills the
+// Params structs, dispatches on (dtype, head dim) and registers the ops with torch.library.
+// The Python layer (flash_attn_t/interface.py) checks the same rules first, with the argument
+// names of the public API; the checks here guard direct torch.ops calls.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+#include <type_traits>
+
+#include "launch.h"
+
+namespace fat {
+namespace {
+
+constexpr int kSupportedHeadDims[] = {64, 128};
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "flash_attn_t: launching the ", what, " kernel failed: ",
+              cudaGetErrorString(err));
+}
+
+void check_tensor(const at::Tensor& t, const char* name, int64_t rank, const at::Tensor& q) {
+  TORCH_CHECK(t.is_cuda(), "flash_attn_t: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.dim() == rank, "flash_attn_t: ", name, " must have ", rank, " dimensions, got ", t.dim());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "flash_attn_t: ", name, " must have q's dtype");
+  TORCH_CHECK(t.device() == q.device(), "flash_attn_t: ", name, " must be on q's device");
+  TORCH_CHECK(t.stride(-1) == 1, "flash_attn_t: ", name, " must have a contiguous last dimension");
+  // Offsets inside a tile (at most 256 rows) are 32-bit in the kernels (see load_tile_async).
+  TORCH_CHECK(t.stride(-3) < (int64_t{1} << 31) / 256, "flash_attn_t: ", name,
+              " has a sequence stride too large for the kernels");
+}
+
+void check_q(const at::Tensor& q, int64_t rank) {
+  check_tensor(q, "q", rank, q);
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "flash_attn_t: q must be float16 or bfloat16");
+  const int64_t d = q.size(-1);
+  bool ok = false;
+  for (int s : kSupportedHeadDims) ok = ok || d == s;
+  TORCH_CHECK(ok, "flash_attn_t: head dim ", d, " is not supported (supported: 64, 128)");
+}
+
+// cp.async moves 16-byte chunks: the base and every stride but the last must be multiples of
+// 8 elements. A tensor that is not (e.g. a view at an odd offset) is copied once.
+at::Tensor aligned(const at::Tensor& t) {
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) ok = ok && (t.size(i) <= 1 || t.stride(i) % 8 == 0);
+  return ok ? t : at::empty(t.sizes(), t.options()).copy_(t);
+}
+
+// (batch, seq, heads, dim) or, varlen, (tokens, heads, dim): batch, row and head strides.
+void strides_of(const at::Tensor& t, int64_t& batch, int64_t& row, int64_t& head) {
+  const bool varlen = t.dim() == 3;
+  batch = varlen ? 0 : t.stride(0);
+  row = t.stride(varlen ? 0 : 1);
+  head = t.stride(varlen ? 1 : 2);
+}
+
+void fill_fwd(FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const at::Tensor& lse, double softmax_scale) {
+  const bool varlen = q.dim() == 3;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  strides_of(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  strides_of(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  strides_of(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  strides_of(out, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
+  p.lse_batch_stride = varlen ? 0 : lse.stride(0);
+  p.lse_head_stride = lse.stride(varlen ? 0 : 1);
+  p.heads = static_cast<int>(q.size(-2));
+  p.heads_k = static_cast<int>(k.size(-2));
+  p.head_dim = static_cast<int>(q.size(-1));
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
+  p.cu_seqlens_q = p.cu_seqlens_k = nullptr;
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t rank) {
+  check_q(q, rank);
+  check_tensor(k, "k", rank, q);
+  check_tensor(v, "v", rank, q);
+  TORCH_CHECK(k.sizes() == v.sizes(), "flash_attn_t: k and v must have the same shape");
+  TORCH_CHECK(k.size(-1) == q.size(-1), "flash_attn_t: k must have q's head dim");
+  TORCH_CHECK(k.size(-2) > 0 && q.size(-2) % k.size(-2) == 0,
+              "flash_attn_t: q's head count must be a multiple of k's");
+  if (rank == 4) TORCH_CHECK(k.size(0) == q.size(0), "flash_attn_t: k must have q's batch size");
+}
+
+void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(cu.is_cuda() && cu.device() == q.device(), "flash_attn_t: ", name, " must be on q's device");
+  TORCH_CHECK(cu.scalar_type() == at::kInt, "flash_attn_t: ", name, " must be int32");
+  TORCH_CHECK(cu.dim() == 1 && cu.is_contiguous() && cu.numel() >= 1,
+              "flash_attn_t: ", name, " must be a contiguous 1-D tensor of batch + 1 offsets");
+}
+
+// Calls f(element_tag, head_dim_constant) for the runtime dtype and head dim.
+template <typename F>
+cudaError_t dispatch(at::ScalarType dtype, int head_dim, F&& f) {
+  auto by_dim = [&](auto element) -> cudaError_t {
+    switch (head_dim) {
+      case 64: return f(element, std::integral_constant<int, 64>{});
+      case 128: return f(element, std::integral_constant<int, 128>{});
+    }
+    TORCH_CHECK(false, "flash_attn_t: head dim ", head_dim, " is not supported");
+  };
+  return dtype == at::kBFloat16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});
+}
+
+void launch_fwd(const FwdParams& p, at::ScalarType dtype, bool causal) {
+  if (p.batch == 0 || p.seqlen_q == 0) return;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_launch(dispatch(dtype, p.head_dim,
+                        [&](auto element, auto dim) {
+                          return run_fwd_sm80<decltype(element), decltype(dim)::value>(p, causal, stream);
+                        }),
+               "forward");
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+                                       double softmax_scale, bool causal) {
+  check_qkv(q_, k_, v_, 4);
+  const c10::cuda::CUDAGuard guard(q_.device());
+  const at::Tensor q = aligned(q_), k = aligned(k_), v = aligned(v_);
+  const int64_t b = q.size(0), sq = q.size(1), h = q.size(2);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({b, h, sq}, q.options().dtype(at::kFloat));
+  FwdParams p{};
+  fill_fwd(p, q, k, v, out, lse, softmax_scale);
+  p.batch = static_cast<int>(b);
+  p.seqlen_q = static_cast<int>(sq);
+  p.seqlen_k = static_cast<int>(k.size(1));
+  launch_fwd(p, q.scalar_type(), causal);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+                                              const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                              int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+                                              bool causal) {
+  check_qkv(q_, k_, v_, 3);
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q_);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q_);
+  TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel(),
+              "flash_attn_t: cu_seqlens_q and cu_seqlens_k must have the same length");
+  const c10::cuda::CUDAGuard guard(q_.device());
+  const at::Tensor q = aligned(q_), k = aligned(k_), v = aligned(v_);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  FwdParams p{};
+  fill_fwd(p, q, k, v, out, lse, softmax_scale);
+  p.batch = static_cast<int>(cu_seqlens_q.numel() - 1);
+  p.seqlen_q = static_cast<int>(max_seqlen_q);
+  p.seqlen_k = static_cast<int>(max_seqlen_k);
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
+  if (q.size(0) > 0) launch_fwd(p, q.scalar_type(), causal);
+  return {out, lse};
+}
+
+void fill_bwd(BwdParams& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dk,
+              const at::Tensor& dv, double softmax_scale) {
+  fill_fwd(p, q, k, v, out, lse, softmax_scale);
+  p.dout = dout.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  strides_of(dout, p.dout_batch_stride, p.dout_row_stride, p.dout_head_stride);
+  strides_of(dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
+  strides_of(dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
+}
+
+// Shared by the batched and varlen backward, once p holds the tensors: a q-shaped fp32 dq_accum
+// (with a leading split dimension), the dsum pre-pass, the main kernel, then
+// dq = (sum over splits) * softmax_scale in q's dtype.
+at::Tensor launch_bwd(BwdParams& p, const at::Tensor& q, const at::Tensor& lse, bool causal,
+                      bool deterministic) {
+  int splits = 1;
+  if (deterministic) {
+    int sms = 0;
+    check_launch(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()),
+                 "device query for the");
+    const int ctas = std::max(1, p.batch * p.heads_k);
+    const int max_blocks = std::max(1, (p.seqlen_k + kBwdBlockN - 1) / kBwdBlockN);
+    splits = std::max(1, std::min(max_blocks, (2 * sms + ctas - 1) / ctas));
+  }
+  std::vector<int64_t> acc_shape{splits};
+  acc_shape.insert(acc_shape.end(), q.sizes().begin(), q.sizes().end());
+  at::Tensor dq_accum = at::zeros(acc_shape, q.options().dtype(at::kFloat));
+  at::Tensor dsum = at::empty_like(lse);  // laid out like lse
+  p.dq_accum = dq_accum.data_ptr<float>();
+  p.dsum = dsum.data_ptr<float>();
+  strides_of(dq_accum[0], p.dq_accum_batch_stride, p.dq_accum_row_stride, p.dq_accum_head_stride);
+  p.dq_accum_split_stride = dq_accum.stride(0);
+  p.num_splits = splits;
+  p.deterministic = deterministic;
+
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (p.batch > 0 && p.seqlen_q > 0 && p.seqlen_k > 0 && q.numel() > 0) {
+    check_launch(dispatch(q.scalar_type(), p.head_dim,
+                          [&](auto element, auto dim) {
+                            return run_bwd_dsum<decltype(element), decltype(dim)::value>(p, stream);
+                          }),
+                 "backward dsum");
+    check_launch(dispatch(q.scalar_type(), p.head_dim,
+                          [&](auto element, auto dim) {
+                            return run_bwd_sm80<decltype(element), decltype(dim)::value>(p, causal, stream);
+                          }),
+                 "backward");
+  }
+  at::Tensor dq_sum = splits == 1 ? dq_accum.select(0, 0) : dq_accum.sum(0);
+  return dq_sum.mul_(p.softmax_scale).to(q.scalar_type());
+}
+
+void check_bwd_extra(const at::Tensor& dout, const at::Tensor& out, const at::Tensor& q, const at::Tensor& lse,
+                     at::IntArrayRef lse_shape) {
+  check_tensor(dout, "dout", q.dim(), q);
+  check_tensor(out, "out", q.dim(), q);
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "flash_attn_t: dout and out must have q's shape");
+  TORCH_CHECK(lse.is_cuda() && lse.device() == q.device() && lse.scalar_type() == at::kFloat &&
+                  lse.sizes() == lse_shape,
+              "flash_attn_t: lse must be float32 of shape ", lse_shape, " on q's device");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout_, const at::Tensor& q_,
+                                                   const at::Tensor& k_, const at::Tensor& v_,
+                                                   const at::Tensor& out_, const at::Tensor& lse_,
+                                                   double softmax_scale, bool causal, bool deterministic) {
+  check_qkv(q_, k_, v_, 4);
+  check_bwd_extra(dout_, out_, q_, lse_, {q_.size(0), q_.size(2), q_.size(1)});
+  const c10::cuda::CUDAGuard guard(q_.device());
+  const at::Tensor q = aligned(q_), k = aligned(k_), v = aligned(v_), out = aligned(out_),
+                   dout = aligned(dout_), lse = lse_.contiguous();
+  at::Tensor dk = at::empty(k.sizes(), k.options()), dv = at::empty(v.sizes(), v.options());
+  BwdParams p{};
+  fill_bwd(p, dout, q, k, v, out, lse, dk, dv, softmax_scale);
+  p.batch = static_cast<int>(q.size(0));
+  p.seqlen_q = static_cast<int>(q.size(1));
+  p.seqlen_k = static_cast<int>(k.size(1));
+  at::Tensor dq = launch_bwd(p, q, lse, causal, deterministic);
+  if (p.seqlen_q == 0) dk.zero_(), dv.zero_();  // no query: the kernel never ran
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
+    const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal, bool deterministic) {
+  check_qkv(q_, k_, v_, 3);
+  check_bwd_extra(dout_, out_, q_, lse_, {q_.size(1), q_.size(0)});
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q_);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q_);
+  const c10::cuda::CUDAGuard guard(q_.device());
+  const at::Tensor q = aligned(q_), k = aligned(k_), v = aligned(v_), out = aligned(out_),
+                   dout = aligned(dout_), lse = lse_.contiguous();
+  at::Tensor dk = at::empty(k.sizes(), k.options()), dv = at::empty(v.sizes(), v.options());
+  BwdParams p{};
+  fill_bwd(p, dout, q, k, v, out, lse, dk, dv, softmax_scale);
+  p.batch = static_cast<int>(cu_seqlens_q.numel() - 1);
+  p.seqlen_q = static_cast<int>(max_seqlen_q);
+  p.seqlen_k = static_cast<int>(max_seqlen_k);
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
+  at::Tensor dq = launch_bwd(p, q, lse, causal, deterministic);
+  if (p.seqlen_q == 0 || q.size(0) == 0) dk.zero_(), dv.zero_();  // no query: the kernel never ran
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace fat
+
+TORCH_LIBRARY(flash_attn_t, m) {
+  m.def("fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal) -> (Tensor, Tensor)");
+  m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale, "
+        "bool causal, bool deterministic) -> (Tensor, Tensor, Tensor)");
+  m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+        "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor, Tensor)");
+  m.def("varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+        "float softmax_scale, bool causal, bool deterministic) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(flash_attn_t, CUDA, m) {
+  m.impl("fwd", &fat::fwd);
+  m.impl("bwd", &fat::bwd);
+  m.impl("varlen_fwd", &fat::varlen_fwd);
+  m.impl("varlen_bwd", &fat::varlen_bwd);
+}
+
+// `import flash_attn_t._C` runs the registrations above; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

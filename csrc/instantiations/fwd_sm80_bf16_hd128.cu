@@ -1,0 +1,2 @@
+#include "../sm80/fwd_launch.h"
+template cudaError_t fat::run_fwd_sm80<__nv_bfloat16, 128>(const FwdParams&, bool, cudaStream_t);

@@ -1,0 +1,25 @@
+// The launchers every instantiation file defines; flash_api.cpp dispatches to them.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "params.h"
+
+namespace fat {
+
+// Element: __half or __nv_bfloat16. Each returns the launch error, if any.
+template <typename Element, int HeadDim>
+cudaError_t run_fwd_sm80(const FwdParams& params, bool causal, cudaStream_t stream);
+
+template <typename Element, int HeadDim>
+cudaError_t run_bwd_sm80(const BwdParams& params, bool causal, cudaStream_t stream);
+
+// dsum = rowsum(dout * out) over the head dim, the backward's first pass.
+template <typename Element, int HeadDim>
+cudaError_t run_bwd_dsum(const BwdParams& params, cudaStream_t stream);
+
+// Key block of the backward kernels (flash_api sizes the deterministic dq_accum splits by it).
+constexpr int kBwdBlockN = 128;
+
+}  // namespace fat

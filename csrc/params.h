@@ -1,0 +1,52 @@
+// Plain parameter structs shared by every kernel. No torch types: kernels never include torch.
+#pragma once
+#include <cstdint>
+
+namespace fat {
+
+// Forward pass. Strides are in elements. Tensors are (batch, seq, heads, dim) or, for varlen,
+// (total_tokens, heads, dim) with cu_seqlens_* giving each sequence's first token.
+struct FwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;  // (batch, heads, seqlen_q), or (heads, total_q) for varlen; natural-log units
+
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t out_batch_stride, out_row_stride, out_head_stride;
+  int64_t lse_batch_stride, lse_head_stride;
+
+  int batch, heads, heads_k, head_dim;
+  int seqlen_q, seqlen_k;  // per sequence when batched; the maxima when varlen
+
+  const int* cu_seqlens_q;  // null when batched
+  const int* cu_seqlens_k;
+
+  float softmax_scale;
+  float scale_log2;  // softmax_scale * log2(e): the exp2 argument is one FFMA away from the score
+};
+
+// Backward pass: the forward's tensors plus the gradients and the fp32 workspaces.
+struct BwdParams : FwdParams {
+  const void* dout;
+  void* dk;
+  void* dv;
+  float* dq_accum;  // (splits, <q's shape>) fp32, row/head strides below, zero-initialised
+  float* dsum;      // rowsum(dout * out), laid out like lse
+
+  int64_t dout_batch_stride, dout_row_stride, dout_head_stride;
+  int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
+  int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+  int64_t dq_accum_batch_stride, dq_accum_row_stride, dq_accum_head_stride;
+  int64_t dq_accum_split_stride;
+  int num_splits;  // dq_accum splits (deterministic mode); 1 otherwise
+
+  // Deterministic mode: each CTA of a (batch, kv head) owns one dq_accum split and walks its
+  // key blocks in order, so no two CTAs add into the same fp32 slot.
+  bool deterministic;
+};
+
+}  // namespace fat

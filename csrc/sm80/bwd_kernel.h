@@ -1,0 +1,268 @@
+// sm80 backward. Grid: (key blocks or dq splits, kv heads, batch). A CTA keeps one block of
+// keys with its K, V and dK, dV accumulators, and walks every query block of every q head of its
+// kv group (GQA gradients are summed here, never expanded): recompute P from lse, then
+//   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - D),  dK += dS^T Q,  dQ += dS K (fp32 atomics).
+#pragma once
+#include <cmath>
+
+#include "../common/ptx.h"
+#include "../common/seq_info.h"
+#include "../common/smem_tile.h"
+#include "../params.h"
+
+namespace fat::sm80 {
+
+// D = rowsum(dO * O), fp32, stored like lse. Each group of HeadDim / 8 lanes handles one row.
+template <typename Element, int HeadDim>
+__global__ void __launch_bounds__(128) dsum_kernel(const __grid_constant__ BwdParams p) {
+  constexpr int kLanesPerRow = HeadDim / 8, kRowsPerBlock = 128 / kLanesPerRow;
+  const int head = blockIdx.y;
+  const SeqInfo seq(p, blockIdx.z);
+  const int row = blockIdx.x * kRowsPerBlock + threadIdx.x / kLanesPerRow;
+  const int col = (threadIdx.x % kLanesPerRow) * 8;
+  float sum = 0.f;
+  if (row < seq.len_q) {
+    const Element* dout = static_cast<const Element*>(p.dout) +
+                          seq.q_offset(p.dout_batch_stride, p.dout_row_stride) +
+                          head * p.dout_head_stride + row * p.dout_row_stride + col;
+    const Element* out = static_cast<const Element*>(p.out) +
+                         seq.q_offset(p.out_batch_stride, p.out_row_stride) +
+                         head * p.out_head_stride + row * p.out_row_stride + col;
+    const uint4 a = *reinterpret_cast<const uint4*>(dout);
+    const uint4 b = *reinterpret_cast<const uint4*>(out);
+    const Element* ea = reinterpret_cast<const Element*>(&a);
+    const Element* eb = reinterpret_cast<const Element*>(&b);
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      sum += ElementOps<Element>::to_float(ea[i]) * ElementOps<Element>::to_float(eb[i]);
+  }
+#pragma unroll
+  for (int w = kLanesPerRow / 2; w > 0; w /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, w);
+  if (row < seq.len_q && threadIdx.x % kLanesPerRow == 0) p.dsum[seq.lse_offset(p, head) + row] = sum;
+}
+
+// Shared-memory carve-up. Stages are addressed by arithmetic, not by indexing a pointer array:
+// a run-time index into an array would put the array in local memory.
+template <typename Traits>
+struct BwdSmem {
+  using Element = typename Traits::Element;
+  static constexpr int kQ = Traits::QTile::kElements, kKV = Traits::KVTile::kElements;
+  Element* base;
+  __device__ __forceinline__ explicit BwdSmem(char* raw) : base(reinterpret_cast<Element*>(raw)) {}
+  __device__ __forceinline__ Element* k() const { return base; }
+  __device__ __forceinline__ Element* v() const { return base + kKV; }
+  __device__ __forceinline__ Element* q(int stage) const { return base + 2 * kKV + stage * kQ; }
+  __device__ __forceinline__ Element* dout(int stage) const { return base + 2 * kKV + (2 + stage) * kQ; }
+  __device__ __forceinline__ Element* p() const { return base + 2 * kKV + 4 * kQ; }
+  __device__ __forceinline__ Element* ds() const { return p() + Traits::PTile::kElements; }
+};
+
+// One key block: everything between loading K, V and writing dK, dV.
+template <typename Traits, bool Causal>
+__device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo& seq, int head_k,
+                                              int n_block, float* dq_accum, const BwdSmem<Traits>& sm) {
+  using Element = typename Traits::Element;
+  using Ops = ElementOps<Element>;
+  using QTile = typename Traits::QTile;
+  using KVTile = typename Traits::KVTile;
+  using PTile = typename Traits::PTile;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kThreads = Traits::kThreads;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kSTiles = Traits::kSTiles, kKVTiles = Traits::kKVTiles, kDqTiles = Traits::kDqTiles;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = warp % 4, wn = warp / 4;  // S / dP / dQ warp tile: rows 16 wm, column half wn
+  const int shift = seq.causal_shift();
+  const int first_key = n_block * kBlockN;
+  const int valid_keys = min(kBlockN, seq.len_k - first_key);
+  const int group = p.heads / p.heads_k;
+
+  // Query blocks that see at least one of these keys: rows >= first_key - shift under causal.
+  const int m_begin = Causal ? max(0, first_key - shift) / kBlockM : 0;
+  const int m_count = max(0, ceil_div(seq.len_q, kBlockM) - m_begin);
+  const int steps = group * m_count;
+
+  float acc_dk[kKVTiles][4], acc_dv[kKVTiles][4];
+#pragma unroll
+  for (int t = 0; t < kKVTiles; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc_dk[t][i] = acc_dv[t][i] = 0.f;
+
+  const Element* q_seq = static_cast<const Element*>(p.q) + seq.q_offset(p.q_batch_stride, p.q_row_stride);
+  const Element* do_seq =
+      static_cast<const Element*>(p.dout) + seq.q_offset(p.dout_batch_stride, p.dout_row_stride);
+  // Starts the loads of step `step`'s Q and dO tiles into `stage`.
+  auto load_q_do = [&](int step, int stage) {
+    const int head = head_k * group + step / m_count;
+    const int first_row = (m_begin + step % m_count) * kBlockM;
+    const int rows = seq.len_q - first_row;
+    load_tile_async<QTile, kThreads>(sm.q(stage), q_seq + head * p.q_head_stride + first_row * p.q_row_stride,
+                                     p.q_row_stride, rows);
+    load_tile_async<QTile, kThreads>(sm.dout(stage),
+                                     do_seq + head * p.dout_head_stride + first_row * p.dout_row_stride,
+                                     p.dout_row_stride, rows);
+  };
+
+  if (steps > 0) {
+    const Element* k = static_cast<const Element*>(p.k) + seq.k_offset(p.k_batch_stride, p.k_row_stride) +
+                       head_k * p.k_head_stride + first_key * p.k_row_stride;
+    const Element* v = static_cast<const Element*>(p.v) + seq.k_offset(p.v_batch_stride, p.v_row_stride) +
+                       head_k * p.v_head_stride + first_key * p.v_row_stride;
+    load_tile_async<KVTile, kThreads>(sm.k(), k, p.k_row_stride, valid_keys);
+    load_tile_async<KVTile, kThreads>(sm.v(), v, p.v_row_stride, valid_keys);
+    load_q_do(0, 0);
+    cp_async_commit();
+  }
+  const uint32_t k_base = smem_addr(sm.k()), v_base = smem_addr(sm.v());
+  const uint32_t p_base = smem_addr(sm.p()), ds_base = smem_addr(sm.ds());
+
+  for (int step = 0; step < steps; ++step) {
+    const int stage = step & 1;
+    const int head = head_k * group + step / m_count;
+    const int first_row = (m_begin + step % m_count) * kBlockM;
+    cp_async_wait<0>();
+    __syncthreads();  // this step's Q, dO visible; every warp done with the last step's smem
+    if (step + 1 < steps) {
+      load_q_do(step + 1, stage ^ 1);
+      cp_async_commit();
+    }
+    const uint32_t q_base = smem_addr(sm.q(stage)), do_base = smem_addr(sm.dout(stage));
+
+    // S = Q K^T and dP = dO V^T for rows 16 wm, keys (kBlockN / 2) wn
+    float s[kSTiles][4], dp[kSTiles][4];
+#pragma unroll
+    for (int t = 0; t < kSTiles; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[t][i] = dp[t][i] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim; kk += 16) {
+      uint32_t aq[4], ado[4];
+      ldmatrix_x4(aq, q_base + Frag<QTile>::a(wm * 16, kk, lane));
+      ldmatrix_x4(ado, do_base + Frag<QTile>::a(wm * 16, kk, lane));
+#pragma unroll
+      for (int np = 0; np < kSTiles / 2; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, k_base + Frag<KVTile>::b(wn * (kBlockN / 2) + np * 16, kk, lane));
+        Ops::mma(s[2 * np], aq, b[0], b[1]);
+        Ops::mma(s[2 * np + 1], aq, b[2], b[3]);
+        ldmatrix_x4(b, v_base + Frag<KVTile>::b(wn * (kBlockN / 2) + np * 16, kk, lane));
+        Ops::mma(dp[2 * np], ado, b[0], b[1]);
+        Ops::mma(dp[2 * np + 1], ado, b[2], b[3]);
+      }
+    }
+
+    // P = exp2(S * scale_log2 - lse * log2 e); rows past the end read lse = +inf, so P = 0.
+    const float* lse = p.lse + seq.lse_offset(p, head) + first_row;
+    const float* dsum = p.dsum + seq.lse_offset(p, head) + first_row;
+    const int first_col = first_key + wn * (kBlockN / 2);
+    const bool needs_mask =
+        first_key + kBlockN > seq.len_k || (Causal && first_key + kBlockN - 1 > first_row + shift);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = wm * 16 + lane / 4 + 8 * r;
+      const bool in_range = first_row + row < seq.len_q;
+      const float lse_log2 = in_range ? lse[row] * 1.4426950409f : INFINITY;
+      const float d = in_range ? dsum[row] : 0.f;
+      const int col_limit = Causal ? min(seq.len_k, first_row + row + shift + 1) : seq.len_k;
+#pragma unroll
+      for (int t = 0; t < kSTiles; ++t) {
+        float pr[2], dsr[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float pv = fast_exp2(fmaf(s[t][2 * r + c], p.scale_log2, -lse_log2));
+          if (needs_mask && first_col + t * 8 + 2 * (lane % 4) + c >= col_limit) pv = 0.f;
+          pr[c] = pv;
+          dsr[c] = pv * (dp[t][2 * r + c] - d);
+        }
+        const int col = wn * (kBlockN / 2) + t * 8 + 2 * (lane % 4);
+        const int off = PTile::pair_byte_offset(row, col);
+        *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sm.p()) + off) = Ops::pack(pr[0], pr[1]);
+        *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sm.ds()) + off) = Ops::pack(dsr[0], dsr[1]);
+      }
+    }
+    __syncthreads();  // P and dS complete in shared memory
+
+    // dV += P^T dO and dK += dS^T Q for keys 16 warp
+#pragma unroll
+    for (int kq = 0; kq < kBlockM; kq += 16) {
+      uint32_t ap[4], ads[4];
+      ldmatrix_x4_trans(ap, p_base + Frag<PTile>::at(warp * 16, kq, lane));
+      ldmatrix_x4_trans(ads, ds_base + Frag<PTile>::at(warp * 16, kq, lane));
+#pragma unroll
+      for (int dt = 0; dt < kKVTiles / 2; ++dt) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, do_base + Frag<QTile>::bt(kq, dt * 16, lane));
+        Ops::mma(acc_dv[2 * dt], ap, b[0], b[1]);
+        Ops::mma(acc_dv[2 * dt + 1], ap, b[2], b[3]);
+        ldmatrix_x4_trans(b, q_base + Frag<QTile>::bt(kq, dt * 16, lane));
+        Ops::mma(acc_dk[2 * dt], ads, b[0], b[1]);
+        Ops::mma(acc_dk[2 * dt + 1], ads, b[2], b[3]);
+      }
+    }
+
+    // dQ += dS K for rows 16 wm, head-dim half wn, added into fp32 dq_accum
+    float dq[kDqTiles][4];
+#pragma unroll
+    for (int t = 0; t < kDqTiles; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dq[t][i] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kBlockN; kk += 16) {
+      uint32_t a[4];
+      ldmatrix_x4(a, ds_base + Frag<PTile>::a(wm * 16, kk, lane));
+#pragma unroll
+      for (int dt = 0; dt < kDqTiles / 2; ++dt) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, k_base + Frag<KVTile>::bt(kk, wn * (kHeadDim / 2) + dt * 16, lane));
+        Ops::mma(dq[2 * dt], a, b[0], b[1]);
+        Ops::mma(dq[2 * dt + 1], a, b[2], b[3]);
+      }
+    }
+    float* dq_rows = dq_accum + seq.q_offset(p.dq_accum_batch_stride, p.dq_accum_row_stride) +
+                     head * p.dq_accum_head_stride + first_row * p.dq_accum_row_stride;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = wm * 16 + lane / 4 + 8 * r;
+      if (first_row + row >= seq.len_q) continue;
+      float* dst = dq_rows + row * p.dq_accum_row_stride + wn * (kHeadDim / 2) + 2 * (lane % 4);
+#pragma unroll
+      for (int t = 0; t < kDqTiles; ++t) {
+        atomicAdd(dst + t * 8, dq[t][2 * r]);
+        atomicAdd(dst + t * 8 + 1, dq[t][2 * r + 1]);
+      }
+    }
+  }
+
+  // dK (scaled by softmax_scale: S was) and dV; keys no query sees get zeros.
+  Element* dk = static_cast<Element*>(p.dk) + seq.k_offset(p.dk_batch_stride, p.dk_row_stride) +
+                head_k * p.dk_head_stride + first_key * p.dk_row_stride;
+  Element* dv = static_cast<Element*>(p.dv) + seq.k_offset(p.dv_batch_stride, p.dv_row_stride) +
+                head_k * p.dv_head_stride + first_key * p.dv_row_stride;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = warp * 16 + lane / 4 + 8 * r;
+    if (key >= valid_keys) continue;
+#pragma unroll
+    for (int t = 0; t < kKVTiles; ++t) {
+      const int col = t * 8 + 2 * (lane % 4);
+      *reinterpret_cast<uint32_t*>(dk + key * p.dk_row_stride + col) =
+          Ops::pack(acc_dk[t][2 * r] * p.softmax_scale, acc_dk[t][2 * r + 1] * p.softmax_scale);
+      *reinterpret_cast<uint32_t*>(dv + key * p.dv_row_stride + col) =
+          Ops::pack(acc_dv[t][2 * r], acc_dv[t][2 * r + 1]);
+    }
+  }
+  __syncthreads();  // the next key block of this CTA reuses the shared memory
+}
+
+template <typename Traits, bool Causal>
+__global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_constant__ BwdParams p) {
+  extern __shared__ __align__(128) char smem[];
+  const BwdSmem<Traits> sm(smem);
+  const SeqInfo seq(p, blockIdx.z);
+  const int num_blocks = ceil_div(seq.len_k, Traits::kBlockN);
+  float* dq_accum = p.dq_accum + (p.deterministic ? blockIdx.x * p.dq_accum_split_stride : 0);
+  for (int n = blockIdx.x; n < num_blocks; n += gridDim.x)
+    bwd_key_block<Traits, Causal>(p, seq, blockIdx.y, n, dq_accum, sm);
+}
+
+}  // namespace fat::sm80

@@ -1,0 +1,33 @@
+// Launch template of the sm80 backward (dsum pre-pass + main kernel).
+#pragma once
+#include "../launch.h"
+#include "bwd_kernel.h"
+#include "traits.h"
+
+namespace fat {
+
+template <typename Element, int HeadDim>
+cudaError_t run_bwd_dsum(const BwdParams& p, cudaStream_t stream) {
+  constexpr int kRowsPerBlock = 128 / (HeadDim / 8);
+  const dim3 grid(ceil_div(p.seqlen_q, kRowsPerBlock), p.heads, p.batch);
+  sm80::dsum_kernel<Element, HeadDim><<<grid, 128, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename Element, int HeadDim>
+cudaError_t run_bwd_sm80(const BwdParams& p, bool causal, cudaStream_t stream) {
+  using Traits = sm80::BwdTraits<Element, HeadDim>;
+  static_assert(Traits::kBlockN == kBwdBlockN, "flash_api sizes dq_accum splits with kBwdBlockN");
+  auto kernel = causal ? sm80::bwd_kernel<Traits, true> : sm80::bwd_kernel<Traits, false>;
+  constexpr int smem = Traits::kSmemBytes;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  // Non-deterministic: one CTA per key block, all adding into one dq_accum. Deterministic: the
+  // caller chose dq_accum_split_stride's count of splits and passes it as num_splits.
+  const int blocks = p.deterministic ? p.num_splits : ceil_div(p.seqlen_k, Traits::kBlockN);
+  const dim3 grid(blocks, p.heads_k, p.batch);
+  kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace fat

@@ -1,0 +1,196 @@
+// sm80 forward: mma.sync m16n8k16 + ldmatrix + cp.async, online softmax in registers.
+// Grid: (query blocks, heads, batch). Key blocks are walked from the last one down, so the
+// blocks that need masking (causal diagonal, ragged end) come first.
+#pragma once
+#include <cmath>
+
+#include "../common/ptx.h"
+#include "../common/seq_info.h"
+#include "../common/smem_tile.h"
+#include "../common/softmax.h"
+#include "../params.h"
+
+namespace fat::sm80 {
+
+// Sets masked scores of a warp's tile to -inf: keys past the sequence end, and under causal
+// keys right of the (bottom-right aligned) diagonal.
+template <typename Traits, bool Causal>
+__device__ __forceinline__ void mask_scores(float (&s)[Traits::kMTiles][Traits::kSTiles][4],
+                                            int first_row, int first_col, int len_k, int shift) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int mt = 0; mt < Traits::kMTiles; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = first_row + mt * 16 + lane / 4 + 8 * r;
+      const int col_limit = Causal ? min(len_k, row + shift + 1) : len_k;
+#pragma unroll
+      for (int nt = 0; nt < Traits::kSTiles; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+          if (first_col + nt * 8 + 2 * (lane % 4) + c >= col_limit) s[mt][nt][2 * r + c] = -INFINITY;
+    }
+}
+
+template <typename Traits, bool Causal>
+__global__ void __launch_bounds__(Traits::kThreads)
+    fwd_kernel(const __grid_constant__ FwdParams p) {
+  using Element = typename Traits::Element;
+  using Ops = ElementOps<Element>;
+  using QTile = typename Traits::QTile;
+  using KVTile = typename Traits::KVTile;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kThreads = Traits::kThreads;
+  constexpr int kMTiles = Traits::kMTiles, kSTiles = Traits::kSTiles, kOTiles = Traits::kOTiles;
+
+  const int m_block = blockIdx.x, head = blockIdx.y;
+  const SeqInfo seq(p, blockIdx.z);
+  if (m_block * kBlockM >= seq.len_q) return;
+  const int head_k = head / (p.heads / p.heads_k);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp_row = warp * Traits::kRowsPerWarp;  // first row of this warp inside the block
+  const int shift = seq.causal_shift();
+  const int first_row = m_block * kBlockM;
+  const int valid_rows = min(kBlockM, seq.len_q - first_row);
+
+  const Element* q = static_cast<const Element*>(p.q) + seq.q_offset(p.q_batch_stride, p.q_row_stride) +
+                     head * p.q_head_stride + first_row * p.q_row_stride;
+  const Element* k = static_cast<const Element*>(p.k) + seq.k_offset(p.k_batch_stride, p.k_row_stride) +
+                     head_k * p.k_head_stride;
+  const Element* v = static_cast<const Element*>(p.v) + seq.k_offset(p.v_batch_stride, p.v_row_stride) +
+                     head_k * p.v_head_stride;
+  Element* out = static_cast<Element*>(p.out) + seq.q_offset(p.out_batch_stride, p.out_row_stride) +
+                 head * p.out_head_stride + first_row * p.out_row_stride;
+  float* lse = p.lse + seq.lse_offset(p, head) + first_row;
+
+  // Key blocks [0, n_end): under causal only those left of this block's last row's diagonal.
+  int n_end = ceil_div(seq.len_k, kBlockN);
+  if (Causal) n_end = min(n_end, max(0, ceil_div(first_row + kBlockM + shift, kBlockN)));
+
+  extern __shared__ __align__(128) char smem[];
+  Element* sQ = reinterpret_cast<Element*>(smem);
+  Element* sK = sQ + QTile::kElements;
+  Element* sV = sK + KVTile::kElements;
+  const uint32_t q_base = smem_addr(sQ), k_base = smem_addr(sK), v_base = smem_addr(sV);
+
+  float acc_o[kMTiles][kOTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int ot = 0; ot < kOTiles; ++ot)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc_o[mt][ot][i] = 0.f;
+  OnlineSoftmax<kMTiles, Traits::kTensorRowSum> softmax;
+
+  // ---- prologue: Q and the last K block in flight
+  if (n_end > 0) {
+    load_tile_async<QTile, kThreads>(sQ, q, p.q_row_stride, valid_rows);
+    const int n = n_end - 1;
+    load_tile_async<KVTile, kThreads>(sK, k + n * kBlockN * p.k_row_stride, p.k_row_stride,
+                                      seq.len_k - n * kBlockN);
+    cp_async_commit();
+  }
+
+  // ---- main loop over key blocks, last to first
+  for (int n = n_end - 1; n >= 0; --n) {
+    const int first_col = n * kBlockN;
+    cp_async_wait<0>();
+    __syncthreads();  // K[n] visible to all; every warp is done with V[n + 1]
+    load_tile_async<KVTile, kThreads>(sV, v + first_col * p.v_row_stride, p.v_row_stride,
+                                      seq.len_k - first_col);
+    cp_async_commit();
+
+    // S = Q K^T
+    float s[kMTiles][kSTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kSTiles; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[mt][nt][i] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < Traits::kHeadDim; kk += 16) {
+      uint32_t a[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+        ldmatrix_x4(a[mt], q_base + Frag<QTile>::a(warp_row + mt * 16, kk, lane));
+#pragma unroll
+      for (int np = 0; np < kSTiles / 2; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, k_base + Frag<KVTile>::b(np * 16, kk, lane));
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          Ops::mma(s[mt][2 * np], a[mt], b[0], b[1]);
+          Ops::mma(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+
+    const bool needs_mask =
+        first_col + kBlockN > seq.len_k || (Causal && first_col + kBlockN - 1 > first_row + shift);
+    if (needs_mask) mask_scores<Traits, Causal>(s, first_row + warp_row, first_col, seq.len_k, shift);
+
+    cp_async_wait<0>();
+    __syncthreads();  // V[n] visible to all; every warp is done with K[n]
+    if (n > 0) {
+      load_tile_async<KVTile, kThreads>(sK, k + (n - 1) * kBlockN * p.k_row_stride, p.k_row_stride,
+                                        seq.len_k - (n - 1) * kBlockN);
+      cp_async_commit();
+    }
+
+    softmax.step(s, acc_o, p.scale_log2);
+
+    // O += P V, with P re-packed from the score accumulators into A fragments (no smem trip)
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t a[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        a[mt][0] = Ops::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = Ops::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = Ops::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = Ops::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        softmax.template accumulate_row_sum<Element>(mt, a[mt]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < kOTiles / 2; ++dp) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, v_base + Frag<KVTile>::bt(kk * 16, dp * 16, lane));
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          Ops::mma(acc_o[mt][2 * dp], a[mt], b[0], b[1]);
+          Ops::mma(acc_o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+  }
+
+  // ---- epilogue: normalise, stage O through this warp's own rows of sQ, 16-byte stores
+  float row_lse[kMTiles][2];
+  softmax.finalize(acc_o, p.scale_log2, row_lse);
+  if (n_end > 0) __syncwarp();  // this warp's Q rows are no longer read (other warps' are theirs)
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp_row + mt * 16 + lane / 4 + 8 * r;
+#pragma unroll
+      for (int ot = 0; ot < kOTiles; ++ot) {
+        const uint32_t pair = Ops::pack(acc_o[mt][ot][2 * r], acc_o[mt][ot][2 * r + 1]);
+        *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sQ) +
+                                     QTile::pair_byte_offset(row, ot * 8 + 2 * (lane % 4))) = pair;
+      }
+      if (lane % 4 == 0 && first_row + row < seq.len_q) lse[row] = row_lse[mt][r];
+    }
+  __syncwarp();
+  constexpr int kChunks = QTile::kChunks;
+#pragma unroll
+  for (int it = 0; it < Traits::kRowsPerWarp * kChunks / 32; ++it) {
+    const int i = it * 32 + lane;
+    const int row = warp_row + i / kChunks, chunk = i % kChunks;
+    if (row < valid_rows)
+      *reinterpret_cast<uint4*>(out + row * p.out_row_stride + chunk * 8) =
+          *reinterpret_cast<const uint4*>(sQ + QTile::offset(row, chunk));
+  }
+}
+
+}  // namespace fat::sm80

@@ -1,0 +1,67 @@
+"""Builds flash_attn_t._C: the CUDA kernels under csrc/ plus the torch bindings.
+
+Build knobs (environment variables):
+  TORCH_CUDA_ARCH_LIST  architectures, default "8.0;9.0a" (sm80 kernels run on every arch listed;
+                        Hopper needs its own sm_90a build, sm_80 machine code does not run there)
+  MAX_JOBS              parallel compile jobs (ninja), honoured by torch's BuildExtension
+  NVCC_THREADS          nvcc --threads per job (gencode targets compiled in parallel), default 2
+  CUDA_HOME             the CUDA toolkit; defaults to /usr/local/cuda when that exists
+"""
+import os
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"  # before torch.utils.cpp_extension reads it
+
+from torch.utils.cpp_extension import BuildExtension, CUDAExtension  # noqa: E402
+
+ROOT = Path(__file__).parent
+
+
+def kernel_sources():
+    """The one list of sources; CMakeLists.txt reads the same file."""
+    lines = (ROOT / "csrc" / "sources.txt").read_text().split()
+    return [f"csrc/{name}" for name in lines]
+
+
+def gencode_flags(arch_list):
+    flags = []
+    for arch in arch_list.replace(",", ";").replace(" ", ";").split(";"):
+        arch = arch.strip().replace("+PTX", "")
+        if not arch:
+            continue
+        num = arch.replace(".", "")
+        flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+    return flags
+
+
+arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+nvcc_flags = [
+    "-O3",
+    "-std=c++17",
+    "--use_fast_math",
+    "--expt-relaxed-constexpr",
+    "-lineinfo",
+    f"--threads={os.environ.get('NVCC_THREADS', '2')}",
+    *gencode_flags(arch_list),
+]
+
+setup(
+    name="flash-attn-t",
+    version="0.1.0",
+    description="Exact fused attention for PyTorch with tensorized online softmax (FlashAttention-T)",
+    packages=find_packages(include=["flash_attn_t", "flash_attn_t.*"]),
+    ext_modules=[
+        CUDAExtension(
+            name="flash_attn_t._C",
+            sources=kernel_sources(),
+            extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": nvcc_flags},
+            py_limited_api=False,
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.9",
+    install_requires=["torch"],
+)
