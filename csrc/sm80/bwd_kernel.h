@@ -68,10 +68,16 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
   using PTile = typename Traits::PTile;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kThreads = Traits::kThreads;
   constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr int kSTiles = Traits::kSTiles, kKVTiles = Traits::kKVTiles, kDqTiles = Traits::kDqTiles;
+  constexpr int kSM = Traits::kSdpMTiles, kSN = Traits::kSdpNTiles;
+  constexpr int kKM = Traits::kKvMTiles, kKN = Traits::kKvNTiles;
+  constexpr int kQM = Traits::kDqMTiles, kQN = Traits::kDqNTiles;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wm = warp % 4, wn = warp / 4;  // S / dP / dQ warp tile: rows 16 wm, column half wn
+  // First row / key / head-dim column of this warp's tile in each of the three layouts.
+  const int sdp_row = (warp % Traits::kSdpWarpsM) * kSM * 16, sdp_key = (warp / Traits::kSdpWarpsM) * kSN * 8;
+  const int kv_key = (warp % Traits::kKvWarpsN) * kKM * 16, kv_col = (warp / Traits::kKvWarpsN) * kKN * 8;
+  const int dq_row = (warp % Traits::kDqWarpsM) * kQM * 16, dq_col = (warp / Traits::kDqWarpsM) * kQN * 8;
+
   const int shift = seq.causal_shift();
   const int first_key = n_block * kBlockN;
   const int valid_keys = min(kBlockN, seq.len_k - first_key);
@@ -82,11 +88,13 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
   const int m_count = max(0, ceil_div(seq.len_q, kBlockM) - m_begin);
   const int steps = group * m_count;
 
-  float acc_dk[kKVTiles][4], acc_dv[kKVTiles][4];
+  float acc_dk[kKM][kKN][4], acc_dv[kKM][kKN][4];
 #pragma unroll
-  for (int t = 0; t < kKVTiles; ++t)
+  for (int mt = 0; mt < kKM; ++mt)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc_dk[t][i] = acc_dv[t][i] = 0.f;
+    for (int nt = 0; nt < kKN; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc_dk[mt][nt][i] = acc_dv[mt][nt][i] = 0.f;
 
   const Element* q_seq = static_cast<const Element*>(p.q) + seq.q_offset(p.q_batch_stride, p.q_row_stride);
   const Element* do_seq =
@@ -128,129 +136,161 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
     }
     const uint32_t q_base = smem_addr(sm.q(stage)), do_base = smem_addr(sm.dout(stage));
 
-    // S = Q K^T and dP = dO V^T for rows 16 wm, keys (kBlockN / 2) wn
-    float s[kSTiles][4], dp[kSTiles][4];
+    // ---- S = Q K^T and dP = dO V^T
+    float s[kSM][kSN][4], dp[kSM][kSN][4];
 #pragma unroll
-    for (int t = 0; t < kSTiles; ++t)
+    for (int mt = 0; mt < kSM; ++mt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) s[t][i] = dp[t][i] = 0.f;
+      for (int nt = 0; nt < kSN; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[mt][nt][i] = dp[mt][nt][i] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < kHeadDim; kk += 16) {
-      uint32_t aq[4], ado[4];
-      ldmatrix_x4(aq, q_base + Frag<QTile>::a(wm * 16, kk, lane));
-      ldmatrix_x4(ado, do_base + Frag<QTile>::a(wm * 16, kk, lane));
+      uint32_t aq[kSM][4], ado[kSM][4];
 #pragma unroll
-      for (int np = 0; np < kSTiles / 2; ++np) {
+      for (int mt = 0; mt < kSM; ++mt) {
+        ldmatrix_x4(aq[mt], q_base + Frag<QTile>::a(sdp_row + mt * 16, kk, lane));
+        ldmatrix_x4(ado[mt], do_base + Frag<QTile>::a(sdp_row + mt * 16, kk, lane));
+      }
+#pragma unroll
+      for (int np = 0; np < kSN / 2; ++np) {
         uint32_t b[4];
-        ldmatrix_x4(b, k_base + Frag<KVTile>::b(wn * (kBlockN / 2) + np * 16, kk, lane));
-        Ops::mma(s[2 * np], aq, b[0], b[1]);
-        Ops::mma(s[2 * np + 1], aq, b[2], b[3]);
-        ldmatrix_x4(b, v_base + Frag<KVTile>::b(wn * (kBlockN / 2) + np * 16, kk, lane));
-        Ops::mma(dp[2 * np], ado, b[0], b[1]);
-        Ops::mma(dp[2 * np + 1], ado, b[2], b[3]);
+        ldmatrix_x4(b, k_base + Frag<KVTile>::b(sdp_key + np * 16, kk, lane));
+#pragma unroll
+        for (int mt = 0; mt < kSM; ++mt) {
+          Ops::mma(s[mt][2 * np], aq[mt], b[0], b[1]);
+          Ops::mma(s[mt][2 * np + 1], aq[mt], b[2], b[3]);
+        }
+        ldmatrix_x4(b, v_base + Frag<KVTile>::b(sdp_key + np * 16, kk, lane));
+#pragma unroll
+        for (int mt = 0; mt < kSM; ++mt) {
+          Ops::mma(dp[mt][2 * np], ado[mt], b[0], b[1]);
+          Ops::mma(dp[mt][2 * np + 1], ado[mt], b[2], b[3]);
+        }
       }
     }
 
-    // P = exp2(S * scale_log2 - lse * log2 e); rows past the end read lse = +inf, so P = 0.
+    // ---- P = exp2(S * scale_log2 - lse * log2 e), dS = P (dP - D), both to shared memory.
+    // Rows past the sequence end read lse = +inf, so their P and dS are 0 without a mask.
     const float* lse = p.lse + seq.lse_offset(p, head) + first_row;
     const float* dsum = p.dsum + seq.lse_offset(p, head) + first_row;
-    const int first_col = first_key + wn * (kBlockN / 2);
     const bool needs_mask =
         first_key + kBlockN > seq.len_k || (Causal && first_key + kBlockN - 1 > first_row + shift);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = wm * 16 + lane / 4 + 8 * r;
-      const bool in_range = first_row + row < seq.len_q;
-      const float lse_log2 = in_range ? lse[row] * 1.4426950409f : INFINITY;
-      const float d = in_range ? dsum[row] : 0.f;
-      const int col_limit = Causal ? min(seq.len_k, first_row + row + shift + 1) : seq.len_k;
+    for (int mt = 0; mt < kSM; ++mt)
 #pragma unroll
-      for (int t = 0; t < kSTiles; ++t) {
-        float pr[2], dsr[2];
+      for (int r = 0; r < 2; ++r) {
+        const int row = sdp_row + mt * 16 + lane / 4 + 8 * r;
+        const bool in_range = first_row + row < seq.len_q;
+        const float lse_log2 = in_range ? lse[row] * 1.4426950409f : INFINITY;
+        const float d = in_range ? dsum[row] : 0.f;
+        const int col_limit = (Causal ? min(seq.len_k, first_row + row + shift + 1) : seq.len_k) - first_key;
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          float pv = fast_exp2(fmaf(s[t][2 * r + c], p.scale_log2, -lse_log2));
-          if (needs_mask && first_col + t * 8 + 2 * (lane % 4) + c >= col_limit) pv = 0.f;
-          pr[c] = pv;
-          dsr[c] = pv * (dp[t][2 * r + c] - d);
+        for (int nt = 0; nt < kSN; ++nt) {
+          float pr[2], dsr[2];
+          const int col = sdp_key + nt * 8 + 2 * (lane % 4);
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            float pv = fast_exp2(fmaf(s[mt][nt][2 * r + c], p.scale_log2, -lse_log2));
+            if (needs_mask && col + c >= col_limit) pv = 0.f;
+            pr[c] = pv;
+            dsr[c] = pv * (dp[mt][nt][2 * r + c] - d);
+          }
+          const int off = PTile::pair_byte_offset(row, col);
+          *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sm.p()) + off) = Ops::pack(pr[0], pr[1]);
+          *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sm.ds()) + off) = Ops::pack(dsr[0], dsr[1]);
         }
-        const int col = wn * (kBlockN / 2) + t * 8 + 2 * (lane % 4);
-        const int off = PTile::pair_byte_offset(row, col);
-        *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sm.p()) + off) = Ops::pack(pr[0], pr[1]);
-        *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sm.ds()) + off) = Ops::pack(dsr[0], dsr[1]);
       }
-    }
     __syncthreads();  // P and dS complete in shared memory
 
-    // dV += P^T dO and dK += dS^T Q for keys 16 warp
+    // ---- dV += P^T dO and dK += dS^T Q
 #pragma unroll
     for (int kq = 0; kq < kBlockM; kq += 16) {
-      uint32_t ap[4], ads[4];
-      ldmatrix_x4_trans(ap, p_base + Frag<PTile>::at(warp * 16, kq, lane));
-      ldmatrix_x4_trans(ads, ds_base + Frag<PTile>::at(warp * 16, kq, lane));
+      uint32_t ap[kKM][4], ads[kKM][4];
 #pragma unroll
-      for (int dt = 0; dt < kKVTiles / 2; ++dt) {
+      for (int mt = 0; mt < kKM; ++mt) {
+        ldmatrix_x4_trans(ap[mt], p_base + Frag<PTile>::at(kv_key + mt * 16, kq, lane));
+        ldmatrix_x4_trans(ads[mt], ds_base + Frag<PTile>::at(kv_key + mt * 16, kq, lane));
+      }
+#pragma unroll
+      for (int np = 0; np < kKN / 2; ++np) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, do_base + Frag<QTile>::bt(kq, dt * 16, lane));
-        Ops::mma(acc_dv[2 * dt], ap, b[0], b[1]);
-        Ops::mma(acc_dv[2 * dt + 1], ap, b[2], b[3]);
-        ldmatrix_x4_trans(b, q_base + Frag<QTile>::bt(kq, dt * 16, lane));
-        Ops::mma(acc_dk[2 * dt], ads, b[0], b[1]);
-        Ops::mma(acc_dk[2 * dt + 1], ads, b[2], b[3]);
+        ldmatrix_x4_trans(b, do_base + Frag<QTile>::bt(kq, kv_col + np * 16, lane));
+#pragma unroll
+        for (int mt = 0; mt < kKM; ++mt) {
+          Ops::mma(acc_dv[mt][2 * np], ap[mt], b[0], b[1]);
+          Ops::mma(acc_dv[mt][2 * np + 1], ap[mt], b[2], b[3]);
+        }
+        ldmatrix_x4_trans(b, q_base + Frag<QTile>::bt(kq, kv_col + np * 16, lane));
+#pragma unroll
+        for (int mt = 0; mt < kKM; ++mt) {
+          Ops::mma(acc_dk[mt][2 * np], ads[mt], b[0], b[1]);
+          Ops::mma(acc_dk[mt][2 * np + 1], ads[mt], b[2], b[3]);
+        }
       }
     }
 
-    // dQ += dS K for rows 16 wm, head-dim half wn, added into fp32 dq_accum
-    float dq[kDqTiles][4];
+    // ---- dQ += dS K, added into fp32 dq_accum
+    float dq[kQM][kQN][4];
 #pragma unroll
-    for (int t = 0; t < kDqTiles; ++t)
+    for (int mt = 0; mt < kQM; ++mt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) dq[t][i] = 0.f;
+      for (int nt = 0; nt < kQN; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dq[mt][nt][i] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < kBlockN; kk += 16) {
-      uint32_t a[4];
-      ldmatrix_x4(a, ds_base + Frag<PTile>::a(wm * 16, kk, lane));
+      uint32_t a[kQM][4];
 #pragma unroll
-      for (int dt = 0; dt < kDqTiles / 2; ++dt) {
+      for (int mt = 0; mt < kQM; ++mt) ldmatrix_x4(a[mt], ds_base + Frag<PTile>::a(dq_row + mt * 16, kk, lane));
+#pragma unroll
+      for (int np = 0; np < kQN / 2; ++np) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, k_base + Frag<KVTile>::bt(kk, wn * (kHeadDim / 2) + dt * 16, lane));
-        Ops::mma(dq[2 * dt], a, b[0], b[1]);
-        Ops::mma(dq[2 * dt + 1], a, b[2], b[3]);
+        ldmatrix_x4_trans(b, k_base + Frag<KVTile>::bt(kk, dq_col + np * 16, lane));
+#pragma unroll
+        for (int mt = 0; mt < kQM; ++mt) {
+          Ops::mma(dq[mt][2 * np], a[mt], b[0], b[1]);
+          Ops::mma(dq[mt][2 * np + 1], a[mt], b[2], b[3]);
+        }
       }
     }
     float* dq_rows = dq_accum + seq.q_offset(p.dq_accum_batch_stride, p.dq_accum_row_stride) +
                      head * p.dq_accum_head_stride + first_row * p.dq_accum_row_stride;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = wm * 16 + lane / 4 + 8 * r;
-      if (first_row + row >= seq.len_q) continue;
-      float* dst = dq_rows + row * p.dq_accum_row_stride + wn * (kHeadDim / 2) + 2 * (lane % 4);
+    for (int mt = 0; mt < kQM; ++mt)
 #pragma unroll
-      for (int t = 0; t < kDqTiles; ++t) {
-        atomicAdd(dst + t * 8, dq[t][2 * r]);
-        atomicAdd(dst + t * 8 + 1, dq[t][2 * r + 1]);
+      for (int r = 0; r < 2; ++r) {
+        const int row = dq_row + mt * 16 + lane / 4 + 8 * r;
+        if (first_row + row >= seq.len_q) continue;
+        float* dst = dq_rows + row * p.dq_accum_row_stride + dq_col + 2 * (lane % 4);
+#pragma unroll
+        for (int nt = 0; nt < kQN; ++nt) {
+          atomicAdd(dst + nt * 8, dq[mt][nt][2 * r]);
+          atomicAdd(dst + nt * 8 + 1, dq[mt][nt][2 * r + 1]);
+        }
       }
-    }
   }
 
-  // dK (scaled by softmax_scale: S was) and dV; keys no query sees get zeros.
+  // ---- dK (scaled by softmax_scale, as S was) and dV; keys no query sees get zeros.
   Element* dk = static_cast<Element*>(p.dk) + seq.k_offset(p.dk_batch_stride, p.dk_row_stride) +
                 head_k * p.dk_head_stride + first_key * p.dk_row_stride;
   Element* dv = static_cast<Element*>(p.dv) + seq.k_offset(p.dv_batch_stride, p.dv_row_stride) +
                 head_k * p.dv_head_stride + first_key * p.dv_row_stride;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = warp * 16 + lane / 4 + 8 * r;
-    if (key >= valid_keys) continue;
+  for (int mt = 0; mt < kKM; ++mt)
 #pragma unroll
-    for (int t = 0; t < kKVTiles; ++t) {
-      const int col = t * 8 + 2 * (lane % 4);
-      *reinterpret_cast<uint32_t*>(dk + key * p.dk_row_stride + col) =
-          Ops::pack(acc_dk[t][2 * r] * p.softmax_scale, acc_dk[t][2 * r + 1] * p.softmax_scale);
-      *reinterpret_cast<uint32_t*>(dv + key * p.dv_row_stride + col) =
-          Ops::pack(acc_dv[t][2 * r], acc_dv[t][2 * r + 1]);
+    for (int r = 0; r < 2; ++r) {
+      const int key = kv_key + mt * 16 + lane / 4 + 8 * r;
+      if (key >= valid_keys) continue;
+#pragma unroll
+      for (int nt = 0; nt < kKN; ++nt) {
+        const int col = kv_col + nt * 8 + 2 * (lane % 4);
+        *reinterpret_cast<uint32_t*>(dk + key * p.dk_row_stride + col) =
+            Ops::pack(acc_dk[mt][nt][2 * r] * p.softmax_scale, acc_dk[mt][nt][2 * r + 1] * p.softmax_scale);
+        *reinterpret_cast<uint32_t*>(dv + key * p.dv_row_stride + col) =
+            Ops::pack(acc_dv[mt][nt][2 * r], acc_dv[mt][nt][2 * r + 1]);
+      }
     }
-  }
   __syncthreads();  // the next key block of this CTA reuses the shared memory
 }
 

@@ -16,7 +16,7 @@ cudaError_t run_bwd_dsum(const BwdParams& p, cudaStream_t stream) {
 
 template <typename Element, int HeadDim>
 cudaError_t run_bwd_sm80(const BwdParams& p, bool causal, cudaStream_t stream) {
-  using Traits = sm80::BwdTraits<Element, HeadDim>;
+  using Traits = typename sm80::BwdConfig<Element, HeadDim>::Traits;
   static_assert(Traits::kBlockN == kBwdBlockN, "flash_api sizes dq_accum splits with kBwdBlockN");
   auto kernel = causal ? sm80::bwd_kernel<Traits, true> : sm80::bwd_kernel<Traits, false>;
   constexpr int smem = Traits::kSmemBytes;

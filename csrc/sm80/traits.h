@@ -42,28 +42,46 @@ struct FwdConfig<Element, 128, TensorRowSum> {
 };
 
 // Backward: a CTA owns BlockN keys (K, V and the dK, dV accumulators stay put) and walks the
-// query rows BlockM at a time, Q and dO double-buffered.
-//   S = Q K^T, dP = dO V^T: warp w computes rows 16 (w % 4), keys (BlockN / 2) (w / 4)
-//   dV += P^T dO, dK += dS^T Q: warp w owns keys 16 w (P and dS go through shared memory)
-//   dQ += dS K: warp w computes rows 16 (w % 4), head-dim half w / 4, added to fp32 dq_accum.
-template <typename Element_, int HeadDim_>
+// query rows BlockM at a time, Q and dO double-buffered. Three warp layouts, one per GEMM shape:
+//   S = Q K^T, dP = dO V^T:   SdpWarpsM x SdpWarpsN warps over (BlockM rows, BlockN keys)
+//   dV += P^T dO, dK += dS^T Q: KvWarpsN x KvWarpsD warps over (BlockN keys, HeadDim)
+//   dQ += dS K:                DqWarpsM x DqWarpsD warps over (BlockM rows, HeadDim)
+// P and dS go through shared memory between the first and the other two. Square-ish warp tiles
+// keep the ldmatrix count per MMA low: shared-memory bandwidth, not MMA issue, bounds this kernel.
+template <typename Element_, int HeadDim_, int BlockM_, int SdpWarpsM_, int KvWarpsN_, int DqWarpsM_>
 struct BwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = HeadDim_;
-  static constexpr int kBlockM = 64;
+  static constexpr int kBlockM = BlockM_;
   static constexpr int kBlockN = 128;
   static constexpr int kWarps = 8;
   static constexpr int kThreads = kWarps * 32;
 
-  static constexpr int kSTiles = kBlockN / 2 / 8;   // n8 tiles of a warp's S / dP block
-  static constexpr int kKVTiles = kHeadDim / 8;     // n8 tiles of a warp's dK / dV rows
-  static constexpr int kDqTiles = kHeadDim / 2 / 8; // n8 tiles of a warp's dQ block
-  static_assert(kBlockM == 16 * 4 && kBlockN == 16 * kWarps, "warp layout above");
+  static constexpr int kSdpWarpsM = SdpWarpsM_, kSdpWarpsN = kWarps / SdpWarpsM_;
+  static constexpr int kSdpMTiles = kBlockM / kSdpWarpsM / 16, kSdpNTiles = kBlockN / kSdpWarpsN / 8;
+  static constexpr int kKvWarpsN = KvWarpsN_, kKvWarpsD = kWarps / KvWarpsN_;
+  static constexpr int kKvMTiles = kBlockN / kKvWarpsN / 16, kKvNTiles = kHeadDim / kKvWarpsD / 8;
+  static constexpr int kDqWarpsM = DqWarpsM_, kDqWarpsD = kWarps / DqWarpsM_;
+  static constexpr int kDqMTiles = kBlockM / kDqWarpsM / 16, kDqNTiles = kHeadDim / kDqWarpsD / 8;
+  static_assert(kSdpMTiles >= 1 && kSdpNTiles % 2 == 0 && kKvMTiles >= 1 && kKvNTiles % 2 == 0 &&
+                    kDqMTiles >= 1 && kDqNTiles % 2 == 0,
+                "warp tiles must be whole m16 tiles and pairs of n8 tiles");
 
   using QTile = SmemTile<kBlockM, kHeadDim>;   // Q and dO, two stages each
   using KVTile = SmemTile<kBlockN, kHeadDim>;  // K and V
   using PTile = SmemTile<kBlockM, kBlockN>;    // P and dS
   static constexpr int kSmemBytes = 2 * KVTile::kBytes + 4 * QTile::kBytes + 2 * PTile::kBytes;
+};
+
+template <typename Element, int HeadDim>
+struct BwdConfig;
+template <typename Element>
+struct BwdConfig<Element, 64> {
+  using Traits = BwdTraits<Element, 64, 128, 4, 4, 4>;
+};
+template <typename Element>
+struct BwdConfig<Element, 128> {
+  using Traits = BwdTraits<Element, 128, 64, 2, 4, 2>;
 };
 
 }  // namespace fat::sm80
