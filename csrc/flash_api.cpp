@@ -179,10 +179,11 @@ void fill_bwd(BwdParams& p, const at::Tensor& dout, const at::Tensor& q, const a
 }
 
 // Shared by the batched and varlen backward, once p holds the tensors: a q-shaped fp32 dq_accum
-// (with a leading split dimension), the dsum pre-pass, the main kernel, then
-// dq = (sum over splits) * softmax_scale in q's dtype.
+// with a leading split dimension (cleared by the dsum pass), the dsum pass, the main kernel,
+// then dq = (sum over splits) * softmax_scale in q's dtype.
 at::Tensor launch_bwd(BwdParams& p, const at::Tensor& q, const at::Tensor& lse, bool causal,
                       bool deterministic) {
+  if (p.batch == 0 || p.seqlen_q == 0 || q.numel() == 0) return at::zeros(q.sizes(), q.options());
   int splits = 1;
   if (deterministic) {
     int sms = 0;
@@ -194,30 +195,38 @@ at::Tensor launch_bwd(BwdParams& p, const at::Tensor& q, const at::Tensor& lse, 
   }
   std::vector<int64_t> acc_shape{splits};
   acc_shape.insert(acc_shape.end(), q.sizes().begin(), q.sizes().end());
-  at::Tensor dq_accum = at::zeros(acc_shape, q.options().dtype(at::kFloat));
+  at::Tensor dq_accum = at::empty(acc_shape, q.options().dtype(at::kFloat));
   at::Tensor dsum = at::empty_like(lse);  // laid out like lse
+  at::Tensor dq = at::empty(q.sizes(), q.options());
   p.dq_accum = dq_accum.data_ptr<float>();
   p.dsum = dsum.data_ptr<float>();
   strides_of(dq_accum[0], p.dq_accum_batch_stride, p.dq_accum_row_stride, p.dq_accum_head_stride);
   p.dq_accum_split_stride = dq_accum.stride(0);
   p.num_splits = splits;
   p.deterministic = deterministic;
+  int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
+  strides_of(dq, dq_batch_stride, dq_row_stride, dq_head_stride);
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (p.batch > 0 && p.seqlen_q > 0 && p.seqlen_k > 0 && q.numel() > 0) {
-    check_launch(dispatch(q.scalar_type(), p.head_dim,
-                          [&](auto element, auto dim) {
-                            return run_bwd_dsum<decltype(element), decltype(dim)::value>(p, stream);
-                          }),
-                 "backward dsum");
+  check_launch(dispatch(q.scalar_type(), p.head_dim,
+                        [&](auto element, auto dim) {
+                          return run_bwd_dsum<decltype(element), decltype(dim)::value>(p, stream);
+                        }),
+               "backward dsum");
+  if (p.seqlen_k > 0) {
     check_launch(dispatch(q.scalar_type(), p.head_dim,
                           [&](auto element, auto dim) {
                             return run_bwd_sm80<decltype(element), decltype(dim)::value>(p, causal, stream);
                           }),
                  "backward");
   }
-  at::Tensor dq_sum = splits == 1 ? dq_accum.select(0, 0) : dq_accum.sum(0);
-  return dq_sum.mul_(p.softmax_scale).to(q.scalar_type());
+  check_launch(dispatch(q.scalar_type(), p.head_dim,
+                        [&](auto element, auto dim) {
+                          return run_bwd_dq_convert<decltype(element), decltype(dim)::value>(
+                              p, dq.data_ptr(), dq_batch_stride, dq_row_stride, dq_head_stride, stream);
+                        }),
+               "backward dq conversion");
+  return dq;
 }
 
 void check_bwd_extra(const at::Tensor& dout, const at::Tensor& out, const at::Tensor& q, const at::Tensor& lse,

@@ -15,9 +15,14 @@ cudaError_t run_fwd_sm80(const FwdParams& params, bool causal, cudaStream_t stre
 template <typename Element, int HeadDim>
 cudaError_t run_bwd_sm80(const BwdParams& params, bool causal, cudaStream_t stream);
 
-// dsum = rowsum(dout * out) over the head dim, the backward's first pass.
+// The backward's first pass: dsum = rowsum(dout * out) over the head dim; clears dq_accum.
 template <typename Element, int HeadDim>
 cudaError_t run_bwd_dsum(const BwdParams& params, cudaStream_t stream);
+
+// The backward's last pass: dq = (sum of the dq_accum splits) * softmax_scale, q's dtype.
+template <typename Element, int HeadDim>
+cudaError_t run_bwd_dq_convert(const BwdParams& params, void* dq, int64_t batch_stride, int64_t row_stride,
+                               int64_t head_stride, cudaStream_t stream);
 
 // Key block of the backward kernels (flash_api sizes the deterministic dq_accum splits by it).
 constexpr int kBwdBlockN = 128;

@@ -1,3 +1,4 @@
 #include "../sm80/bwd_launch.h"
 template cudaError_t fat::run_bwd_sm80<__nv_bfloat16, 128>(const BwdParams&, bool, cudaStream_t);
 template cudaError_t fat::run_bwd_dsum<__nv_bfloat16, 128>(const BwdParams&, cudaStream_t);
+template cudaError_t fat::run_bwd_dq_convert<__nv_bfloat16, 128>(const BwdParams&, void*, int64_t, int64_t, int64_t, cudaStream_t);

@@ -39,6 +39,43 @@ __global__ void __launch_bounds__(128) dsum_kernel(const __grid_constant__ BwdPa
 #pragma unroll
   for (int w = kLanesPerRow / 2; w > 0; w /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, w);
   if (row < seq.len_q && threadIdx.x % kLanesPerRow == 0) p.dsum[seq.lse_offset(p, head) + row] = sum;
+  // The main kernel adds dQ into dq_accum: clear this row's slice of every split first.
+  if (row < seq.len_q) {
+    float* acc = p.dq_accum + seq.q_offset(p.dq_accum_batch_stride, p.dq_accum_row_stride) +
+                 head * p.dq_accum_head_stride + row * p.dq_accum_row_stride + col;
+    for (int split = 0; split < p.num_splits; ++split, acc += p.dq_accum_split_stride) {
+      reinterpret_cast<float4*>(acc)[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+      reinterpret_cast<float4*>(acc)[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
+}
+
+// dq = (sum of the dq_accum splits) * softmax_scale, in the element type; 8 elements a thread.
+template <typename Element, int HeadDim>
+__global__ void __launch_bounds__(128) dq_convert_kernel(const __grid_constant__ BwdParams p, Element* dq,
+                                                         int64_t dq_batch_stride, int64_t dq_row_stride,
+                                                         int64_t dq_head_stride) {
+  constexpr int kLanesPerRow = HeadDim / 8, kRowsPerBlock = 128 / kLanesPerRow;
+  const int head = blockIdx.y;
+  const SeqInfo seq(p, blockIdx.z);
+  const int row = blockIdx.x * kRowsPerBlock + threadIdx.x / kLanesPerRow;
+  const int col = (threadIdx.x % kLanesPerRow) * 8;
+  if (row >= seq.len_q) return;
+  const float* acc = p.dq_accum + seq.q_offset(p.dq_accum_batch_stride, p.dq_accum_row_stride) +
+                     head * p.dq_accum_head_stride + row * p.dq_accum_row_stride + col;
+  float sum[8] = {};
+  for (int split = 0; split < p.num_splits; ++split, acc += p.dq_accum_split_stride) {
+    const float4 a = reinterpret_cast<const float4*>(acc)[0], b = reinterpret_cast<const float4*>(acc)[1];
+    sum[0] += a.x, sum[1] += a.y, sum[2] += a.z, sum[3] += a.w;
+    sum[4] += b.x, sum[5] += b.y, sum[6] += b.z, sum[7] += b.w;
+  }
+  uint4 packed;
+  uint32_t* words = reinterpret_cast<uint32_t*>(&packed);
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    words[i] = ElementOps<Element>::pack(sum[2 * i] * p.softmax_scale, sum[2 * i + 1] * p.softmax_scale);
+  *reinterpret_cast<uint4*>(dq + seq.q_offset(dq_batch_stride, dq_row_stride) + head * dq_head_stride +
+                            row * dq_row_stride + col) = packed;
 }
 
 // Shared-memory carve-up. Stages are addressed by arithmetic, not by indexing a pointer array:
@@ -136,6 +173,23 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
     }
     const uint32_t q_base = smem_addr(sm.q(stage)), do_base = smem_addr(sm.dout(stage));
 
+    // lse and D of this lane's rows, loaded before the GEMMs so their latency hides behind them.
+    // Rows past the sequence end get lse = +inf, so their P and dS are 0 without a mask.
+    float lse_log2[kSM][2], dsum[kSM][2];
+    {
+      const float* lse = p.lse + seq.lse_offset(p, head) + first_row;
+      const float* ds = p.dsum + seq.lse_offset(p, head) + first_row;
+#pragma unroll
+      for (int mt = 0; mt < kSM; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = sdp_row + mt * 16 + lane / 4 + 8 * r;
+          const bool in_range = first_row + row < seq.len_q;
+          lse_log2[mt][r] = in_range ? lse[row] * 1.4426950409f : INFINITY;
+          dsum[mt][r] = in_range ? ds[row] : 0.f;
+        }
+    }
+
     // ---- S = Q K^T and dP = dO V^T
     float s[kSM][kSN][4], dp[kSM][kSN][4];
 #pragma unroll
@@ -171,9 +225,6 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
     }
 
     // ---- P = exp2(S * scale_log2 - lse * log2 e), dS = P (dP - D), both to shared memory.
-    // Rows past the sequence end read lse = +inf, so their P and dS are 0 without a mask.
-    const float* lse = p.lse + seq.lse_offset(p, head) + first_row;
-    const float* dsum = p.dsum + seq.lse_offset(p, head) + first_row;
     const bool needs_mask =
         first_key + kBlockN > seq.len_k || (Causal && first_key + kBlockN - 1 > first_row + shift);
 #pragma unroll
@@ -181,9 +232,6 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = sdp_row + mt * 16 + lane / 4 + 8 * r;
-        const bool in_range = first_row + row < seq.len_q;
-        const float lse_log2 = in_range ? lse[row] * 1.4426950409f : INFINITY;
-        const float d = in_range ? dsum[row] : 0.f;
         const int col_limit = (Causal ? min(seq.len_k, first_row + row + shift + 1) : seq.len_k) - first_key;
 #pragma unroll
         for (int nt = 0; nt < kSN; ++nt) {
@@ -191,10 +239,10 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
           const int col = sdp_key + nt * 8 + 2 * (lane % 4);
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            float pv = fast_exp2(fmaf(s[mt][nt][2 * r + c], p.scale_log2, -lse_log2));
+            float pv = fast_exp2(fmaf(s[mt][nt][2 * r + c], p.scale_log2, -lse_log2[mt][r]));
             if (needs_mask && col + c >= col_limit) pv = 0.f;
             pr[c] = pv;
-            dsr[c] = pv * (dp[mt][nt][2 * r + c] - d);
+            dsr[c] = pv * (dp[mt][nt][2 * r + c] - dsum[mt][r]);
           }
           const int off = PTile::pair_byte_offset(row, col);
           *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sm.p()) + off) = Ops::pack(pr[0], pr[1]);
@@ -264,10 +312,7 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
         if (first_row + row >= seq.len_q) continue;
         float* dst = dq_rows + row * p.dq_accum_row_stride + dq_col + 2 * (lane % 4);
 #pragma unroll
-        for (int nt = 0; nt < kQN; ++nt) {
-          atomicAdd(dst + nt * 8, dq[mt][nt][2 * r]);
-          atomicAdd(dst + nt * 8 + 1, dq[mt][nt][2 * r + 1]);
-        }
+        for (int nt = 0; nt < kQN; ++nt) atomic_add_pair(dst + nt * 8, dq[mt][nt][2 * r], dq[mt][nt][2 * r + 1]);
       }
   }
 

@@ -15,6 +15,16 @@ cudaError_t run_bwd_dsum(const BwdParams& p, cudaStream_t stream) {
 }
 
 template <typename Element, int HeadDim>
+cudaError_t run_bwd_dq_convert(const BwdParams& p, void* dq, int64_t batch_stride, int64_t row_stride,
+                               int64_t head_stride, cudaStream_t stream) {
+  constexpr int kRowsPerBlock = 128 / (HeadDim / 8);
+  const dim3 grid(ceil_div(p.seqlen_q, kRowsPerBlock), p.heads, p.batch);
+  sm80::dq_convert_kernel<Element, HeadDim>
+      <<<grid, 128, 0, stream>>>(p, static_cast<Element*>(dq), batch_stride, row_stride, head_stride);
+  return cudaGetLastError();
+}
+
+template <typename Element, int HeadDim>
 cudaError_t run_bwd_sm80(const BwdParams& p, bool causal, cudaStream_t stream) {
   using Traits = typename sm80::BwdConfig<Element, HeadDim>::Traits;
   static_assert(Traits::kBlockN == kBwdBlockN, "flash_api sizes dq_accum splits with kBwdBlockN");
