@@ -92,6 +92,11 @@ struct BwdSmem {
   __device__ __forceinline__ Element* dout(int stage) const { return base + 2 * kKV + (2 + stage) * kQ; }
   __device__ __forceinline__ Element* p() const { return base + 2 * kKV + 4 * kQ; }
   __device__ __forceinline__ Element* ds() const { return p() + Traits::PTile::kElements; }
+  // Per-row lse and D of the Q / dO stages: stage s at lse_rows() + 2 s * kBlockM, D after it.
+  __device__ __forceinline__ float* lse_rows(int stage) const {
+    return reinterpret_cast<float*>(ds() + Traits::PTile::kElements) + 2 * stage * Traits::kBlockM;
+  }
+  __device__ __forceinline__ float* dsum_rows(int stage) const { return lse_rows(stage) + Traits::kBlockM; }
 };
 
 // One key block: everything between loading K, V and writing dK, dV.
@@ -146,6 +151,15 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
     load_tile_async<QTile, kThreads>(sm.dout(stage),
                                      do_seq + head * p.dout_head_stride + first_row * p.dout_row_stride,
                                      p.dout_row_stride, rows);
+    // Rows past the end are zero-filled: with Q = dO = 0 there, P = 1 but dP = D = 0, so dS = 0
+    // and P^T dO = 0 -- no mask needed for them.
+    static_assert(kBlockM <= kThreads, "one thread per row of lse / D");
+    if (threadIdx.x < kBlockM) {
+      const int64_t offset = seq.lse_offset(p, head) + first_row + threadIdx.x;
+      const bool valid = static_cast<int>(threadIdx.x) < rows;
+      cp_async_4(smem_addr(sm.lse_rows(stage) + threadIdx.x), p.lse + (valid ? offset : 0), valid);
+      cp_async_4(smem_addr(sm.dsum_rows(stage) + threadIdx.x), p.dsum + (valid ? offset : 0), valid);
+    }
   };
 
   if (steps > 0) {
@@ -172,23 +186,6 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
       cp_async_commit();
     }
     const uint32_t q_base = smem_addr(sm.q(stage)), do_base = smem_addr(sm.dout(stage));
-
-    // lse and D of this lane's rows, loaded before the GEMMs so their latency hides behind them.
-    // Rows past the sequence end get lse = +inf, so their P and dS are 0 without a mask.
-    float lse_log2[kSM][2], dsum[kSM][2];
-    {
-      const float* lse = p.lse + seq.lse_offset(p, head) + first_row;
-      const float* ds = p.dsum + seq.lse_offset(p, head) + first_row;
-#pragma unroll
-      for (int mt = 0; mt < kSM; ++mt)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int row = sdp_row + mt * 16 + lane / 4 + 8 * r;
-          const bool in_range = first_row + row < seq.len_q;
-          lse_log2[mt][r] = in_range ? lse[row] * 1.4426950409f : INFINITY;
-          dsum[mt][r] = in_range ? ds[row] : 0.f;
-        }
-    }
 
     // ---- S = Q K^T and dP = dO V^T
     float s[kSM][kSN][4], dp[kSM][kSN][4];
@@ -232,6 +229,7 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = sdp_row + mt * 16 + lane / 4 + 8 * r;
+        const float lse_log2 = sm.lse_rows(stage)[row] * 1.4426950409f, dsum = sm.dsum_rows(stage)[row];
         const int col_limit = (Causal ? min(seq.len_k, first_row + row + shift + 1) : seq.len_k) - first_key;
 #pragma unroll
         for (int nt = 0; nt < kSN; ++nt) {
@@ -239,10 +237,10 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
           const int col = sdp_key + nt * 8 + 2 * (lane % 4);
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            float pv = fast_exp2(fmaf(s[mt][nt][2 * r + c], p.scale_log2, -lse_log2[mt][r]));
+            float pv = fast_exp2(fmaf(s[mt][nt][2 * r + c], p.scale_log2, -lse_log2));
             if (needs_mask && col + c >= col_limit) pv = 0.f;
             pr[c] = pv;
-            dsr[c] = pv * (dp[mt][nt][2 * r + c] - dsum[mt][r]);
+            dsr[c] = pv * (dp[mt][nt][2 * r + c] - dsum);
           }
           const int off = PTile::pair_byte_offset(row, col);
           *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sm.p()) + off) = Ops::pack(pr[0], pr[1]);

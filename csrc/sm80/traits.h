@@ -70,7 +70,8 @@ struct BwdTraits {
   using QTile = SmemTile<kBlockM, kHeadDim>;   // Q and dO, two stages each
   using KVTile = SmemTile<kBlockN, kHeadDim>;  // K and V
   using PTile = SmemTile<kBlockM, kBlockN>;    // P and dS
-  static constexpr int kSmemBytes = 2 * KVTile::kBytes + 4 * QTile::kBytes + 2 * PTile::kBytes;
+  static constexpr int kRowStatsBytes = 2 * 2 * kBlockM * 4;  // lse and D per row, two stages
+  static constexpr int kSmemBytes = 2 * KVTile::kBytes + 4 * QTile::kBytes + 2 * PTile::kBytes + kRowStatsBytes;
 };
 
 template <typename Element, int HeadDim>
