@@ -21,56 +21,68 @@ struct SmemTile {
   __device__ __forceinline__ static int offset(int row, int chunk) {
     return row * kCols + ((chunk ^ (row & 7)) << 3);
   }
-  // Byte offset of element (row, col), col even: where a thread stores a pair of values.
-  __device__ __forceinline__ static int pair_byte_offset(int row, int col) {
-    return 2 * (offset(row, col >> 3) + (col & 7));
-  }
 };
 
 // Copies rows [0, Rows) of a global tile (row stride in elements) into a SmemTile with 16-byte
 // cp.async; rows >= valid_rows are zero-filled. All Threads threads of the CTA take part.
-// Offsets inside a tile are 32-bit (a tile spans far fewer than 2^31 elements): 64-bit ones
-// would be hoisted out of the main loop one register pair per chunk and spill.
+// Each pass covers kRowsPerPass rows, a multiple of 8, so a thread's swizzled chunk is the same
+// in every pass and all addresses are one base plus a constant stride. Offsets are 32-bit (a
+// tile spans far fewer than 2^31 elements). Per-chunk 64-bit addresses would be hoisted out of
+// the main loop one register pair each, and spill.
 template <typename Tile, int Threads, typename Element>
 __device__ __forceinline__ void load_tile_async(Element* smem, const Element* gmem,
                                                 int64_t row_stride, int valid_rows) {
   constexpr int kTotal = Tile::kRows * Tile::kChunks;
   constexpr int kRowsPerPass = Threads / Tile::kChunks;
-  static_assert(kTotal % Threads == 0 && Threads % Tile::kChunks == 0,
-                "tile chunks must divide evenly among the threads");
+  static_assert(kTotal % Threads == 0 && Threads % Tile::kChunks == 0 && kRowsPerPass % 8 == 0,
+                "tile chunks must divide evenly among the threads, 8 rows at a time");
   const int row0 = threadIdx.x / Tile::kChunks, chunk = threadIdx.x % Tile::kChunks;
   const int stride = static_cast<int>(row_stride);
-  const uint32_t base = smem_addr(smem);
+  const uint32_t dst = smem_addr(smem) + 2 * Tile::offset(row0, chunk);
+  const Element* src = gmem + row0 * stride + chunk * 8;
 #pragma unroll
   for (int it = 0; it < kTotal / Threads; ++it) {
-    const int row = row0 + it * kRowsPerPass;
-    const bool valid = row < valid_rows;
-    cp_async_16(base + 2 * Tile::offset(row, chunk), gmem + (valid ? row * stride + chunk * 8 : 0), valid);
+    const bool valid = row0 + it * kRowsPerPass < valid_rows;
+    cp_async_16(dst + it * kRowsPerPass * Tile::kCols * 2, valid ? src + it * kRowsPerPass * stride : gmem,
+                valid);
   }
 }
 
-// Lane-dependent ldmatrix addresses (byte offsets into a tile), for the fragments of
-// mma.m16n8k16. Every fragment row starts at a multiple of 8, so the swizzle term row % 8 is
-// lane % 8 and the whole address folds to base + a compile-time offset.
+// Lane-dependent shared-memory addresses for the fragments of mma.m16n8k16.
 //
-// A operand (16 rows x 16 k), stored row-major [row][k]:     a_frag_offset(row0, k0)
-// B operand pair (16 n x 16 k), stored [n][k] (e.g. K rows):  b_frag_offset(n0, k0)
-// B operand pair (16 k x 16 n), stored [k][n], via .trans:     bt_frag_offset(k0, n0)
-// A operand from a [k][m] store via .trans (P^T, dS^T):      at_frag_offset(m0, k0)
+// The swizzle is an XOR on the chunk bits of a byte offset, and a fragment block at (row0, col0)
+// -- row0 a multiple of 8, col0 of 16 elements (8 for pair stores) -- moves the row bits by an
+// addition that leaves the chunk bits alone and the chunk bits by an XOR. So every address is
+//   (lane address ^ col0 * 2) + row0 * row bytes:
+// one register per tile and kind, a LOP3 with an immediate, and an offset folded into the load.
+// (Computing each block's swizzled offset afresh makes ptxas keep one register per block.)
+// Tile bases must be aligned to a row (128 or 256 bytes) so the XOR never reaches them.
+//
+// Kinds (stored row r, 16-byte chunk c of the rows ldmatrix reads):
+//   a:    r = lane % 16,              c = lane / 16        A from a [m][k] store; B via .trans
+//                                                           from a [k][n] store (V, dO, Q, K)
+//   b:    r = lane % 8 + 8 (lane / 16), c = (lane / 8) % 2  B from a [n][k] store (K, V rows);
+//                                                           A via .trans from a [k][m] store
+//   pair: r = lane / 4, byte 4 (lane % 4) of chunk 0      an accumulator's pair of values
 template <typename Tile>
 struct Frag {
-  __device__ __forceinline__ static int a(int row0, int k0, int lane) {
-    return 2 * Tile::offset(row0 + (lane & 15), (k0 >> 3) + (lane >> 4));
+  static constexpr int kRowBytes = Tile::kCols * 2;
+  __device__ __forceinline__ static uint32_t lane_a(uint32_t base, int lane) {
+    return base + 2 * Tile::offset(lane & 15, lane >> 4);
   }
-  __device__ __forceinline__ static int b(int n0, int k0, int lane) {
-    return 2 * Tile::offset(n0 + (lane & 7) + ((lane >> 4) << 3), (k0 >> 3) + ((lane >> 3) & 1));
+  __device__ __forceinline__ static uint32_t lane_b(uint32_t base, int lane) {
+    return base + 2 * Tile::offset((lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
   }
-  __device__ __forceinline__ static int bt(int k0, int n0, int lane) {
-    return 2 * Tile::offset(k0 + (lane & 15), (n0 >> 3) + (lane >> 4));
+  __device__ __forceinline__ static uint32_t lane_pair(uint32_t base, int lane) {
+    return base + 2 * Tile::offset(lane >> 2, 0) + 4 * (lane & 3);
   }
-  __device__ __forceinline__ static int at(int m0, int k0, int lane) {
-    return 2 * Tile::offset(k0 + (lane & 7) + ((lane >> 4) << 3), (m0 >> 3) + ((lane >> 3) & 1));
+  __device__ __forceinline__ static uint32_t at(uint32_t lane_addr, int row0, int col0) {
+    return (lane_addr ^ (col0 * 2)) + row0 * kRowBytes;
   }
 };
+
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t value) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(value));
+}
 
 }  // namespace fat

@@ -172,8 +172,12 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
     load_q_do(0, 0);
     cp_async_commit();
   }
-  const uint32_t k_base = smem_addr(sm.k()), v_base = smem_addr(sm.v());
-  const uint32_t p_base = smem_addr(sm.p()), ds_base = smem_addr(sm.ds());
+  const uint32_t k_a = Frag<KVTile>::lane_a(smem_addr(sm.k()), lane), k_b = Frag<KVTile>::lane_b(smem_addr(sm.k()), lane);
+  const uint32_t v_b = Frag<KVTile>::lane_b(smem_addr(sm.v()), lane);
+  const uint32_t p_b = Frag<PTile>::lane_b(smem_addr(sm.p()), lane), ds_b = Frag<PTile>::lane_b(smem_addr(sm.ds()), lane);
+  const uint32_t ds_a = Frag<PTile>::lane_a(smem_addr(sm.ds()), lane);
+  const uint32_t p_pair = Frag<PTile>::lane_pair(smem_addr(sm.p()), lane);
+  constexpr uint32_t kDsFromP = PTile::kBytes;  // dS sits right after P
 
   for (int step = 0; step < steps; ++step) {
     const int stage = step & 1;
@@ -185,7 +189,8 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
       load_q_do(step + 1, stage ^ 1);
       cp_async_commit();
     }
-    const uint32_t q_base = smem_addr(sm.q(stage)), do_base = smem_addr(sm.dout(stage));
+    const uint32_t q_a = Frag<QTile>::lane_a(smem_addr(sm.q(stage)), lane);
+    const uint32_t do_a = Frag<QTile>::lane_a(smem_addr(sm.dout(stage)), lane);
 
     // ---- S = Q K^T and dP = dO V^T
     float s[kSM][kSN][4], dp[kSM][kSN][4];
@@ -200,19 +205,19 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
       uint32_t aq[kSM][4], ado[kSM][4];
 #pragma unroll
       for (int mt = 0; mt < kSM; ++mt) {
-        ldmatrix_x4(aq[mt], q_base + Frag<QTile>::a(sdp_row + mt * 16, kk, lane));
-        ldmatrix_x4(ado[mt], do_base + Frag<QTile>::a(sdp_row + mt * 16, kk, lane));
+        ldmatrix_x4(aq[mt], Frag<QTile>::at(q_a, sdp_row + mt * 16, kk));
+        ldmatrix_x4(ado[mt], Frag<QTile>::at(do_a, sdp_row + mt * 16, kk));
       }
 #pragma unroll
       for (int np = 0; np < kSN / 2; ++np) {
         uint32_t b[4];
-        ldmatrix_x4(b, k_base + Frag<KVTile>::b(sdp_key + np * 16, kk, lane));
+        ldmatrix_x4(b, Frag<KVTile>::at(k_b, sdp_key + np * 16, kk));
 #pragma unroll
         for (int mt = 0; mt < kSM; ++mt) {
           Ops::mma(s[mt][2 * np], aq[mt], b[0], b[1]);
           Ops::mma(s[mt][2 * np + 1], aq[mt], b[2], b[3]);
         }
-        ldmatrix_x4(b, v_base + Frag<KVTile>::b(sdp_key + np * 16, kk, lane));
+        ldmatrix_x4(b, Frag<KVTile>::at(v_b, sdp_key + np * 16, kk));
 #pragma unroll
         for (int mt = 0; mt < kSM; ++mt) {
           Ops::mma(dp[mt][2 * np], ado[mt], b[0], b[1]);
@@ -242,9 +247,9 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
             pr[c] = pv;
             dsr[c] = pv * (dp[mt][nt][2 * r + c] - dsum);
           }
-          const int off = PTile::pair_byte_offset(row, col);
-          *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sm.p()) + off) = Ops::pack(pr[0], pr[1]);
-          *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sm.ds()) + off) = Ops::pack(dsr[0], dsr[1]);
+          const uint32_t addr = Frag<PTile>::at(p_pair, sdp_row + mt * 16 + 8 * r, sdp_key + nt * 8);
+          st_shared_u32(addr, Ops::pack(pr[0], pr[1]));
+          st_shared_u32(addr + kDsFromP, Ops::pack(dsr[0], dsr[1]));
         }
       }
     __syncthreads();  // P and dS complete in shared memory
@@ -255,19 +260,19 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
       uint32_t ap[kKM][4], ads[kKM][4];
 #pragma unroll
       for (int mt = 0; mt < kKM; ++mt) {
-        ldmatrix_x4_trans(ap[mt], p_base + Frag<PTile>::at(kv_key + mt * 16, kq, lane));
-        ldmatrix_x4_trans(ads[mt], ds_base + Frag<PTile>::at(kv_key + mt * 16, kq, lane));
+        ldmatrix_x4_trans(ap[mt], Frag<PTile>::at(p_b, kq, kv_key + mt * 16));
+        ldmatrix_x4_trans(ads[mt], Frag<PTile>::at(ds_b, kq, kv_key + mt * 16));
       }
 #pragma unroll
       for (int np = 0; np < kKN / 2; ++np) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, do_base + Frag<QTile>::bt(kq, kv_col + np * 16, lane));
+        ldmatrix_x4_trans(b, Frag<QTile>::at(do_a, kq, kv_col + np * 16));
 #pragma unroll
         for (int mt = 0; mt < kKM; ++mt) {
           Ops::mma(acc_dv[mt][2 * np], ap[mt], b[0], b[1]);
           Ops::mma(acc_dv[mt][2 * np + 1], ap[mt], b[2], b[3]);
         }
-        ldmatrix_x4_trans(b, q_base + Frag<QTile>::bt(kq, kv_col + np * 16, lane));
+        ldmatrix_x4_trans(b, Frag<QTile>::at(q_a, kq, kv_col + np * 16));
 #pragma unroll
         for (int mt = 0; mt < kKM; ++mt) {
           Ops::mma(acc_dk[mt][2 * np], ads[mt], b[0], b[1]);
@@ -288,11 +293,11 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
     for (int kk = 0; kk < kBlockN; kk += 16) {
       uint32_t a[kQM][4];
 #pragma unroll
-      for (int mt = 0; mt < kQM; ++mt) ldmatrix_x4(a[mt], ds_base + Frag<PTile>::a(dq_row + mt * 16, kk, lane));
+      for (int mt = 0; mt < kQM; ++mt) ldmatrix_x4(a[mt], Frag<PTile>::at(ds_a, dq_row + mt * 16, kk));
 #pragma unroll
       for (int np = 0; np < kQN / 2; ++np) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, k_base + Frag<KVTile>::bt(kk, dq_col + np * 16, lane));
+        ldmatrix_x4_trans(b, Frag<KVTile>::at(k_a, kk, dq_col + np * 16));
 #pragma unroll
         for (int mt = 0; mt < kQM; ++mt) {
           Ops::mma(dq[mt][2 * np], a[mt], b[0], b[1]);
@@ -339,7 +344,7 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
 
 template <typename Traits, bool Causal>
 __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_constant__ BwdParams p) {
-  extern __shared__ __align__(128) char smem[];
+  extern __shared__ __align__(1024) char smem[];
   const BwdSmem<Traits> sm(smem);
   const SeqInfo seq(p, blockIdx.z);
   const int num_blocks = ceil_div(seq.len_k, Traits::kBlockN);

@@ -66,11 +66,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
   int n_end = ceil_div(seq.len_k, kBlockN);
   if (Causal) n_end = min(n_end, max(0, ceil_div(first_row + kBlockM + shift, kBlockN)));
 
-  extern __shared__ __align__(128) char smem[];
+  extern __shared__ __align__(1024) char smem[];
   Element* sQ = reinterpret_cast<Element*>(smem);
   Element* sK = sQ + QTile::kElements;
   Element* sV = sK + KVTile::kElements;
-  const uint32_t q_base = smem_addr(sQ), k_base = smem_addr(sK), v_base = smem_addr(sV);
+  const uint32_t q_a = Frag<QTile>::lane_a(smem_addr(sQ), lane), k_b = Frag<KVTile>::lane_b(smem_addr(sK), lane),
+                 v_a = Frag<KVTile>::lane_a(smem_addr(sV), lane);
 
   float acc_o[kMTiles][kOTiles][4];
 #pragma unroll
@@ -112,11 +113,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
       uint32_t a[kMTiles][4];
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
-        ldmatrix_x4(a[mt], q_base + Frag<QTile>::a(warp_row + mt * 16, kk, lane));
+        ldmatrix_x4(a[mt], Frag<QTile>::at(q_a, warp_row + mt * 16, kk));
 #pragma unroll
       for (int np = 0; np < kSTiles / 2; ++np) {
         uint32_t b[4];
-        ldmatrix_x4(b, k_base + Frag<KVTile>::b(np * 16, kk, lane));
+        ldmatrix_x4(b, Frag<KVTile>::at(k_b, np * 16, kk));
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
           Ops::mma(s[mt][2 * np], a[mt], b[0], b[1]);
@@ -154,7 +155,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #pragma unroll
       for (int dp = 0; dp < kOTiles / 2; ++dp) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, v_base + Frag<KVTile>::bt(kk * 16, dp * 16, lane));
+        ldmatrix_x4_trans(b, Frag<KVTile>::at(v_a, kk * 16, dp * 16));
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
           Ops::mma(acc_o[mt][2 * dp], a[mt], b[0], b[1]);
@@ -168,17 +169,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
   float row_lse[kMTiles][2];
   softmax.finalize(acc_o, p.scale_log2, row_lse);
   if (n_end > 0) __syncwarp();  // this warp's Q rows are no longer read (other warps' are theirs)
+  const uint32_t o_pair = Frag<QTile>::lane_pair(smem_addr(sQ), lane);
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = warp_row + mt * 16 + lane / 4 + 8 * r;
 #pragma unroll
-      for (int ot = 0; ot < kOTiles; ++ot) {
-        const uint32_t pair = Ops::pack(acc_o[mt][ot][2 * r], acc_o[mt][ot][2 * r + 1]);
-        *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sQ) +
-                                     QTile::pair_byte_offset(row, ot * 8 + 2 * (lane % 4))) = pair;
-      }
+      for (int ot = 0; ot < kOTiles; ++ot)
+        st_shared_u32(Frag<QTile>::at(o_pair, warp_row + mt * 16 + 8 * r, ot * 8),
+                      Ops::pack(acc_o[mt][ot][2 * r], acc_o[mt][ot][2 * r + 1]));
       if (lane % 4 == 0 && first_row + row < seq.len_q) lse[row] = row_lse[mt][r];
     }
   __syncwarp();
