@@ -42,7 +42,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kThreads = Traits::kThreads;
   constexpr int kMTiles = Traits::kMTiles, kSTiles = Traits::kSTiles, kOTiles = Traits::kOTiles;
 
-  const int m_block = blockIdx.x, head = blockIdx.y;
+  // Under causal the last query blocks see the most keys: launch them first so the short ones
+  // fill the tail of the grid.
+  const int m_block = Causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x, head = blockIdx.y;
   const SeqInfo seq(p, blockIdx.z);
   if (m_block * kBlockM >= seq.len_q) return;
   const int head_k = head / (p.heads / p.heads_k);
