@@ -6,6 +6,8 @@ Build knobs (environment variables):
   MAX_JOBS              parallel compile jobs (ninja), honoured by torch's BuildExtension
   NVCC_THREADS          nvcc --threads per job (gencode targets compiled in parallel), default 2
   CUDA_HOME             the CUDA toolkit; defaults to /usr/local/cuda when that exists
+  FLASH_ATTN_T_TENSOR_ROW_SUM  1 (default): softmax row sum on the tensor cores; 0: on the FP32
+                        pipe (for the ablation in benchmarks/NOTES.md)
 """
 import os
 from pathlib import Path
@@ -46,6 +48,7 @@ nvcc_flags = [
     "-lineinfo",
     f"--threads={os.environ.get('NVCC_THREADS', '2')}",
     *gencode_flags(arch_list),
+    f"-DFAT_TENSOR_ROW_SUM={int(os.environ.get('FLASH_ATTN_T_TENSOR_ROW_SUM', '1'))}",
 ]
 
 setup(
