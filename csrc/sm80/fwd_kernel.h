@@ -32,6 +32,70 @@ __device__ __forceinline__ void mask_scores(float (&s)[Traits::kMTiles][Traits::
     }
 }
 
+// S = Q K^T for this warp's rows and the block's keys.
+template <typename Traits>
+__device__ __forceinline__ void qk_scores(float (&s)[Traits::kMTiles][Traits::kSTiles][4], uint32_t q_a,
+                                          uint32_t k_b, int warp_row) {
+  using Ops = ElementOps<typename Traits::Element>;
+  using QTile = typename Traits::QTile;
+  using KVTile = typename Traits::KVTile;
+#pragma unroll
+  for (int mt = 0; mt < Traits::kMTiles; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < Traits::kSTiles; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[mt][nt][i] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < Traits::kHeadDim; kk += 16) {
+    uint32_t a[Traits::kMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < Traits::kMTiles; ++mt) ldmatrix_x4(a[mt], Frag<QTile>::at(q_a, warp_row + mt * 16, kk));
+#pragma unroll
+    for (int np = 0; np < Traits::kSTiles / 2; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4(b, Frag<KVTile>::at(k_b, np * 16, kk));
+#pragma unroll
+      for (int mt = 0; mt < Traits::kMTiles; ++mt) {
+        Ops::mma(s[mt][2 * np], a[mt], b[0], b[1]);
+        Ops::mma(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// O += P V with P re-packed from the score accumulators into A fragments (no shared-memory
+// trip); the tensor form of the row sum rides along as P x ones.
+template <typename Traits, typename Softmax>
+__device__ __forceinline__ void pv_accumulate(float (&o)[Traits::kMTiles][Traits::kOTiles][4],
+                                              const float (&p)[Traits::kMTiles][Traits::kSTiles][4],
+                                              uint32_t v_a, Softmax& softmax) {
+  using Element = typename Traits::Element;
+  using Ops = ElementOps<Element>;
+  using KVTile = typename Traits::KVTile;
+#pragma unroll
+  for (int kk = 0; kk < Traits::kBlockN / 16; ++kk) {
+    uint32_t a[Traits::kMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < Traits::kMTiles; ++mt) {
+      a[mt][0] = Ops::pack(p[mt][2 * kk][0], p[mt][2 * kk][1]);
+      a[mt][1] = Ops::pack(p[mt][2 * kk][2], p[mt][2 * kk][3]);
+      a[mt][2] = Ops::pack(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
+      a[mt][3] = Ops::pack(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
+      softmax.template accumulate_row_sum<Element>(mt, a[mt]);
+    }
+#pragma unroll
+    for (int dp = 0; dp < Traits::kOTiles / 2; ++dp) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, Frag<KVTile>::at(v_a, kk * 16, dp * 16));
+#pragma unroll
+      for (int mt = 0; mt < Traits::kMTiles; ++mt) {
+        Ops::mma(o[mt][2 * dp], a[mt], b[0], b[1]);
+        Ops::mma(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
 template <typename Traits, bool Causal>
 __global__ void __launch_bounds__(Traits::kThreads)
     fwd_kernel(const __grid_constant__ FwdParams p) {
@@ -102,35 +166,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
                                       seq.len_k - first_col);
     cp_async_commit();
 
-    // S = Q K^T
     float s[kMTiles][kSTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < kSTiles; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) s[mt][nt][i] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < Traits::kHeadDim; kk += 16) {
-      uint32_t a[kMTiles][4];
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt)
-        ldmatrix_x4(a[mt], Frag<QTile>::at(q_a, warp_row + mt * 16, kk));
-#pragma unroll
-      for (int np = 0; np < kSTiles / 2; ++np) {
-        uint32_t b[4];
-        ldmatrix_x4(b, Frag<KVTile>::at(k_b, np * 16, kk));
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          Ops::mma(s[mt][2 * np], a[mt], b[0], b[1]);
-          Ops::mma(s[mt][2 * np + 1], a[mt], b[2], b[3]);
-        }
-      }
-    }
+    qk_scores<Traits>(s, q_a, k_b, warp_row);
 
     const bool needs_mask =
         first_col + kBlockN > seq.len_k || (Causal && first_col + kBlockN - 1 > first_row + shift);
-    if (needs_mask) mask_scores<Traits, Causal>(s, first_row + warp_row, first_col, seq.len_k, shift);
+    if (needs_mask)
+      mask_scores<Traits, Causal>(s, first_row + warp_row, first_col, seq.len_k, shift);
 
     cp_async_wait<0>();
     __syncthreads();  // V[n] visible to all; every warp is done with K[n]
@@ -141,30 +183,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
 
     softmax.step(s, acc_o, p.scale_log2);
-
-    // O += P V, with P re-packed from the score accumulators into A fragments (no smem trip)
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[kMTiles][4];
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-        a[mt][0] = Ops::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        a[mt][1] = Ops::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        a[mt][2] = Ops::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        a[mt][3] = Ops::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-        softmax.template accumulate_row_sum<Element>(mt, a[mt]);
-      }
-#pragma unroll
-      for (int dp = 0; dp < kOTiles / 2; ++dp) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, Frag<KVTile>::at(v_a, kk * 16, dp * 16));
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          Ops::mma(acc_o[mt][2 * dp], a[mt], b[0], b[1]);
-          Ops::mma(acc_o[mt][2 * dp + 1], a[mt], b[2], b[3]);
-        }
-      }
-    }
+    pv_accumulate<Traits>(acc_o, s, v_a, softmax);
   }
 
   // ---- epilogue: normalise, stage O through this warp's own rows of sQ, 16-byte stores

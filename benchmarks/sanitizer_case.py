@@ -1,0 +1,25 @@
+"""A small forward + backward through every kernel (both dtypes, both head dims, causal and not,
+GQA, ragged lengths, varlen, deterministic), sized for compute-sanitizer."""
+import torch
+
+from flash_attn_t import flash_attn_func, flash_attn_varlen_func
+
+torch.manual_seed(0)
+for dtype in (torch.bfloat16, torch.float16):
+    for head_dim in (64, 128):
+        for causal in (False, True):
+            q = torch.randn(2, 77, 4, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+            k = torch.randn(2, 131, 2, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+            v = torch.randn(2, 131, 2, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+            out = flash_attn_func(q, k, v, causal=causal, deterministic=causal)
+            out.sum().backward()
+            lens_q, lens_k = [0, 1, 70], [5, 0, 140]
+            cu_q = torch.tensor([0, 0, 1, 71], device="cuda", dtype=torch.int32)
+            cu_k = torch.tensor([0, 5, 5, 145], device="cuda", dtype=torch.int32)
+            qv = torch.randn(71, 4, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+            kv = torch.randn(145, 2, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+            vv = torch.randn(145, 2, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+            out = flash_attn_varlen_func(qv, kv, vv, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal)
+            out.sum().backward()
+torch.cuda.synchronize()
+print("sanitizer case done")
