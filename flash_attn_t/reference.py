@@ -1,0 +1,54 @@
+"""Exact attention in plain PyTorch (any device), the ground truth the tests compare against.
+
+Same layouts and semantics as the kernels: (batch, seq, heads, dim) or varlen (total, heads, dim)
+with cu_seqlens; GQA by repeating k/v heads inside the computation only; causal aligned
+bottom-right (query i sees keys j <= i + seqlen_k - seqlen_q); a query row that sees no key
+outputs zeros and lse = +inf. Differentiable, with zero (never NaN) gradients for such rows.
+"""
+import math
+
+import torch
+
+
+def _attention_bhsd(q, k, v, softmax_scale, causal):
+    """q: (b, h, sq, d); k, v: (b, h_k, sk, d), already in the compute dtype. Returns out, lse (b, h, sq)."""
+    heads, heads_k = q.shape[1], k.shape[1]
+    if heads != heads_k:
+        k = k.repeat_interleave(heads // heads_k, dim=1)
+        v = v.repeat_interleave(heads // heads_k, dim=1)
+    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * softmax_scale
+    rows = torch.arange(seqlen_q, device=q.device)[:, None]
+    cols = torch.arange(seqlen_k, device=q.device)[None, :]
+    visible = (cols <= rows + seqlen_k - seqlen_q) if causal else torch.ones_like(cols >= rows)
+    has_key = visible.any(dim=-1, keepdim=True)  # (sq, 1)
+    # Rows without keys take finite placeholder scores, so logsumexp and its gradient stay finite;
+    # their probabilities are zeroed below.
+    scores = torch.where(visible, scores, torch.where(has_key, float("-inf"), 0.0))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    probs = torch.where(visible & has_key, torch.exp(scores - lse), 0.0)
+    out = torch.matmul(probs, v)
+    lse = torch.where(has_key, lse, float("inf")).squeeze(-1)
+    return out, lse
+
+
+def attention_reference(q, k, v, softmax_scale=None, causal=False, cu_seqlens_q=None, cu_seqlens_k=None,
+                        compute_dtype=torch.float64):
+    """Returns (out, lse): out in compute_dtype shaped like q; lse (batch, heads, seqlen_q), or
+    (heads, total_q) for varlen input (cu_seqlens given), in compute_dtype."""
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    q, k, v = (t.to(compute_dtype) for t in (q, k, v))
+    if cu_seqlens_q is None:
+        out, lse = _attention_bhsd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale, causal)
+        return out.transpose(1, 2), lse
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for i in range(len(starts_q) - 1):
+        qi = q[starts_q[i]:starts_q[i + 1]].transpose(0, 1)[None]
+        ki = k[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
+        vi = v[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
+        out, lse = _attention_bhsd(qi, ki, vi, softmax_scale, causal)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs, dim=0), torch.cat(lses, dim=1)

@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from flash_attn_t import ops
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+requires_extension = pytest.mark.skipif(not ops.extension_available(), reason="flash_attn_t._C is not built")
+
+
+def poison_allocator(nbytes=256 * 1024 * 1024):
+    """Fill memory the caching allocator will hand out next with NaN, so an output element the
+    kernels never write shows up as NaN instead of a lucky zero."""
+    block = torch.full((nbytes // 4,), float("nan"), device="cuda")
+    del block
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_to_ref(ours, ref, pt, name):
+    """ours vs the fp64 reference: at most twice PyTorch's own error in the input dtype (pt),
+    plus a hair for cases where that error is exactly 0."""
+    assert not torch.isnan(ours).any(), f"{name}: NaN"
+    err, err_pt = max_err(ours, ref), max_err(pt, ref)
+    slack = 1e-5 * (1.0 + ref.abs().max().item() if ref.numel() else 1.0)
+    assert err <= 2 * err_pt + slack, f"{name}: error {err:.3e} > 2 x PyTorch's {err_pt:.3e}"

@@ -1,0 +1,160 @@
+"""GPU: forward and gradients against the fp64 reference, error at most twice PyTorch's own in
+the same dtype; masking edge cases; large inputs; deterministic mode; packed and strided inputs."""
+import pytest
+import torch
+
+from conftest import assert_close_to_ref, max_err, poison_allocator, requires_cuda, requires_extension
+from flash_attn_t import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from flash_attn_t.reference import attention_reference
+
+pytestmark = [requires_cuda, requires_extension]
+
+DTYPES = [torch.float16, torch.bfloat16]
+HEAD_DIMS = [64, 128]
+# (seqlen_q, seqlen_k): 1, odd, non-multiples of the 64/128 tiles, sq != sk both ways
+SEQLENS = [(1, 1), (17, 17), (113, 203), (203, 113), (128, 128), (1, 333), (333, 1), (256, 512), (1000, 1000)]
+GQA = [(4, 4), (4, 2), (8, 1)]  # (nheads, nheads_k)
+
+
+def make_inputs(batch, sq, sk, heads, heads_k, head_dim, dtype, scale=1.0, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    shape_q, shape_k = (batch, sq, heads, head_dim), (batch, sk, heads_k, head_dim)
+    q = torch.randn(shape_q, device="cuda", dtype=dtype, generator=gen) * scale
+    k = torch.randn(shape_k, device="cuda", dtype=dtype, generator=gen) * scale
+    v = torch.randn(shape_k, device="cuda", dtype=dtype, generator=gen)
+    dout = torch.randn(shape_q, device="cuda", dtype=dtype, generator=gen)
+    return q, k, v, dout
+
+
+def reference_and_pytorch(q, k, v, dout, causal, softmax_scale=None):
+    """fp64 reference (out, lse, grads) and PyTorch's math in q's dtype (out, grads)."""
+    results = []
+    for compute_dtype in (torch.float64, q.dtype):
+        leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = attention_reference(*leaves, softmax_scale=softmax_scale, causal=causal,
+                                       compute_dtype=compute_dtype)
+        grads = torch.autograd.grad(out, leaves, dout.to(compute_dtype))
+        results.append((out, lse, grads))
+    return results
+
+
+def run_ours(q, k, v, dout, causal, deterministic=False, softmax_scale=None):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    poison_allocator()
+    out, lse, _ = flash_attn_func(*leaves, softmax_scale=softmax_scale, causal=causal, deterministic=deterministic,
+                                  return_attn_probs=True)
+    poison_allocator()
+    grads = torch.autograd.grad(out, leaves, dout)
+    return out, lse, grads
+
+
+def check_against_reference(q, k, v, dout, causal, **kwargs):
+    out, lse, grads = run_ours(q, k, v, dout, causal, **kwargs)
+    (ref_out, ref_lse, ref_grads), (pt_out, _, pt_grads) = reference_and_pytorch(
+        q, k, v, dout, causal, kwargs.get("softmax_scale"))
+    assert_close_to_ref(out, ref_out, pt_out, "out")
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isinf(lse), ~finite), "lse must be +inf exactly on rows that see no key"
+    assert max_err(lse[finite], ref_lse[finite]) < 1e-3 * (1 + ref_lse[finite].abs().max().item() if finite.any() else 1)
+    for name, g, ref_g, pt_g in zip(("dq", "dk", "dv"), grads, ref_grads, pt_grads):
+        assert_close_to_ref(g, ref_g, pt_g, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads,heads_k", GQA)
+@pytest.mark.parametrize("sq,sk", SEQLENS)
+def test_forward_backward_against_fp64(dtype, head_dim, causal, heads, heads_k, sq, sk):
+    q, k, v, dout = make_inputs(2, sq, sk, heads, heads_k, head_dim, dtype, seed=sq * 7 + sk)
+    check_against_reference(q, k, v, dout, causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_large_inputs_stay_finite_and_accurate(dtype, head_dim):
+    # scores of magnitude ~64 * sqrt(d): the online max and the exp2 shift must keep it exact
+    q, k, v, dout = make_inputs(2, 300, 300, 4, 2, head_dim, dtype, scale=8.0, seed=5)
+    for causal in (False, True):
+        check_against_reference(q, k, v, dout, causal)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_custom_softmax_scale(head_dim):
+    q, k, v, dout = make_inputs(1, 150, 190, 2, 1, head_dim, torch.bfloat16, seed=9)
+    check_against_reference(q, k, v, dout, True, softmax_scale=0.3)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_fully_masked_rows_give_zeros_and_zero_grads(head_dim):
+    # causal with seqlen_q > seqlen_k: the first 90 query rows see no key
+    q, k, v, dout = make_inputs(2, 120, 30, 4, 2, head_dim, torch.bfloat16, seed=3)
+    out, lse, (dq, dk, dv) = run_ours(q, k, v, dout, causal=True)
+    assert torch.equal(out[:, :90], torch.zeros_like(out[:, :90]))
+    assert torch.isinf(lse[:, :, :90]).all() and (lse[:, :, :90] > 0).all()
+    assert torch.equal(dq[:, :90], torch.zeros_like(dq[:, :90]))
+    for t in (out, lse[:, :, 90:], dq, dk, dv):
+        assert not torch.isnan(t).any()
+
+
+def test_seqlen_k_zero():
+    q, k, v, dout = make_inputs(2, 37, 0, 4, 2, 64, torch.float16)
+    out, lse, (dq, dk, dv) = run_ours(q, k, v, dout, causal=False)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
+    assert torch.equal(dq, torch.zeros_like(dq)) and dk.shape == k.shape
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_deterministic_gradients_are_bitwise_repeatable(causal, head_dim):
+    q, k, v, dout = make_inputs(2, 700, 900, 8, 2, head_dim, torch.bfloat16, seed=11)
+    first = run_ours(q, k, v, dout, causal, deterministic=True)[2]
+    for _ in range(2):
+        again = run_ours(q, k, v, dout, causal, deterministic=True)[2]
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+    check_against_reference(q, k, v, dout, causal, deterministic=True)
+
+
+def test_empty_batch():
+    q, k, v, dout = make_inputs(0, 16, 16, 4, 4, 64, torch.bfloat16)
+    out, lse, grads = run_ours(q, k, v, dout, causal=True)
+    assert out.shape == q.shape and lse.shape == (0, 4, 16)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
+def test_packed_qkv_and_kv_match_unpacked():
+    q, k, v, dout = make_inputs(2, 130, 130, 4, 4, 64, torch.float16, seed=4)
+    qkv = torch.stack([q, k, v], dim=2).requires_grad_()
+    out = flash_attn_qkvpacked_func(qkv, causal=True)
+    (dqkv,) = torch.autograd.grad(out, qkv, dout)
+    ref_out, _, ref_grads = run_ours(q, k, v, dout, causal=True)
+    assert torch.equal(out, ref_out)
+    assert torch.equal(dqkv, torch.stack(ref_grads, dim=2))
+    kv = torch.stack([k, v], dim=2).requires_grad_()
+    out = flash_attn_kvpacked_func(q, kv, causal=True)
+    (dkv,) = torch.autograd.grad(out, kv, dout)
+    assert torch.equal(out, ref_out)
+    assert torch.equal(dkv, torch.stack(ref_grads[1:], dim=2))
+
+
+def test_strided_inputs():
+    # q, k, v as views with non-contiguous batch/seq/head strides: (b, h, s, d) transposed
+    base = torch.randn(3, 2, 4, 150, 128, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (base[i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    check_against_reference(q, k, v, dout, causal=True)
+    # a view at an odd element offset (not 16-byte aligned) is copied, never misread
+    flat = torch.randn(2 * 64 * 2 * 64 + 1, device="cuda", dtype=torch.float16)
+    q_odd = flat[1:].view(2, 64, 2, 64)
+    check_against_reference(q_odd, q_odd.clone(), q_odd.clone(), torch.randn_like(q_odd), causal=False)
+
+
+def test_mixed_devices_and_cpu_are_rejected():
+    q, k, v, _ = make_inputs(1, 8, 8, 2, 2, 64, torch.float16)
+    with pytest.raises(ValueError, match="k must be a CUDA tensor"):
+        flash_attn_func(q, k.cpu(), v)
+    if torch.cuda.device_count() > 1:
+        with pytest.raises(ValueError, match="v is on cuda:1 but q is on cuda:0"):
+            flash_attn_func(q, k, v.to("cuda:1"))

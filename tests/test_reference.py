@@ -1,0 +1,86 @@
+"""CPU: the reference attention against a softmax written out independently."""
+import math
+
+import pytest
+import torch
+
+from flash_attn_t.reference import attention_reference
+
+
+def naive_attention(q, k, v, scale, causal):
+    """(b, s, h, d) in float64, explicit loops over batch and heads."""
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    out = torch.zeros(b, sq, h, d, dtype=torch.float64)
+    lse = torch.full((b, h, sq), float("inf"), dtype=torch.float64)
+    for bi in range(b):
+        for hi in range(h):
+            kh = hi // (h // hk)
+            for i in range(sq):
+                limit = i + sk - sq if causal else sk - 1
+                if limit < 0 or sk == 0:
+                    continue
+                s = (q[bi, i, hi].double() @ k[bi, : limit + 1, kh].double().T) * scale
+                m = s.max()
+                w = torch.exp(s - m)
+                out[bi, i, hi] = (w / w.sum()) @ v[bi, : limit + 1, kh].double()
+                lse[bi, hi, i] = m + torch.log(w.sum())
+    return out, lse
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(1, 1), (5, 9), (9, 5), (16, 16), (3, 0)])
+@pytest.mark.parametrize("heads,heads_k", [(2, 2), (4, 1)])
+def test_reference_matches_naive(causal, sq, sk, heads, heads_k):
+    torch.manual_seed(sq * 31 + sk)
+    q = torch.randn(2, sq, heads, 8)
+    k = torch.randn(2, sk, heads_k, 8)
+    v = torch.randn(2, sk, heads_k, 8)
+    out, lse = attention_reference(q, k, v, causal=causal)
+    ref_out, ref_lse = naive_attention(q, k, v, 1 / math.sqrt(8), causal)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
+
+
+def test_fully_masked_rows_are_zero_with_infinite_lse_and_zero_grads():
+    # causal with sq > sk: the first sq - sk rows see no key
+    q = torch.randn(1, 6, 2, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 3, 2, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 3, 2, 8, dtype=torch.float64, requires_grad=True)
+    out, lse = attention_reference(q, k, v, causal=True)
+    assert torch.equal(out[:, :3], torch.zeros_like(out[:, :3]))
+    assert torch.isinf(lse[..., :3]).all() and (lse[..., :3] > 0).all()
+    assert torch.isfinite(lse[..., 3:]).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.equal(q.grad[:, :3], torch.zeros_like(q.grad[:, :3]))
+
+
+def test_reference_gradients_match_autograd_of_naive_softmax():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 7, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out, _ = attention_reference(q, k, v, causal=True)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    mask = torch.ones(7, 7, dtype=torch.bool).tril()
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(8)
+    naive = torch.einsum("bhqk,bkhd->bqhd", s.masked_fill(~mask, float("-inf")).softmax(-1), v)
+    naive_grads = torch.autograd.grad(naive.sum(), (q, k, v))
+    for g, n in zip(grads, naive_grads):
+        torch.testing.assert_close(g, n)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_reference_matches_per_sequence(causal):
+    torch.manual_seed(2)
+    lens_q, lens_k = [3, 0, 1, 6], [4, 2, 0, 6]
+    cu_q = torch.tensor([0, 3, 3, 4, 10], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 6, 6, 12], dtype=torch.int32)
+    q, k, v = torch.randn(10, 4, 8), torch.randn(12, 2, 8), torch.randn(12, 2, 8)
+    out, lse = attention_reference(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    assert out.shape == (10, 4, 8) and lse.shape == (4, 10)
+    for i in range(4):
+        qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        ref_out, ref_lse = naive_attention(q[None, qs], k[None, ks], v[None, ks], 1 / math.sqrt(8), causal)
+        torch.testing.assert_close(out[qs], ref_out[0])
+        torch.testing.assert_close(lse[:, qs], ref_lse[0])
