@@ -3,7 +3,8 @@
 Grid (the FlashAttention convention): 16k tokens per batch (batch = 16384 / seqlen), model width
 2048 (heads = 2048 / head_dim), bf16, head_dim in {64, 128}, seqlen in {512 .. 16k}, causal on/off.
 FLOPs: forward 4 * b * h * sq * sk * d (halved under causal); backward 2.5x; forward+backward 3.5x.
-Timing: CUDA events around each call, an L2 flush before each, warm-up first, median of --reps.
+Timing: CUDA events around each call (GPU time: the host-side wrapper overhead is kept out by a
+GPU sleep queued ahead), an L2 flush before each, warm-up first, median of --reps.
 
     python benchmarks/benchmark_attention.py            # full grid, CSV + PNG in benchmarks/results/
     python benchmarks/benchmark_attention.py --quick    # seqlen 2k and 8k only, fewer reps
@@ -41,6 +42,9 @@ class Timer:
         times = []
         for _ in range(self.reps):
             self.flush_buffer.zero_()
+            # Keep the GPU busy while Python prepares the call, so the events time GPU work and
+            # not the host-side overhead of one backend's wrapper against another's.
+            torch.cuda._sleep(1_000_000)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()

@@ -24,9 +24,10 @@ def _attention_bhsd(q, k, v, softmax_scale, causal):
     has_key = visible.any(dim=-1, keepdim=True)  # (sq, 1)
     # Rows without keys take finite placeholder scores, so logsumexp and its gradient stay finite;
     # their probabilities are zeroed below.
-    scores = torch.where(visible, scores, torch.where(has_key, float("-inf"), 0.0))
+    neg_inf, zero = scores.new_tensor(float("-inf")), scores.new_tensor(0.0)
+    scores = torch.where(visible, scores, torch.where(has_key, neg_inf, zero))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    probs = torch.where(visible & has_key, torch.exp(scores - lse), 0.0)
+    probs = torch.where(visible & has_key, torch.exp(scores - lse), zero)
     out = torch.matmul(probs, v)
     lse = torch.where(has_key, lse, float("inf")).squeeze(-1)
     return out, lse
