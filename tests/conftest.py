@@ -20,8 +20,10 @@ def max_err(a, b):
 
 def assert_close_to_ref(ours, ref, pt, name):
     """ours vs the fp64 reference: at most twice PyTorch's own error in the input dtype (pt),
-    plus a hair for cases where that error is exactly 0."""
+    plus 1e-4 of the result's scale -- far below bf16/fp16 resolution -- for the cases where
+    PyTorch's error is exactly 0 (e.g. one key: its score gradient cancels exactly there, while
+    the kernels' P (dP - D) leaves fp32 rounding of the two dot products)."""
     assert not torch.isnan(ours).any(), f"{name}: NaN"
     err, err_pt = max_err(ours, ref), max_err(pt, ref)
-    slack = 1e-5 * (1.0 + ref.abs().max().item() if ref.numel() else 1.0)
+    slack = 1e-4 * max(1.0, ref.abs().max().item() if ref.numel() else 1.0)
     assert err <= 2 * err_pt + slack, f"{name}: error {err:.3e} > 2 x PyTorch's {err_pt:.3e}"
