@@ -30,7 +30,8 @@ void check_tensor(const at::Tensor& t, const char* name, int64_t rank, const at:
   TORCH_CHECK(t.dim() == rank, "flash_attn_t: ", name, " must have ", rank, " dimensions, got ", t.dim());
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), "flash_attn_t: ", name, " must have q's dtype");
   TORCH_CHECK(t.device() == q.device(), "flash_attn_t: ", name, " must be on q's device");
-  TORCH_CHECK(t.stride(-1) == 1, "flash_attn_t: ", name, " must have a contiguous last dimension");
+  TORCH_CHECK(t.stride(-1) == 1 || t.numel() == 0, "flash_attn_t: ", name,
+              " must have a contiguous last dimension");
   // Offsets inside a tile (at most 256 rows) are 32-bit in the kernels (see load_tile_async).
   TORCH_CHECK(t.stride(-3) < (int64_t{1} << 31) / 256, "flash_attn_t: ", name,
               " has a sequence stride too large for the kernels");

@@ -67,7 +67,7 @@ def check_qkv(q, k, v, *, varlen, require_cuda=True):
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim {head_dim} is not supported: supported head dims are {SUPPORTED_HEAD_DIMS}")
     for name, t in zip(names, (q, k, v)):
-        if t.stride(-1) != 1:
+        if t.stride(-1) != 1 and t.numel() > 0:
             raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got stride {t.stride(-1)}")
     heads, heads_k = q.shape[-2], k.shape[-2]
     if heads_k == 0 or heads % heads_k != 0:
