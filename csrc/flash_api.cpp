@@ -241,48 +241,56 @@ void check_bwd_extra(const at::Tensor& dout, const at::Tensor& out, const at::Te
               "flash_attn_t: lse must be float32 of shape ", lse_shape, " on q's device");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout_, const at::Tensor& q_,
-                                                   const at::Tensor& k_, const at::Tensor& v_,
-                                                   const at::Tensor& out_, const at::Tensor& lse_,
-                                                   double softmax_scale, bool causal, bool deterministic) {
-  check_qkv(q_, k_, v_, 4);
-  check_bwd_extra(dout_, out_, q_, lse_, {q_.size(0), q_.size(2), q_.size(1)});
+// Shared by bwd and varlen_bwd once their own arguments are checked: set_lengths fills batch,
+// seqlens and, for varlen, the cu_seqlens pointers.
+template <typename SetLengths>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout_, const at::Tensor& q_,
+                                                        const at::Tensor& k_, const at::Tensor& v_,
+                                                        const at::Tensor& out_, const at::Tensor& lse_,
+                                                        double softmax_scale, bool causal, bool deterministic,
+                                                        SetLengths&& set_lengths) {
   const c10::cuda::CUDAGuard guard(q_.device());
   const at::Tensor q = aligned(q_), k = aligned(k_), v = aligned(v_), out = aligned(out_),
                    dout = aligned(dout_), lse = lse_.contiguous();
   at::Tensor dk = at::empty(k.sizes(), k.options()), dv = at::empty(v.sizes(), v.options());
   BwdParams p{};
   fill_bwd(p, dout, q, k, v, out, lse, dk, dv, softmax_scale);
-  p.batch = static_cast<int>(q.size(0));
-  p.seqlen_q = static_cast<int>(q.size(1));
-  p.seqlen_k = static_cast<int>(k.size(1));
+  set_lengths(p);
   at::Tensor dq = launch_bwd(p, q, lse, causal, deterministic);
-  if (p.seqlen_q == 0) dk.zero_(), dv.zero_();  // no query: the kernel never ran
+  if (p.seqlen_q == 0 || q.numel() == 0) dk.zero_(), dv.zero_();  // no query: the kernel never ran
   return {dq, dk, dv};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q,
+                                                   const at::Tensor& k, const at::Tensor& v,
+                                                   const at::Tensor& out, const at::Tensor& lse,
+                                                   double softmax_scale, bool causal, bool deterministic) {
+  check_qkv(q, k, v, 4);
+  check_bwd_extra(dout, out, q, lse, {q.size(0), q.size(2), q.size(1)});
+  return backward(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, [&](BwdParams& p) {
+    p.batch = static_cast<int>(q.size(0));
+    p.seqlen_q = static_cast<int>(q.size(1));
+    p.seqlen_k = static_cast<int>(k.size(1));
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
-    const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-    const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal, bool deterministic) {
-  check_qkv(q_, k_, v_, 3);
-  check_bwd_extra(dout_, out_, q_, lse_, {q_.size(1), q_.size(0)});
-  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q_);
-  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q_);
-  const c10::cuda::CUDAGuard guard(q_.device());
-  const at::Tensor q = aligned(q_), k = aligned(k_), v = aligned(v_), out = aligned(out_),
-                   dout = aligned(dout_), lse = lse_.contiguous();
-  at::Tensor dk = at::empty(k.sizes(), k.options()), dv = at::empty(v.sizes(), v.options());
-  BwdParams p{};
-  fill_bwd(p, dout, q, k, v, out, lse, dk, dv, softmax_scale);
-  p.batch = static_cast<int>(cu_seqlens_q.numel() - 1);
-  p.seqlen_q = static_cast<int>(max_seqlen_q);
-  p.seqlen_k = static_cast<int>(max_seqlen_k);
-  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
-  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
-  at::Tensor dq = launch_bwd(p, q, lse, causal, deterministic);
-  if (p.seqlen_q == 0 || q.size(0) == 0) dk.zero_(), dv.zero_();  // no query: the kernel never ran
-  return {dq, dk, dv};
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double softmax_scale, bool causal, bool deterministic) {
+  check_qkv(q, k, v, 3);
+  check_bwd_extra(dout, out, q, lse, {q.size(1), q.size(0)});
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
+  TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel(),
+              "flash_attn_t: cu_seqlens_q and cu_seqlens_k must have the same length");
+  return backward(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, [&](BwdParams& p) {
+    p.batch = static_cast<int>(cu_seqlens_q.numel() - 1);
+    p.seqlen_q = static_cast<int>(max_seqlen_q);
+    p.seqlen_k = static_cast<int>(max_seqlen_k);
+    p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
+    p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
+  });
 }
 
 }  // namespace
