@@ -1,7 +1,8 @@
 """The compiled kernels as torch.library ops, with fake (meta) implementations for torch.compile.
 
-torch.ops.flash_attn_t.fwd / bwd / varlen_fwd / varlen_bwd are defined and given their CUDA
-implementations in csrc/flash_api.cpp; importing flash_attn_t._C registers them.
+csrc/flash_api.cpp defines torch.ops.flash_attn_t.fwd / bwd / varlen_fwd / varlen_bwd and their
+CUDA implementations; importing flash_attn_t._C registers them. Without the extension the package
+still imports (the reference and the argument checks work); calling a kernel raises ImportError.
 """
 import torch
 
@@ -9,7 +10,7 @@ try:
     from . import _C  # noqa: F401  (registers the ops)
 
     _EXTENSION_ERROR = None
-except ImportError as err:  # not built: the reference and the argument checks still work
+except ImportError as err:
     _EXTENSION_ERROR = err
 
 
@@ -20,35 +21,37 @@ def extension_available():
 def require_extension():
     if _EXTENSION_ERROR is not None:
         raise ImportError(
-            "flash_attn_t's CUDA extension (flash_attn_t._C) is not built; build it from the repository "
-            f"root with `pip install --no-build-isolation -e .` ({_EXTENSION_ERROR})"
-        )
+            "flash_attn_t's CUDA extension (flash_attn_t._C) is not built: build it from the repository root with "
+            f"`pip install --no-build-isolation -e .` (import error: {_EXTENSION_ERROR})")
 
 
-def _lse_like(q, shape):
-    return q.new_empty(shape, dtype=torch.float32)
+# Fake implementations: outputs of the right shape, dtype and device, contiguous like the real ones.
+
+def _out_and_lse(q, lse_shape):
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-if _EXTENSION_ERROR is None:
+def _grads(q, k, v):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+if extension_available():
 
     @torch.library.register_fake("flash_attn_t::fwd")
     def _fwd_fake(q, k, v, softmax_scale, causal):
-        b, sq, h, _ = q.shape
-        return torch.empty(q.shape, dtype=q.dtype, device=q.device), _lse_like(q, (b, h, sq))
-
-    @torch.library.register_fake("flash_attn_t::varlen_fwd")
-    def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-        total_q, h, _ = q.shape
-        return torch.empty(q.shape, dtype=q.dtype, device=q.device), _lse_like(q, (h, total_q))
-
-    def _grads_fake(q, k, v):
-        return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+        batch, seqlen_q, heads, _ = q.shape
+        return _out_and_lse(q, (batch, heads, seqlen_q))
 
     @torch.library.register_fake("flash_attn_t::bwd")
     def _bwd_fake(dout, q, k, v, out, lse, softmax_scale, causal, deterministic):
-        return _grads_fake(q, k, v)
+        return _grads(q, k, v)
+
+    @torch.library.register_fake("flash_attn_t::varlen_fwd")
+    def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+        total_q, heads, _ = q.shape
+        return _out_and_lse(q, (heads, total_q))
 
     @torch.library.register_fake("flash_attn_t::varlen_bwd")
     def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          softmax_scale, causal, deterministic):
-        return _grads_fake(q, k, v)
+        return _grads(q, k, v)

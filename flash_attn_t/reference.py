@@ -20,7 +20,9 @@ def _attention_bhsd(q, k, v, softmax_scale, causal):
     scores = torch.matmul(q, k.transpose(-1, -2)) * softmax_scale
     rows = torch.arange(seqlen_q, device=q.device)[:, None]
     cols = torch.arange(seqlen_k, device=q.device)[None, :]
-    visible = (cols <= rows + seqlen_k - seqlen_q) if causal else torch.ones_like(cols >= rows)
+    visible = cols <= rows + seqlen_k - seqlen_q  # (sq, sk)
+    if not causal:
+        visible = torch.ones_like(visible)
     has_key = visible.any(dim=-1, keepdim=True)  # (sq, 1)
     # Rows without keys take finite placeholder scores, so logsumexp and its gradient stay finite;
     # their probabilities are zeroed below.
@@ -33,10 +35,10 @@ def _attention_bhsd(q, k, v, softmax_scale, causal):
     return out, lse
 
 
-def attention_reference(q, k, v, softmax_scale=None, causal=False, cu_seqlens_q=None, cu_seqlens_k=None,
-                        compute_dtype=torch.float64):
-    """Returns (out, lse): out in compute_dtype shaped like q; lse (batch, heads, seqlen_q), or
-    (heads, total_q) for varlen input (cu_seqlens given), in compute_dtype."""
+def attention_reference(q, k, v, softmax_scale=None, causal=False, compute_dtype=torch.float64, cu_seqlens_q=None,
+                        cu_seqlens_k=None):
+    """Returns (out, lse) computed in compute_dtype (the caller casts): out shaped like q; lse
+    (batch, heads, seqlen_q), or (heads, total_q) for varlen input (cu_seqlens_q and cu_seqlens_k given)."""
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     q, k, v = (t.to(compute_dtype) for t in (q, k, v))
@@ -44,7 +46,7 @@ def attention_reference(q, k, v, softmax_scale=None, causal=False, cu_seqlens_q=
         out, lse = _attention_bhsd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale, causal)
         return out.transpose(1, 2), lse
     starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    outs, lses = [], []
+    outs, lses = [q[:0]], [q.new_empty(q.shape[1], 0)]  # so that an empty batch concatenates too
     for i in range(len(starts_q) - 1):
         qi = q[starts_q[i]:starts_q[i + 1]].transpose(0, 1)[None]
         ki = k[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]

@@ -4,7 +4,11 @@ import torch
 from flash_attn_t import ops
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-requires_extension = pytest.mark.skipif(not ops.extension_available(), reason="flash_attn_t._C is not built")
+requires_extension = pytest.mark.skipif(
+    not ops.extension_available(),
+    reason="flash_attn_t._C is not built (pip install --no-build-isolation -e .)")
+# for a GPU test module: pytestmark = GPU
+GPU = [pytest.mark.gpu, requires_cuda, requires_extension]
 
 
 def poison_allocator(nbytes=256 * 1024 * 1024):

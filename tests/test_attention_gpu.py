@@ -1,20 +1,35 @@
 """GPU: forward and gradients against the fp64 reference, error at most twice PyTorch's own in
 the same dtype; masking edge cases; large inputs; deterministic mode; packed and strided inputs."""
+import itertools
+
 import pytest
 import torch
 
-from conftest import assert_close_to_ref, max_err, poison_allocator, requires_cuda, requires_extension
+from conftest import GPU, assert_close_to_ref, max_err, poison_allocator
 from flash_attn_t import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
 from flash_attn_t.reference import attention_reference
 
-pytestmark = [requires_cuda, requires_extension]
+pytestmark = GPU
 
 DTYPES = [torch.float16, torch.bfloat16]
 HEAD_DIMS = [64, 128]
-# (seqlen_q, seqlen_k): 1, odd, non-multiples of the 64/128 tiles, sq != sk both ways
-SEQLENS = [(1, 1), (17, 17), (113, 203), (203, 113), (128, 128), (1, 333), (333, 1), (256, 512), (1000, 1000)]
-GQA = [(4, 4), (4, 2), (8, 1)]  # (nheads, nheads_k)
+GQA = [(4, 4), (4, 2), (8, 1)]  # (nheads, nheads_k): MHA, GQA, MQA
+# (seqlen_q, seqlen_k): odd lengths and non-multiples of the tiles, sq != sk both ways: every config
+FULL_GRID_SEQLENS = [(17, 17), (113, 203), (203, 113)]
+# single rows / columns, exact tiles, long: each with both causal values and 2 of the 12
+# (dtype, head dim, GQA) configs, picked with a stride coprime to 12 so that each config appears
+# twice, spread over the sizes
+DIAGONAL_SEQLENS = [(1, 1), (128, 128), (1, 333), (333, 1), (256, 512), (1000, 1000)]
 
+
+def grid():
+    configs = list(itertools.product(DTYPES, HEAD_DIMS, GQA))
+    cases = list(itertools.product(FULL_GRID_SEQLENS, [False, True], configs))
+    diagonal = itertools.product(DIAGONAL_SEQLENS, [False, True], range(2))
+    cases += [(seqlens, causal, configs[5 * i % len(configs)]) for i, (seqlens, causal, _) in enumerate(diagonal)]
+    return [pytest.param(sq, sk, causal, dtype, d, h, hk, id=f"{sq}x{sk}-{'causal' if causal else 'full'}-"
+                         f"{str(dtype)[6:]}-d{d}-h{h}k{hk}")
+            for (sq, sk), causal, (dtype, d, (h, hk)) in cases]
 
 def make_inputs(batch, sq, sk, heads, heads_k, head_dim, dtype, scale=1.0, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -55,17 +70,14 @@ def check_against_reference(q, k, v, dout, causal, **kwargs):
     assert_close_to_ref(out, ref_out, pt_out, "out")
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isinf(lse), ~finite), "lse must be +inf exactly on rows that see no key"
-    assert max_err(lse[finite], ref_lse[finite]) < 1e-3 * (1 + ref_lse[finite].abs().max().item() if finite.any() else 1)
+    if finite.any():
+        assert max_err(lse[finite], ref_lse[finite]) < 1e-3 * (1 + ref_lse[finite].abs().max().item()), "lse"
     for name, g, ref_g, pt_g in zip(("dq", "dk", "dv"), grads, ref_grads, pt_grads):
         assert_close_to_ref(g, ref_g, pt_g, name)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("heads,heads_k", GQA)
-@pytest.mark.parametrize("sq,sk", SEQLENS)
-def test_forward_backward_against_fp64(dtype, head_dim, causal, heads, heads_k, sq, sk):
+@pytest.mark.parametrize("sq,sk,causal,dtype,head_dim,heads,heads_k", grid())
+def test_forward_backward_against_fp64(sq, sk, causal, dtype, head_dim, heads, heads_k):
     q, k, v, dout = make_inputs(2, sq, sk, heads, heads_k, head_dim, dtype, seed=sq * 7 + sk)
     check_against_reference(q, k, v, dout, causal)
 
@@ -97,11 +109,22 @@ def test_fully_masked_rows_give_zeros_and_zero_grads(head_dim):
         assert not torch.isnan(t).any()
 
 
-def test_seqlen_k_zero():
+@pytest.mark.parametrize("causal", [False, True])
+def test_seqlen_k_zero(causal):
     q, k, v, dout = make_inputs(2, 37, 0, 4, 2, 64, torch.float16)
-    out, lse, (dq, dk, dv) = run_ours(q, k, v, dout, causal=False)
-    assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
-    assert torch.equal(dq, torch.zeros_like(dq)) and dk.shape == k.shape
+    out, lse, (dq, dk, dv) = run_ours(q, k, v, dout, causal=causal)
+    assert torch.equal(out, torch.zeros_like(out)) and lse.shape == (2, 4, 37)
+    assert torch.isinf(lse).all() and (lse > 0).all()
+    assert torch.equal(dq, torch.zeros_like(dq)) and dk.shape == k.shape and dv.shape == v.shape
+
+
+@pytest.mark.parametrize("batch,sq,sk", [(0, 16, 16), (2, 0, 16), (0, 0, 0)])
+def test_empty_inputs(batch, sq, sk):
+    q, k, v, dout = make_inputs(batch, sq, sk, 4, 2, 64, torch.bfloat16)
+    out, lse, (dq, dk, dv) = run_ours(q, k, v, dout, causal=True)
+    assert out.shape == q.shape and out.device == q.device and lse.shape == (batch, 4, sq)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+    assert torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dv, torch.zeros_like(dv))
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -116,26 +139,22 @@ def test_deterministic_gradients_are_bitwise_repeatable(causal, head_dim):
     check_against_reference(q, k, v, dout, causal, deterministic=True)
 
 
-def test_empty_batch():
-    q, k, v, dout = make_inputs(0, 16, 16, 4, 4, 64, torch.bfloat16)
-    out, lse, grads = run_ours(q, k, v, dout, causal=True)
-    assert out.shape == q.shape and lse.shape == (0, 4, 16)
-    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
-
-
-def test_packed_qkv_and_kv_match_unpacked():
-    q, k, v, dout = make_inputs(2, 130, 130, 4, 4, 64, torch.float16, seed=4)
-    qkv = torch.stack([q, k, v], dim=2).requires_grad_()
-    out = flash_attn_qkvpacked_func(qkv, causal=True)
-    (dqkv,) = torch.autograd.grad(out, qkv, dout)
-    ref_out, _, ref_grads = run_ours(q, k, v, dout, causal=True)
-    assert torch.equal(out, ref_out)
-    assert torch.equal(dqkv, torch.stack(ref_grads, dim=2))
+@pytest.mark.parametrize("heads_k", [4, 2])
+def test_packed_qkv_and_kv_match_unpacked(heads_k):
+    # deterministic: the gradients compare bitwise, free of atomic-order noise
+    q, k, v, dout = make_inputs(2, 130, 130, 4, heads_k, 64, torch.float16, seed=4)
+    ref_out, _, ref_grads = run_ours(q, k, v, dout, causal=True, deterministic=True)
     kv = torch.stack([k, v], dim=2).requires_grad_()
-    out = flash_attn_kvpacked_func(q, kv, causal=True)
+    out = flash_attn_kvpacked_func(q, kv, causal=True, deterministic=True)
     (dkv,) = torch.autograd.grad(out, kv, dout)
     assert torch.equal(out, ref_out)
     assert torch.equal(dkv, torch.stack(ref_grads[1:], dim=2))
+    if heads_k == q.shape[2]:
+        qkv = torch.stack([q, k, v], dim=2).requires_grad_()
+        out = flash_attn_qkvpacked_func(qkv, causal=True, deterministic=True)
+        (dqkv,) = torch.autograd.grad(out, qkv, dout)
+        assert torch.equal(out, ref_out)
+        assert torch.equal(dqkv, torch.stack(ref_grads, dim=2))
 
 
 def test_strided_inputs():
@@ -145,6 +164,11 @@ def test_strided_inputs():
     assert not q.is_contiguous() and q.stride(-1) == 1
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
     check_against_reference(q, k, v, dout, causal=True)
+    # slices of a packed GQA qkv projection (b, s, h + 2 hk, d), and a non-contiguous dout
+    packed = torch.randn(2, 97, 8 + 2 + 2, 64, device="cuda", dtype=torch.float16)
+    q, k, v = packed[:, :, :8], packed[:, :, 8:10], packed[:, :, 10:]
+    dout = torch.randn(2, 8, 97, 64, device="cuda", dtype=torch.float16).transpose(1, 2)
+    check_against_reference(q, k, v, dout, causal=False)
     # a view at an odd element offset (not 16-byte aligned) is copied, never misread
     flat = torch.randn(2 * 64 * 2 * 64 + 1, device="cuda", dtype=torch.float16)
     q_odd = flat[1:].view(2, 64, 2, 64)

@@ -84,3 +84,44 @@ def test_varlen_reference_matches_per_sequence(causal):
         ref_out, ref_lse = naive_attention(q[None, qs], k[None, ks], v[None, ks], 1 / math.sqrt(8), causal)
         torch.testing.assert_close(out[qs], ref_out[0])
         torch.testing.assert_close(lse[:, qs], ref_lse[0])
+
+
+def test_varlen_reference_gradients_are_finite_with_empty_and_masked_sequences():
+    cu_q = torch.tensor([0, 4, 4, 5, 9], dtype=torch.int32)  # lengths 4, 0, 1, 4
+    cu_k = torch.tensor([0, 2, 5, 5, 7], dtype=torch.int32)  # lengths 2, 3, 0, 2: causal masks rows
+    q = torch.randn(9, 2, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(7, 1, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    out, lse = attention_reference(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    # sequences 0 and 3: 4 queries, 2 keys -> their first 2 rows see nothing; sequence 2: no key
+    masked, seen = [0, 1, 4, 5, 6], [2, 3, 7, 8]
+    assert torch.isinf(lse[:, masked]).all() and torch.isfinite(lse[:, seen]).all()
+    assert torch.equal(out[masked], torch.zeros_like(out[masked]))
+    out.square().sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.equal(q.grad[masked], torch.zeros_like(q.grad[masked]))
+
+
+def test_varlen_reference_empty_batch():
+    q, k = torch.randn(0, 2, 8), torch.randn(0, 2, 8)
+    out, lse = attention_reference(q, k, k, cu_seqlens_q=torch.zeros(1, dtype=torch.int32),
+                                   cu_seqlens_k=torch.zeros(1, dtype=torch.int32))
+    assert out.shape == (0, 2, 8) and lse.shape == (2, 0)
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_compute_dtype(compute_dtype):
+    q = torch.randn(1, 5, 2, 8)
+    out, lse = attention_reference(q, q, q, causal=True, compute_dtype=compute_dtype)
+    assert out.dtype == lse.dtype == compute_dtype
+    ref_out, _ = naive_attention(q, q, q, 1 / math.sqrt(8), causal=True)
+    torch.testing.assert_close(out.double(), ref_out, rtol=2e-2, atol=2e-2)
+
+
+def test_custom_scale_and_large_inputs():
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 9, 2, 8) * 8, torch.randn(1, 11, 2, 8) * 8, torch.randn(1, 11, 2, 8)
+    out, lse = attention_reference(q, k, v, softmax_scale=0.7, causal=True)
+    ref_out, ref_lse = naive_attention(q, k, v, 0.7, causal=True)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)

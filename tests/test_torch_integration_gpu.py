@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from conftest import requires_cuda, requires_extension
+from conftest import GPU
 from flash_attn_t import flash_attn_func, flash_attn_varlen_func
 
-pytestmark = [requires_cuda, requires_extension]
+pytestmark = GPU
 
 
 def test_opcheck_all_ops():

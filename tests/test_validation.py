@@ -1,88 +1,223 @@
-"""CPU: every bad-input rule raises before any kernel runs, naming the argument and the rule."""
+"""CPU: every bad-input rule raises before any kernel runs, naming the argument and the rule.
+
+Each rule is tested on its check_* function with plain CPU tensors (check_devices runs first in
+every entry point, so CPU input never reaches the later rules through the public functions).
+That every public function runs the checks is tested with tensors on a fake 'cuda' device
+(FakeTensorMode: shapes, dtypes and devices without memory or a GPU).
+"""
+import inspect
+
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import flash_attn_t
-from flash_attn_t.interface import check_qkv, check_unimplemented, check_varlen, check_softmax_scale
+from flash_attn_t.interface import (check_cu_seqlens, check_devices, check_dtypes, check_packed_shape, check_shapes,
+                                    check_softmax_scale, check_strides, check_unimplemented, check_varlen)
 
 
-def qkv(b=2, sq=8, sk=8, h=4, hk=2, d=64, dtype=torch.bfloat16, device="cpu"):
-    return (torch.randn(b, sq, h, d, dtype=dtype, device=device), torch.randn(b, sk, hk, d, dtype=dtype, device=device),
-            torch.randn(b, sk, hk, d, dtype=dtype, device=device))
+def batched(b=2, sq=8, sk=8, h=4, hk=2, d=64, dtype=torch.bfloat16, device="cpu"):
+    q = torch.randn(b, sq, h, d, dtype=dtype, device=device)
+    k = torch.randn(b, sk, hk, d, dtype=dtype, device=device)
+    return q, k, torch.randn_like(k)
+
+
+def varlen(total_q=10, total_k=12, h=4, hk=2, d=64, dtype=torch.float16, device="cpu"):
+    q = torch.randn(total_q, h, d, dtype=dtype, device=device)
+    k = torch.randn(total_k, hk, d, dtype=dtype, device=device)
+    return q, k, torch.randn_like(k)
+
+
+def cu(offsets, device="cpu"):
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
+# --- the public functions, with fake CUDA tensors ----------------------------------------------
+
+@pytest.fixture
+def fake_cuda():
+    with FakeTensorMode():
+        yield
+
+
+def call_every_entry_point(q, k, v, **kwargs):
+    """Yields (name, thunk) for each public function, fed the batched q, k, v (or packed from them)."""
+    b, sq, _, _ = q.shape
+    sk = k.shape[1]
+    qkv = torch.stack([q, k, v], dim=2) if q.shape == k.shape else None
+    kv = torch.stack([k, v], dim=2)
+    cu_q, cu_k = cu([i * sq for i in range(b + 1)], q.device), cu([i * sk for i in range(b + 1)], q.device)
+    flat = lambda t: t.flatten(0, 1)  # noqa: E731
+    yield "flash_attn_func", lambda: flash_attn_t.flash_attn_func(q, k, v, **kwargs)
+    yield "flash_attn_kvpacked_func", lambda: flash_attn_t.flash_attn_kvpacked_func(q, kv, **kwargs)
+    yield "flash_attn_varlen_func", lambda: flash_attn_t.flash_attn_varlen_func(
+        flat(q), flat(k), flat(v), cu_q, cu_k, sq, sk, **kwargs)
+    yield "flash_attn_varlen_kvpacked_func", lambda: flash_attn_t.flash_attn_varlen_kvpacked_func(
+        flat(q), flat(kv), cu_q, cu_k, sq, sk, **kwargs)
+    if qkv is not None:
+        yield "flash_attn_qkvpacked_func", lambda: flash_attn_t.flash_attn_qkvpacked_func(qkv, **kwargs)
+        yield "flash_attn_varlen_qkvpacked_func", lambda: flash_attn_t.flash_attn_varlen_qkvpacked_func(
+            flat(qkv), cu_q, sq, **kwargs)
 
 
 def test_cpu_tensors_are_rejected_by_every_entry_point():
-    q, k, v = qkv()
-    with pytest.raises(ValueError, match="q must be a CUDA tensor"):
-        flash_attn_t.flash_attn_func(q, k, v)
-    with pytest.raises(ValueError, match="must be a CUDA tensor"):
-        flash_attn_t.flash_attn_qkvpacked_func(torch.randn(1, 4, 3, 2, 64, dtype=torch.float16))
-    with pytest.raises(ValueError, match="must be a CUDA tensor"):
-        flash_attn_t.flash_attn_kvpacked_func(q, torch.stack([k, v], dim=2))
-    cu = torch.tensor([0, 8, 16], dtype=torch.int32)
-    with pytest.raises(ValueError, match="q must be a CUDA tensor"):
-        flash_attn_t.flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, 8, 8)
+    q, k, v = batched(hk=4)
+    names = []
+    for name, call in call_every_entry_point(q, k, v):
+        with pytest.raises(ValueError, match=r"(q|qkv) must be a CUDA tensor, got cpu"):
+            call()
+        names.append(name)
+    assert len(names) == 6
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32])
-def test_unsupported_dtype(dtype):
-    q, k, v = (t.to(dtype) for t in qkv())
-    with pytest.raises(TypeError, match=r"q.dtype must be torch.float16 or torch.bfloat16"):
-        check_qkv(q, k, v, varlen=False, require_cuda=False)
+def test_every_entry_point_checks_dtype_head_dim_and_heads(fake_cuda):
+    for bad, error, match in [
+        (dict(dtype=torch.float32), TypeError, r"q.dtype must be torch.float16 or torch.bfloat16, got torch.float32"),
+        (dict(d=96), ValueError, r"head dim 96 is not supported"),
+        (dict(h=3, hk=2), ValueError, r"nheads \(3\) must be a multiple of nheads_k \(2\)"),
+    ]:
+        q, k, v = batched(**{"device": "cuda", **bad})
+        for name, call in call_every_entry_point(q, k, v):
+            with pytest.raises(error, match=match):
+                call()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dropout_p=0.1), "dropout_p"),
+    (dict(window_size=(128, 0)), "window_size"),
+    (dict(window_size=(-1, 0)), "window_size"),
+    (dict(softcap=30.0), "softcap"),
+    (dict(alibi_slopes=torch.ones(4)), "alibi_slopes"),
+])
+def test_every_entry_point_rejects_unimplemented_features(fake_cuda, kwargs, match):
+    q, k, v = batched(hk=4, device="cuda")
+    names = []
+    for name, call in call_every_entry_point(q, k, v, **kwargs):
+        with pytest.raises(NotImplementedError, match=match):
+            call()
+        names.append(name)
+    assert len(names) == 6
+
+
+def test_varlen_rejects_block_table(fake_cuda):
+    q, k, v = varlen(total_k=10, device="cuda")
+    c = cu([0, 10], "cuda")
+    with pytest.raises(NotImplementedError, match="block_table"):
+        flash_attn_t.flash_attn_varlen_func(q, k, v, c, c, 10, 10, block_table=torch.zeros(1, 1, dtype=torch.int32))
+
+
+def test_mixed_devices(fake_cuda):
+    q, k, v = batched(device="cuda")
+    with pytest.raises(ValueError, match="v is on cuda:1 but q is on cuda:0: all inputs must be on one device"):
+        flash_attn_t.flash_attn_func(q, k, v.to("cuda:1"))
+    with pytest.raises(ValueError, match="kv is on cuda:1 but q is on cuda:0"):
+        flash_attn_t.flash_attn_kvpacked_func(q, torch.stack([k, v], dim=2).to("cuda:1"))
+    qv, kv, vv = varlen(device="cuda")
+    with pytest.raises(ValueError, match="cu_seqlens_k must be a CUDA tensor, got cpu"):
+        flash_attn_t.flash_attn_varlen_func(qv, kv, vv, cu([0, 10], "cuda"), cu([0, 12]), 10, 12)
+
+
+# --- each rule on its check_* function ---------------------------------------------------------
+
+def test_devices():
+    q, k, v = batched()
+    with pytest.raises(TypeError, match="v must be a torch.Tensor, got list"):
+        check_devices(q=q, k=k, v=[1, 2])
+    with pytest.raises(ValueError, match="q must be a CUDA tensor, got cpu"):
+        check_devices(q=q, k=k, v=v)
+    with pytest.raises(ValueError, match="k must be a CUDA tensor, got meta"):
+        check_devices(k=k.to("meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float32_and_float64_are_rejected(dtype):
+    q, k, v = (t.to(dtype) for t in batched())
+    with pytest.raises(TypeError, match=rf"q.dtype must be torch.float16 or torch.bfloat16, got {dtype}.*\.half\(\)"):
+        check_dtypes(q, k, v)
+
+
+def test_integer_dtype_is_rejected():
+    q, k, v = (t.to(torch.int32) for t in batched())
+    with pytest.raises(TypeError, match=r"q.dtype must be torch.float16 or torch.bfloat16, got torch.int32$"):
+        check_dtypes(q, k, v)
 
 
 def test_mixed_dtypes():
-    q, k, v = qkv()
+    q, k, v = batched()
     with pytest.raises(TypeError, match=r"k.dtype \(torch.float16\) must match q.dtype \(torch.bfloat16\)"):
-        check_qkv(q, k.half(), v, varlen=False, require_cuda=False)
-    with pytest.raises(TypeError, match=r"v.dtype"):
-        check_qkv(q, k, v.half(), varlen=False, require_cuda=False)
+        check_dtypes(q, k.half(), v)
+    with pytest.raises(TypeError, match=r"v.dtype \(torch.float16\) must match q.dtype \(torch.bfloat16\)"):
+        check_dtypes(q, k, v.half())
+    check_dtypes(q, k, v)
 
 
-def test_not_a_tensor():
-    q, k, v = qkv()
-    with pytest.raises(TypeError, match="v must be a torch.Tensor"):
-        check_qkv(q, k, [1, 2], varlen=False, require_cuda=False)
-
-
-def test_wrong_rank():
-    q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"q must have 4 dimensions \(batch, seqlen, nheads, headdim\)"):
-        check_qkv(q[0], k, v, varlen=False, require_cuda=False)
+def test_rank():
+    q, k, v = batched()
+    with pytest.raises(ValueError, match=r"q must have 4 dimensions \(batch, seqlen, nheads, headdim\), got shape"):
+        check_shapes(q[0], k, v, varlen=False)
     with pytest.raises(ValueError, match=r"k must have 3 dimensions \(total_tokens, nheads, headdim\)"):
-        check_qkv(q[0], k, v[0], varlen=True, require_cuda=False)
+        check_shapes(q[0], k, v[0], varlen=True)
+    check_shapes(q[0], k[0], v[0], varlen=True)
 
 
 def test_shape_mismatches():
-    q, k, v = qkv()
+    q, k, v = batched()
     with pytest.raises(ValueError, match="k and v must have the same shape"):
-        check_qkv(q, k, v[:, :4], varlen=False, require_cuda=False)
+        check_shapes(q, k, v[:, :4], varlen=False)
     with pytest.raises(ValueError, match=r"k's batch size \(1\) must equal q's \(2\)"):
-        check_qkv(q, k[:1], v[:1], varlen=False, require_cuda=False)
+        check_shapes(q, k[:1], v[:1], varlen=False)
+    _, k128, v128 = batched(d=128)
     with pytest.raises(ValueError, match=r"k's head dim \(128\) must equal q's \(64\)"):
-        q2, k2, v2 = qkv(d=128)
-        check_qkv(q, k2, v2, varlen=False, require_cuda=False)
+        check_shapes(q, k128, v128, varlen=False)
+    check_shapes(q, k, v, varlen=False)
+    check_shapes(q, k[:, :3], v[:, :3], varlen=False)  # seqlen_k != seqlen_q is fine
 
 
 @pytest.mark.parametrize("d", [8, 32, 80, 96, 256])
 def test_unsupported_head_dim(d):
-    q, k, v = qkv(d=d)
+    q, k, v = batched(d=d)
     with pytest.raises(ValueError, match=rf"head dim {d} is not supported: supported head dims are \(64, 128\)"):
-        check_qkv(q, k, v, varlen=False, require_cuda=False)
+        check_shapes(q, k, v, varlen=False)
+
+
+@pytest.mark.parametrize("d", flash_attn_t.interface.SUPPORTED_HEAD_DIMS)
+def test_supported_head_dims_pass(d):
+    check_shapes(*batched(d=d), varlen=False)
+
+
+@pytest.mark.parametrize("h,hk", [(6, 4), (4, 3), (4, 0)])
+def test_heads_not_a_multiple_of_kv_heads(h, hk):
+    q, k, v = batched(h=h, hk=hk)
+    with pytest.raises(ValueError, match=rf"nheads \({h}\) must be a multiple of nheads_k \({hk}\)"):
+        check_shapes(q, k, v, varlen=False)
 
 
 def test_non_contiguous_last_dim():
-    q, k, v = qkv()
-    q_strided = torch.randn(2, 8, 4, 128, dtype=torch.bfloat16)[..., ::2]
-    assert q_strided.shape == q.shape and q_strided.stride(-1) == 2
+    q, k, v = batched()
+    strided = torch.randn(2, 8, 4, 128, dtype=torch.bfloat16)[..., ::2]
+    assert strided.shape == q.shape and strided.stride(-1) == 2
     with pytest.raises(ValueError, match=r"q must have a contiguous last dimension \(stride 1\), got stride 2"):
-        check_qkv(q_strided, k, v, varlen=False, require_cuda=False)
+        check_strides(strided, k, v)
+    with pytest.raises(ValueError, match=r"v must have a contiguous last dimension"):
+        check_strides(q, k, strided[:, :, :2])
+    # other strides are free: a transposed (b, h, s, d) tensor and a slice of a packed one pass
+    check_strides(torch.randn(2, 4, 8, 64).transpose(1, 2), k, torch.randn(2, 8, 3, 2, 64)[:, :, 1])
 
 
-def test_heads_not_a_multiple_of_kv_heads():
-    q, k, v = qkv(h=6, hk=4)
-    with pytest.raises(ValueError, match=r"nheads \(6\) must be a multiple of nheads_k \(4\)"):
-        check_qkv(q, k, v, varlen=False, require_cuda=False)
+def test_packed_shapes():
+    with pytest.raises(ValueError, match=r"qkv must have shape \(batch, seqlen, 3, nheads, headdim\), got \(1, 4, 2,"):
+        check_packed_shape(torch.randn(1, 4, 2, 2, 64), "qkv", 2, 3, "(batch, seqlen, 3, nheads, headdim)")
+    with pytest.raises(ValueError, match=r"kv must have shape \(total_tokens, 2, nheads_k, headdim\)"):
+        check_packed_shape(torch.randn(4, 2, 64), "kv", 1, 2, "(total_tokens, 2, nheads_k, headdim)")
+    check_packed_shape(torch.randn(4, 2, 3, 64), "kv", 1, 2, "(total_tokens, 2, nheads_k, headdim)")
+
+
+def test_packed_shapes_through_the_public_functions(fake_cuda):
+    with pytest.raises(ValueError, match=r"qkv must have shape \(batch, seqlen, 3, nheads, headdim\)"):
+        flash_attn_t.flash_attn_qkvpacked_func(torch.randn(1, 4, 2, 2, 64, dtype=torch.float16, device="cuda"))
+    with pytest.raises(ValueError, match=r"kv must have shape \(total_tokens, 2, nheads_k, headdim\)"):
+        q = torch.randn(4, 2, 64, dtype=torch.float16, device="cuda")
+        flash_attn_t.flash_attn_varlen_kvpacked_func(q, q, cu([0, 4], "cuda"), cu([0, 4], "cuda"), 4, 4)
 
 
 @pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
@@ -92,83 +227,93 @@ def test_bad_softmax_scale(scale):
 
 
 def test_default_softmax_scale():
-    assert check_softmax_scale(None, 64) == pytest.approx(0.125)
+    assert check_softmax_scale(None, 64) == 0.125
+    assert check_softmax_scale(None, 128) == pytest.approx(128 ** -0.5)
+    assert check_softmax_scale(0.3, 64) == 0.3
 
 
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(dropout_p=0.1), "dropout_p"),
-        (dict(window_size=(128, 0)), "window_size"),
-        (dict(softcap=30.0), "softcap"),
-        (dict(alibi_slopes=torch.ones(4)), "alibi_slopes"),
-        (dict(block_table=torch.zeros(1, 1, dtype=torch.int32)), "block_table"),
-    ],
-)
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dropout_p=0.1), r"dropout_p=0.1"),
+    (dict(window_size=(128, 0)), r"window_size=\(128, 0\)"),
+    (dict(window_size=[-1, 0]), r"window_size=\(-1, 0\)"),
+    (dict(softcap=30.0), r"softcap=30.0"),
+    (dict(alibi_slopes=torch.ones(4)), "alibi_slopes"),
+    (dict(block_table=torch.zeros(1, 1, dtype=torch.int32)), "block_table"),
+])
 def test_unimplemented_arguments(kwargs, match):
     with pytest.raises(NotImplementedError, match=match):
         check_unimplemented(**kwargs)
 
 
-def varlen_inputs():
-    q = torch.randn(10, 4, 64, dtype=torch.float16)
-    k = torch.randn(12, 2, 64, dtype=torch.float16)
-    cu_q = torch.tensor([0, 3, 3, 10], dtype=torch.int32)
-    cu_k = torch.tensor([0, 5, 6, 12], dtype=torch.int32)
-    return q, k, cu_q, cu_k
+def test_defaults_are_implemented():
+    check_unimplemented()
+    check_unimplemented(dropout_p=0.0, window_size=[-1, -1], softcap=0.0)
 
+
+# --- cu_seqlens --------------------------------------------------------------------------------
 
 def test_valid_varlen_passes():
-    q, k, cu_q, cu_k = varlen_inputs()
-    check_varlen(q, k, cu_q, cu_k, 7, 6, require_cuda=False)
+    q, k, _ = varlen()
+    check_varlen(q, k, cu([0, 3, 3, 10]), cu([0, 5, 6, 12]), 7, 6)
+    check_varlen(q[:0], k[:0], cu([0]), cu([0]), 0, 0)  # an empty batch
 
 
-@pytest.mark.parametrize(
-    "which,cu,error,match",
-    [
-        ("q", torch.tensor([0, 3, 3, 10], dtype=torch.int64), TypeError, "cu_seqlens_q must be int32"),
-        ("k", torch.tensor([[0, 5, 6, 12]], dtype=torch.int32), ValueError, "cu_seqlens_k must be 1-D"),
-        ("q", torch.tensor([1, 3, 3, 10], dtype=torch.int32), ValueError, r"cu_seqlens_q\[0\] must be 0"),
-        ("q", torch.tensor([0, 4, 3, 10], dtype=torch.int32), ValueError, "cu_seqlens_q must be non-decreasing"),
-        ("k", torch.tensor([0, 5, 6, 11], dtype=torch.int32), ValueError,
-         r"cu_seqlens_k\[-1\] \(11\) must equal the number of tokens of its tensor \(12\)"),
-        ("k", torch.tensor([0, 5, 6, 13], dtype=torch.int32), ValueError, r"cu_seqlens_k\[-1\] \(13\)"),
-        ("q", torch.tensor([0, 10], dtype=torch.int32), ValueError,
-         "cu_seqlens_q and cu_seqlens_k must have the same length"),
-    ],
-)
-def test_malformed_cu_seqlens(which, cu, error, match):
-    q, k, cu_q, cu_k = varlen_inputs()
-    if which == "q":
-        cu_q = cu
-    else:
-        cu_k = cu
+@pytest.mark.parametrize("which,offsets,dtype,error,match", [
+    ("q", [0, 3, 3, 10], torch.int64, TypeError, "cu_seqlens_q must be int32, got torch.int64"),
+    ("k", [[0, 5, 6, 12]], torch.int32, ValueError, r"cu_seqlens_k must be 1-D with batch \+ 1 entries"),
+    ("k", [], torch.int32, ValueError, r"cu_seqlens_k must be 1-D with batch \+ 1 entries"),
+    ("q", [1, 3, 3, 10], torch.int32, ValueError, r"cu_seqlens_q\[0\] must be 0, got 1"),
+    ("q", [0, 4, 3, 10], torch.int32, ValueError, "cu_seqlens_q must be non-decreasing"),
+    ("k", [0, 5, 6, 11], torch.int32, ValueError,
+     r"cu_seqlens_k\[-1\] \(11\) must equal the number of tokens of its tensor \(12\)"),
+    ("k", [0, 5, 6, 13], torch.int32, ValueError, r"cu_seqlens_k\[-1\] \(13\) must equal"),
+    ("q", [0, 10], torch.int32, ValueError, r"cu_seqlens_q and cu_seqlens_k must have the same length"),
+])
+def test_malformed_cu_seqlens(which, offsets, dtype, error, match):
+    q, k, _ = varlen()
+    cu_q, cu_k = cu([0, 3, 3, 10]), cu([0, 5, 6, 12])
+    bad = torch.tensor(offsets, dtype=dtype)
+    cu_q, cu_k = (bad, cu_k) if which == "q" else (cu_q, bad)
     with pytest.raises(error, match=match):
-        check_varlen(q, k, cu_q, cu_k, 10, 10, require_cuda=False)
+        check_varlen(q, k, cu_q, cu_k, 10, 10)
 
 
-def test_max_seqlen_too_small():
-    q, k, cu_q, cu_k = varlen_inputs()
-    with pytest.raises(ValueError, match=r"max_seqlen_q \(6\) is smaller than the longest sequence in cu_seqlens_q \(7\)"):
-        check_varlen(q, k, cu_q, cu_k, 6, 6, require_cuda=False)
-    with pytest.raises(TypeError, match="max_seqlen_k must be an int"):
-        check_varlen(q, k, cu_q, cu_k, 7, 6.5, require_cuda=False)
+def test_max_seqlen():
+    q, k, _ = varlen()
+    cu_q, cu_k = cu([0, 3, 3, 10]), cu([0, 5, 6, 12])
+    with pytest.raises(ValueError, match=r"max_seqlen_q \(6\) is smaller than the longest sequence in cu_seqlens_q \(7"):
+        check_varlen(q, k, cu_q, cu_k, 6, 6)
+    with pytest.raises(ValueError, match=r"max_seqlen_k \(5\) is smaller than the longest sequence in cu_seqlens_k \(6"):
+        check_varlen(q, k, cu_q, cu_k, 7, 5)
+    with pytest.raises(TypeError, match="max_seqlen_k must be an int, got float"):
+        check_varlen(q, k, cu_q, cu_k, 7, 6.5)
+    with pytest.raises(ValueError, match="max_seqlen_q must be non-negative, got -1"):
+        check_cu_seqlens(cu([0]), "cu_seqlens_q", 0, -1, "max_seqlen_q")
+    check_varlen(q, k, cu_q, cu_k, torch.tensor(7), 1000)  # larger than needed is fine
 
 
-def test_packed_shapes():
-    with pytest.raises(ValueError, match=r"qkv must have shape \(batch, seqlen, 3, nheads, headdim\)"):
-        flash_attn_t.flash_attn_qkvpacked_func(torch.randn(1, 4, 2, 2, 64, dtype=torch.float16))
-    with pytest.raises(ValueError, match=r"kv must have shape \(batch, seqlen_k, 2, nheads_k, headdim\)"):
-        flash_attn_t.flash_attn_kvpacked_func(torch.randn(1, 4, 2, 64), torch.randn(1, 4, 3, 2, 64))
+# --- the API surface ---------------------------------------------------------------------------
+
+FLASH_ATTN_DEFAULTS = dict(dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                           alibi_slopes=None, deterministic=False, return_attn_probs=False)
 
 
-def test_public_api_matches_flash_attn_signatures():
-    import inspect
+@pytest.mark.parametrize("name,leading,extra", [
+    ("flash_attn_func", ["q", "k", "v"], {}),
+    ("flash_attn_qkvpacked_func", ["qkv"], {}),
+    ("flash_attn_kvpacked_func", ["q", "kv"], {}),
+    ("flash_attn_varlen_func",
+     ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"], dict(block_table=None)),
+    ("flash_attn_varlen_qkvpacked_func", ["qkv", "cu_seqlens", "max_seqlen"], {}),
+    ("flash_attn_varlen_kvpacked_func",
+     ["q", "kv", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"], {}),
+])
+def test_signatures_match_flash_attn(name, leading, extra):
+    params = inspect.signature(getattr(flash_attn_t, name)).parameters
+    expected = {**dict.fromkeys(leading, inspect.Parameter.empty), **FLASH_ATTN_DEFAULTS, **extra}
+    assert {p: params[p].default for p in params} == expected
+    assert list(params) == list(expected)
 
-    sig = inspect.signature(flash_attn_t.flash_attn_func)
-    assert list(sig.parameters) == ["q", "k", "v", "dropout_p", "softmax_scale", "causal", "window_size", "softcap",
-                                    "alibi_slopes", "deterministic", "return_attn_probs"]
-    assert sig.parameters["window_size"].default == (-1, -1) and sig.parameters["causal"].default is False
-    varlen = inspect.signature(flash_attn_t.flash_attn_varlen_func)
-    assert list(varlen.parameters)[:7] == ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
-                                           "max_seqlen_k"]
+
+def test_version():
+    assert flash_attn_t.__version__ == "0.1.0"

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from conftest import assert_close_to_ref, poison_allocator, requires_cuda, requires_extension
+from conftest import GPU, assert_close_to_ref, poison_allocator
 from flash_attn_t import flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func
 from flash_attn_t.reference import attention_reference
 
-pytestmark = [requires_cuda, requires_extension]
+pytestmark = GPU
 
 
 def cu_seqlens(lengths):
@@ -53,23 +53,35 @@ def test_varlen_against_fp64(dtype, head_dim, causal, deterministic, heads, head
 
 def test_varlen_packed_forms_match_unpacked():
     lens = [3, 0, 70, 129]
-    cu = cu_seqlens(lens)
-    qkv = torch.randn(sum(lens), 3, 4, 64, device="cuda", dtype=torch.bfloat16)
-    q, k, v = qkv.unbind(1)
-    expected = flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)
-    assert torch.equal(flash_attn_varlen_qkvpacked_func(qkv, cu, max(lens), causal=True), expected)
-    kv = qkv[:, 1:]
-    assert torch.equal(flash_attn_varlen_kvpacked_func(q, kv, cu, cu, max(lens), max(lens), causal=True), expected)
+    cu, max_len = cu_seqlens(lens), max(lens)
+    qkv = torch.randn(sum(lens), 3, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn(sum(lens), 4, 64, device="cuda", dtype=torch.bfloat16)
+    leaves = [t.detach().requires_grad_() for t in qkv.unbind(1)]
+    expected = flash_attn_varlen_func(*leaves, cu, cu, max_len, max_len, causal=True, deterministic=True)
+    expected_grads = torch.autograd.grad(expected, leaves, dout)
+
+    out = flash_attn_varlen_qkvpacked_func(qkv, cu, max_len, causal=True, deterministic=True)
+    (dqkv,) = torch.autograd.grad(out, qkv, dout)
+    assert torch.equal(out, expected) and torch.equal(dqkv, torch.stack(expected_grads, dim=1))
+
+    q, kv = leaves[0], qkv.detach()[:, 1:].requires_grad_()
+    out = flash_attn_varlen_kvpacked_func(q, kv, cu, cu, max_len, max_len, causal=True, deterministic=True)
+    dq, dkv = torch.autograd.grad(out, (q, kv), dout)
+    assert torch.equal(out, expected) and torch.equal(dq, expected_grads[0])
+    assert torch.equal(dkv, torch.stack(expected_grads[1:], dim=1))
 
 
-def test_varlen_all_empty():
-    q = torch.randn(0, 4, 64, device="cuda", dtype=torch.float16, requires_grad=True)
-    k = torch.randn(0, 4, 64, device="cuda", dtype=torch.float16, requires_grad=True)
-    cu = torch.zeros(3, dtype=torch.int32, device="cuda")
-    out = flash_attn_varlen_func(q, k, k, cu, cu, 0, 0)
-    assert out.shape == (0, 4, 64)
+@pytest.mark.parametrize("total_q,total_k", [(0, 0), (0, 12), (9, 0)])
+def test_varlen_nothing_to_attend(total_q, total_k):
+    q = torch.randn(total_q, 4, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+    k = torch.randn(total_k, 2, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+    cu_q, cu_k = cu_seqlens([0, total_q]), cu_seqlens([total_k, 0])
+    out, lse, _ = flash_attn_varlen_func(q, k, k, cu_q, cu_k, total_q, total_k, causal=True, return_attn_probs=True)
+    assert out.shape == q.shape and lse.shape == (4, total_q)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
     out.sum().backward()
-    assert q.grad.shape == q.shape
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape
+    assert torch.equal(k.grad, torch.zeros_like(k.grad))
 
 
 def test_varlen_bad_cu_seqlens_on_gpu():
@@ -77,5 +89,5 @@ def test_varlen_bad_cu_seqlens_on_gpu():
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device="cuda")
     with pytest.raises(ValueError, match=r"cu_seqlens_q\[-1\] \(9\) must equal the number of tokens"):
         flash_attn_varlen_func(q, q, q, cu, cu, 5, 5)
-    with pytest.raises(ValueError, match="cu_seqlens_q is on cpu"):
+    with pytest.raises(ValueError, match="cu_seqlens_q must be a CUDA tensor, got cpu"):
         flash_attn_varlen_func(q, q, q, cu.cpu(), cu, 5, 5)
