@@ -106,12 +106,16 @@ def test_varlen_rejects_block_table(fake_cuda):
         flash_attn_t.flash_attn_varlen_func(q, k, v, c, c, 10, 10, block_table=torch.zeros(1, 1, dtype=torch.int32))
 
 
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="a fake cuda:1 needs no GPU or two of them")
 def test_mixed_devices(fake_cuda):
     q, k, v = batched(device="cuda")
     with pytest.raises(ValueError, match="v is on cuda:1 but q is on cuda:0: all inputs must be on one device"):
         flash_attn_t.flash_attn_func(q, k, v.to("cuda:1"))
     with pytest.raises(ValueError, match="kv is on cuda:1 but q is on cuda:0"):
         flash_attn_t.flash_attn_kvpacked_func(q, torch.stack([k, v], dim=2).to("cuda:1"))
+
+
+def test_cu_seqlens_on_another_device(fake_cuda):
     qv, kv, vv = varlen(device="cuda")
     with pytest.raises(ValueError, match="cu_seqlens_k must be a CUDA tensor, got cpu"):
         flash_attn_t.flash_attn_varlen_func(qv, kv, vv, cu([0, 10], "cuda"), cu([0, 12]), 10, 12)
