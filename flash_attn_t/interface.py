@@ -148,22 +148,6 @@ def check_packed_shape(t, name, dim, count, layout):
 
 # ---------------------------------------------------------------------------------------------
 # autograd
-#
-# Nothing to compute -- no query (batch 0, seqlen_q 0, total_q 0) or no key (seqlen_k 0, total_k
-# 0) -- is answered here without a kernel: out is zeros, lse +inf (no key), gradients zeros.
-
-
-def _no_work(q, k, seq_dim):
-    return q.numel() == 0 or k.shape[seq_dim] == 0
-
-
-def _empty_forward(q, lse_shape):
-    return torch.zeros(q.shape, dtype=q.dtype, device=q.device), \
-        torch.full(lse_shape, float("inf"), dtype=torch.float32, device=q.device)
-
-
-def _zero_grads(q, k, v):
-    return tuple(torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _last_dim_contiguous(t):
@@ -173,10 +157,7 @@ def _last_dim_contiguous(t):
 class FlashAttnFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, softmax_scale, causal, deterministic):
-        if _no_work(q, k, seq_dim=1):
-            out, lse = _empty_forward(q, (q.shape[0], q.shape[2], q.shape[1]))
-        else:
-            out, lse = torch.ops.flash_attn_t.fwd(q, k, v, softmax_scale, causal)
+        out, lse = torch.ops.flash_attn_t.fwd(q, k, v, softmax_scale, causal)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.softmax_scale, ctx.causal, ctx.deterministic = softmax_scale, causal, deterministic
         ctx.mark_non_differentiable(lse)
@@ -185,11 +166,8 @@ class FlashAttnFunc(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        if _no_work(q, k, seq_dim=1):
-            dq, dk, dv = _zero_grads(q, k, v)
-        else:
-            dq, dk, dv = torch.ops.flash_attn_t.bwd(_last_dim_contiguous(dout), q, k, v, out, lse,
-                                                    ctx.softmax_scale, ctx.causal, ctx.deterministic)
+        dq, dk, dv = torch.ops.flash_attn_t.bwd(_last_dim_contiguous(dout), q, k, v, out, lse,
+                                                ctx.softmax_scale, ctx.causal, ctx.deterministic)
         return dq, dk, dv, None, None, None
 
 
@@ -197,11 +175,8 @@ class FlashAttnVarlenFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                 deterministic):
-        if _no_work(q, k, seq_dim=0):
-            out, lse = _empty_forward(q, (q.shape[1], q.shape[0]))
-        else:
-            out, lse = torch.ops.flash_attn_t.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                         max_seqlen_k, softmax_scale, causal)
+        out, lse = torch.ops.flash_attn_t.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                     max_seqlen_k, softmax_scale, causal)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
         ctx.softmax_scale, ctx.causal, ctx.deterministic = softmax_scale, causal, deterministic
@@ -211,12 +186,9 @@ class FlashAttnVarlenFunc(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        if _no_work(q, k, seq_dim=0):
-            dq, dk, dv = _zero_grads(q, k, v)
-        else:
-            dq, dk, dv = torch.ops.flash_attn_t.varlen_bwd(
-                _last_dim_contiguous(dout), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q,
-                ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal, ctx.deterministic)
+        dq, dk, dv = torch.ops.flash_attn_t.varlen_bwd(
+            _last_dim_contiguous(dout), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q,
+            ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal, ctx.deterministic)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
