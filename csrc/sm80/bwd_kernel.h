@@ -1,7 +1,8 @@
 // sm80 backward. Grid: (key blocks or dq splits, kv heads, batch). A CTA keeps one block of
 // keys with its K, V and dK, dV accumulators, and walks every query block of every q head of its
 // kv group (GQA gradients are summed here, never expanded): recompute P from lse, then
-//   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - D),  dK += dS^T Q,  dQ += dS K (fp32 atomics).
+//   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - D),  dK += dS^T Q,  dQ += dS K (added into fp32
+// dq_accum: per-thread vector reductions on sm80, bulk-copy-engine reductions of whole rows on sm90).
 #pragma once
 #include <cmath>
 
@@ -97,7 +98,17 @@ struct BwdSmem {
     return reinterpret_cast<float*>(ds() + Traits::PTile::kElements) + 2 * stage * Traits::kBlockM;
   }
   __device__ __forceinline__ float* dsum_rows(int stage) const { return lse_rows(stage) + Traits::kBlockM; }
+  // sm90 only: the fp32 dQ block, rows of kDqRowFloats.
+  __device__ __forceinline__ float* dq() const { return lse_rows(0) + 4 * Traits::kBlockM; }
 };
+
+// Whether this compilation pass adds dQ with the bulk copy engine (sm90) or with per-thread
+// vector reductions (sm80).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr bool kBulkDq = true;
+#else
+constexpr bool kBulkDq = false;
+#endif
 
 // One key block: everything between loading K, V and writing dK, dV.
 template <typename Traits, bool Causal>
@@ -182,6 +193,21 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
   // the division and its spilled operands cost ~9% of the kernel's stall samples (ncu).
   const int m_end = m_begin + m_count;
   int head = head_k * group, m = m_begin;
+  // sm90: the dQ block staged by the previous step, added to dq_accum once a barrier has passed.
+  // Threads 0 .. kBlockM - 1 each own one row of it.
+  float* pending_dq = nullptr;
+  int pending_dq_first_row = 0;
+  auto issue_dq = [&]() {
+    if (pending_dq != nullptr && threadIdx.x < kBlockM) {
+      const int row = threadIdx.x;
+      if (pending_dq_first_row + row < seq.len_q) {
+        bulk_reduce_add_f32(pending_dq + row * p.dq_accum_row_stride,
+                            smem_addr(sm.dq() + row * Traits::kDqRowFloats), kHeadDim * 4);
+      }
+      bulk_commit();
+    }
+    pending_dq = nullptr;
+  };
   for (int step = 0; step < steps; ++step) {
     const int stage = step & 1;
     const int first_row = m * kBlockM;
@@ -193,6 +219,7 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
       load_q_do(next_head, next_m, stage ^ 1);
       cp_async_commit();
     }
+    if constexpr (kBulkDq) issue_dq();
     const uint32_t q_a = Frag<QTile>::lane_a(smem_addr(sm.q(stage)), lane);
     const uint32_t do_a = Frag<QTile>::lane_a(smem_addr(sm.dout(stage)), lane);
 
@@ -256,7 +283,11 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
           st_shared_u32(addr + kDsFromP, Ops::pack(dsr[0], dsr[1]));
         }
       }
-    __syncthreads();  // P and dS complete in shared memory
+    // The bulk engine must be done reading the staged dQ block before this step restages it.
+    // (Deterministic mode needs no more: a CTA adds to a dq_accum row once per key block, and
+    // waits for full completion at the end of each key block.)
+    if (kBulkDq && threadIdx.x < kBlockM) bulk_wait_read();
+    __syncthreads();  // P and dS complete in shared memory; the staged dQ block is free again
 
     // ---- dV += P^T dO and dK += dS^T Q
 #pragma unroll
@@ -311,17 +342,39 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
     }
     float* dq_rows = dq_accum + seq.q_offset(p.dq_accum_batch_stride, p.dq_accum_row_stride) +
                      head * p.dq_accum_head_stride + first_row * p.dq_accum_row_stride;
+    if constexpr (kBulkDq) {
+      // Stage the block; the next barrier publishes it and the bulk engine adds it (issue_dq).
 #pragma unroll
-    for (int mt = 0; mt < kQM; ++mt)
+      for (int mt = 0; mt < kQM; ++mt)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = dq_row + mt * 16 + lane / 4 + 8 * r;
-        if (first_row + row >= seq.len_q) continue;
-        float* dst = dq_rows + row * p.dq_accum_row_stride + dq_col + 2 * (lane % 4);
+        for (int r = 0; r < 2; ++r) {
+          float* dst = sm.dq() + (dq_row + mt * 16 + lane / 4 + 8 * r) * Traits::kDqRowFloats + dq_col + 2 * (lane % 4);
 #pragma unroll
-        for (int nt = 0; nt < kQN; ++nt) atomic_add_pair(dst + nt * 8, dq[mt][nt][2 * r], dq[mt][nt][2 * r + 1]);
-      }
+          for (int nt = 0; nt < kQN; ++nt)
+            *reinterpret_cast<float2*>(dst + nt * 8) = make_float2(dq[mt][nt][2 * r], dq[mt][nt][2 * r + 1]);
+        }
+      fence_proxy_async();
+      pending_dq = dq_rows;
+      pending_dq_first_row = first_row;
+    } else {
+#pragma unroll
+      for (int mt = 0; mt < kQM; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = dq_row + mt * 16 + lane / 4 + 8 * r;
+          if (first_row + row >= seq.len_q) continue;
+          float* dst = dq_rows + row * p.dq_accum_row_stride + dq_col + 2 * (lane % 4);
+#pragma unroll
+          for (int nt = 0; nt < kQN; ++nt)
+            atomic_add_pair(dst + nt * 8, dq[mt][nt][2 * r], dq[mt][nt][2 * r + 1]);
+        }
+    }
     head = next_head, m = next_m;
+  }
+  if constexpr (kBulkDq) {
+    __syncthreads();  // the last staged dQ block is complete
+    issue_dq();
+    if (threadIdx.x < kBlockM) bulk_wait_all();  // shared memory is reused or released next
   }
 
   // ---- dK (scaled by softmax_scale, as S was) and dV; keys no query sees get zeros.

@@ -29,8 +29,14 @@ cudaError_t run_bwd_sm80(const BwdParams& p, bool causal, cudaStream_t stream) {
   using Traits = typename sm80::BwdConfig<Element, HeadDim>::Traits;
   static_assert(Traits::kBlockN == kBwdBlockN, "flash_api sizes dq_accum splits with kBwdBlockN");
   auto kernel = causal ? sm80::bwd_kernel<Traits, true> : sm80::bwd_kernel<Traits, false>;
-  constexpr int smem = Traits::kSmemBytes;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  // The sm90 build of the kernel stages dQ in shared memory (sm80::kBulkDq): size it by the
+  // device, which picks that build.
+  int device = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) return err;
+  const int smem = major == 9 ? Traits::kSmemBytesBulkDq : Traits::kSmemBytes;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   // Non-deterministic: one CTA per key block, all adding into one dq_accum. Deterministic: the
   // caller chose dq_accum_split_stride's count of splits and passes it as num_splits.
