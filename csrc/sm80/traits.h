@@ -83,7 +83,7 @@ template <typename Element, int HeadDim>
 struct BwdConfig;
 template <typename Element>
 struct BwdConfig<Element, 64> {
-  using Traits = BwdTraits<Element, 64, 128, 4, 4, 4>;
+  using Traits = BwdTraits<Element, 64, 128, 2, 4, 4>;
 };
 template <typename Element>
 struct BwdConfig<Element, 128> {
