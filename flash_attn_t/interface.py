@@ -14,7 +14,10 @@ import torch
 from . import ops
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-SUPPORTED_HEAD_DIMS = (64, 128)
+KERNEL_HEAD_DIMS = (64, 128)  # the head dims the kernels are compiled for
+# Every multiple of 8 up to 128 is accepted: the others run zero-padded to the next kernel head
+# dim (zeros add nothing to q.k, and the padded output columns are sliced off).
+SUPPORTED_HEAD_DIMS = tuple(range(8, KERNEL_HEAD_DIMS[-1] + 1, 8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,7 +63,8 @@ def check_shapes(q, k, v, *, varlen):
     if k.shape[-1] != head_dim:
         raise ValueError(f"k's head dim ({k.shape[-1]}) must equal q's ({head_dim})")
     if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {head_dim} is not supported: supported head dims are {SUPPORTED_HEAD_DIMS}")
+        raise ValueError(f"head dim {head_dim} is not supported: head dims must be multiples of 8 up to "
+                         f"{KERNEL_HEAD_DIMS[-1]} (kernels for {KERNEL_HEAD_DIMS}, others run zero-padded)")
     heads, heads_k = q.shape[-2], k.shape[-2]
     if heads_k == 0 or heads % heads_k != 0:
         raise ValueError(f"nheads ({heads}) must be a multiple of nheads_k ({heads_k}) (GQA/MQA)")
@@ -150,6 +154,15 @@ def check_packed_shape(t, name, dim, count, layout):
 # autograd
 
 
+def _pad_head_dim(q, k, v):
+    """q, k, v zero-padded along the head dim to the next kernel head dim (unchanged if equal)."""
+    head_dim = q.shape[-1]
+    target = next(d for d in KERNEL_HEAD_DIMS if d >= head_dim)
+    if target == head_dim:
+        return q, k, v
+    return tuple(torch.nn.functional.pad(t, (0, target - head_dim)) for t in (q, k, v))
+
+
 def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -221,8 +234,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     check_unimplemented(dropout_p, window_size, softcap, alibi_slopes)
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
     ops.require_extension()
-    out, lse = FlashAttnFunc.apply(q, k, v, softmax_scale, bool(causal), bool(deterministic))
-    return _result(out, lse, return_attn_probs)
+    head_dim = q.shape[-1]
+    out, lse = FlashAttnFunc.apply(*_pad_head_dim(q, k, v), softmax_scale, bool(causal), bool(deterministic))
+    return _result(out[..., :head_dim], lse, return_attn_probs)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -261,9 +275,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
     check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     ops.require_extension()
-    out, lse = FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                         softmax_scale, bool(causal), bool(deterministic))
-    return _result(out, lse, return_attn_probs)
+    head_dim = q.shape[-1]
+    out, lse = FlashAttnVarlenFunc.apply(*_pad_head_dim(q, k, v), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                                         int(max_seqlen_k), softmax_scale, bool(causal), bool(deterministic))
+    return _result(out[..., :head_dim], lse, return_attn_probs)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,

@@ -82,6 +82,16 @@ def test_forward_backward_against_fp64(sq, sk, causal, dtype, head_dim, heads, h
     check_against_reference(q, k, v, dout, causal)
 
 
+@pytest.mark.parametrize("head_dim", [8, 32, 80, 96, 120])
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dims_run_zero_padded(head_dim, causal):
+    # no kernel for these: q, k, v are zero-padded to 64 / 128 and the output sliced back
+    q, k, v, dout = make_inputs(2, 150, 170, 4, 2, head_dim, torch.bfloat16, seed=head_dim)
+    check_against_reference(q, k, v, dout, causal)
+    out = flash_attn_func(q, k, v, causal=causal)
+    assert out.shape == q.shape
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_large_inputs_stay_finite_and_accurate(dtype, head_dim):
