@@ -179,8 +179,8 @@ void fill_bwd(BwdParams& p, const at::Tensor& dout, const at::Tensor& q, const a
   strides_of(dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
 }
 
-// Shared by the batched and varlen backward, once p holds the tensors: a q-shaped fp32 dq_accum
-// with a leading split dimension (cleared by the dsum pass), the dsum pass, the main kernel,
+// Shared by the batched and varlen backward, once p holds the tensors: an fp32 dq_accum of q's
+// sizes with a leading split dimension (cleared by the dsum pass), the dsum pass, the main kernel,
 // then dq = (sum over splits) * softmax_scale in q's dtype.
 at::Tensor launch_bwd(BwdParams& p, const at::Tensor& q, const at::Tensor& lse, bool causal,
                       bool deterministic) {
@@ -194,9 +194,13 @@ at::Tensor launch_bwd(BwdParams& p, const at::Tensor& q, const at::Tensor& lse, 
     const int max_blocks = std::max(1, (p.seqlen_k + kBwdBlockN - 1) / kBwdBlockN);
     splits = std::max(1, std::min(max_blocks, (2 * sms + ctas - 1) / ctas));
   }
+  // dq_accum: heads before rows (see params.h), viewed in q's dimension order for the strides.
+  const bool varlen = q.dim() == 3;
   std::vector<int64_t> acc_shape{splits};
-  acc_shape.insert(acc_shape.end(), q.sizes().begin(), q.sizes().end());
-  at::Tensor dq_accum = at::empty(acc_shape, q.options().dtype(at::kFloat));
+  if (!varlen) acc_shape.push_back(q.size(0));
+  acc_shape.insert(acc_shape.end(), {q.size(-2), q.size(-3), q.size(-1)});
+  at::Tensor dq_accum = at::empty(acc_shape, q.options().dtype(at::kFloat))
+                            .transpose(varlen ? 1 : 2, varlen ? 2 : 3);
   at::Tensor dsum = at::empty_like(lse);  // laid out like lse
   at::Tensor dq = at::empty(q.sizes(), q.options());
   p.dq_accum = dq_accum.data_ptr<float>();

@@ -34,7 +34,10 @@ struct BwdParams : FwdParams {
   const void* dout;
   void* dk;
   void* dv;
-  float* dq_accum;  // (splits, <q's shape>) fp32, row/head strides below, zero-initialised
+  // fp32, zero-initialised, (splits, batch, heads, seqlen_q, head_dim) or varlen (splits, heads,
+  // total_q, head_dim): the rows of one head are contiguous, so a block of them is one bulk copy.
+  // Columns are stored swizzled (dq_accum_col).
+  float* dq_accum;
   float* dsum;      // rowsum(dout * out), laid out like lse
 
   int64_t dout_batch_stride, dout_row_stride, dout_head_stride;
@@ -48,5 +51,12 @@ struct BwdParams : FwdParams {
   // key blocks in order, so no two CTAs add into the same fp32 slot.
   bool deterministic;
 };
+
+// Where column `col` of a dq_accum row lives: its 16-byte chunk index XOR-ed with 2 (row % 8),
+// so the backward's fp32 dQ staging stores (4 rows x 4 lanes of 8 bytes per half-warp, rows
+// 512 or 256 bytes apart) fall in distinct shared-memory banks while every row stays one
+// contiguous run for the bulk copy to global. Pairs of columns (2 c, 2 c + 1) and 8-aligned runs
+// of 8 stay together. Needs head_dim >= 64 (kernel head dims are 64 and 128).
+__host__ __device__ __forceinline__ constexpr int dq_accum_col(int row, int col) { return col ^ ((row & 7) << 3); }
 
 }  // namespace fat

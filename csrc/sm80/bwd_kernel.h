@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(128) dq_convert_kernel(const __grid_constant__
   const int col = (threadIdx.x % kLanesPerRow) * 8;
   if (row >= seq.len_q) return;
   const float* acc = p.dq_accum + seq.q_offset(p.dq_accum_batch_stride, p.dq_accum_row_stride) +
-                     head * p.dq_accum_head_stride + row * p.dq_accum_row_stride + col;
+                     head * p.dq_accum_head_stride + row * p.dq_accum_row_stride + dq_accum_col(row, col);
   float sum[8] = {};
   for (int split = 0; split < p.num_splits; ++split, acc += p.dq_accum_split_stride) {
     const float4 a = reinterpret_cast<const float4*>(acc)[0], b = reinterpret_cast<const float4*>(acc)[1];
@@ -98,7 +98,7 @@ struct BwdSmem {
     return reinterpret_cast<float*>(ds() + Traits::PTile::kElements) + 2 * stage * Traits::kBlockM;
   }
   __device__ __forceinline__ float* dsum_rows(int stage) const { return lse_rows(stage) + Traits::kBlockM; }
-  // sm90 only: the fp32 dQ block, rows of kDqRowFloats.
+  // sm90 only: the fp32 dQ block, laid out like its rows in dq_accum.
   __device__ __forceinline__ float* dq() const { return lse_rows(0) + 4 * Traits::kBlockM; }
 };
 
@@ -193,17 +193,14 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
   // the division and its spilled operands cost ~9% of the kernel's stall samples (ncu).
   const int m_end = m_begin + m_count;
   int head = head_k * group, m = m_begin;
-  // sm90: the dQ block staged by the previous step, added to dq_accum once a barrier has passed.
-  // Threads 0 .. kBlockM - 1 each own one row of it.
+  // sm90: the dQ block staged by the previous step, added to dq_accum once a barrier has passed,
+  // by thread 0 in one bulk reduction of its valid rows (contiguous in dq_accum). One large copy,
+  // not one per row: 64-128 row copies issued by a few warps held the others at the next barrier.
   float* pending_dq = nullptr;
-  int pending_dq_first_row = 0;
+  int pending_dq_rows = 0;
   auto issue_dq = [&]() {
-    if (pending_dq != nullptr && threadIdx.x < kBlockM) {
-      const int row = threadIdx.x;
-      if (pending_dq_first_row + row < seq.len_q) {
-        bulk_reduce_add_f32(pending_dq + row * p.dq_accum_row_stride,
-                            smem_addr(sm.dq() + row * Traits::kDqRowFloats), kHeadDim * 4);
-      }
+    if (pending_dq != nullptr && threadIdx.x == 0) {
+      bulk_reduce_add_f32(pending_dq, smem_addr(sm.dq()), pending_dq_rows * kHeadDim * 4);
       bulk_commit();
     }
     pending_dq = nullptr;
@@ -286,7 +283,7 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
     // The bulk engine must be done reading the staged dQ block before this step restages it.
     // (Deterministic mode needs no more: a CTA adds to a dq_accum row once per key block, and
     // waits for full completion at the end of each key block.)
-    if (kBulkDq && threadIdx.x < kBlockM) bulk_wait_read();
+    if (kBulkDq && threadIdx.x == 0) bulk_wait_read();
     __syncthreads();  // P and dS complete in shared memory; the staged dQ block is free again
 
     // ---- dV += P^T dO and dK += dS^T Q
@@ -348,14 +345,16 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
       for (int mt = 0; mt < kQM; ++mt)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          float* dst = sm.dq() + (dq_row + mt * 16 + lane / 4 + 8 * r) * Traits::kDqRowFloats + dq_col + 2 * (lane % 4);
+          const int row = dq_row + mt * 16 + lane / 4 + 8 * r;
+          float* dst = sm.dq() + row * kHeadDim;
 #pragma unroll
           for (int nt = 0; nt < kQN; ++nt)
-            *reinterpret_cast<float2*>(dst + nt * 8) = make_float2(dq[mt][nt][2 * r], dq[mt][nt][2 * r + 1]);
+            *reinterpret_cast<float2*>(dst + dq_accum_col(row, dq_col + nt * 8 + 2 * (lane % 4))) =
+                make_float2(dq[mt][nt][2 * r], dq[mt][nt][2 * r + 1]);
         }
       fence_proxy_async();
       pending_dq = dq_rows;
-      pending_dq_first_row = first_row;
+      pending_dq_rows = min(kBlockM, seq.len_q - first_row);
     } else {
 #pragma unroll
       for (int mt = 0; mt < kQM; ++mt)
@@ -363,10 +362,11 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
         for (int r = 0; r < 2; ++r) {
           const int row = dq_row + mt * 16 + lane / 4 + 8 * r;
           if (first_row + row >= seq.len_q) continue;
-          float* dst = dq_rows + row * p.dq_accum_row_stride + dq_col + 2 * (lane % 4);
+          float* dst = dq_rows + row * p.dq_accum_row_stride;
 #pragma unroll
           for (int nt = 0; nt < kQN; ++nt)
-            atomic_add_pair(dst + nt * 8, dq[mt][nt][2 * r], dq[mt][nt][2 * r + 1]);
+            atomic_add_pair(dst + dq_accum_col(row, dq_col + nt * 8 + 2 * (lane % 4)), dq[mt][nt][2 * r],
+                            dq[mt][nt][2 * r + 1]);
         }
     }
     head = next_head, m = next_m;
@@ -374,7 +374,7 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
   if constexpr (kBulkDq) {
     __syncthreads();  // the last staged dQ block is complete
     issue_dq();
-    if (threadIdx.x < kBlockM) bulk_wait_all();  // shared memory is reused or released next
+    if (threadIdx.x == 0) bulk_wait_all();  // shared memory is reused or released next
   }
 
   // ---- dK (scaled by softmax_scale, as S was) and dV; keys no query sees get zeros.

@@ -72,11 +72,9 @@ struct BwdTraits {
   using PTile = SmemTile<kBlockM, kBlockN>;    // P and dS
   static constexpr int kRowStatsBytes = 2 * 2 * kBlockM * 4;  // lse and D per row, two stages
   static constexpr int kSmemBytes = 2 * KVTile::kBytes + 4 * QTile::kBytes + 2 * PTile::kBytes + kRowStatsBytes;
-  // sm90: the dQ block (fp32) is staged in shared memory and added to dq_accum by the bulk copy
-  // engine, one reduction per row. Rows padded by 8 floats: a half-warp's 8-byte stores of
-  // accumulator pairs (4 rows x 4 lanes) then fall in distinct banks.
-  static constexpr int kDqRowFloats = kHeadDim + 8;
-  static constexpr int kSmemBytesBulkDq = kSmemBytes + kBlockM * kDqRowFloats * 4;
+  // sm90: the dQ block (fp32) is staged in shared memory exactly as its rows lie in dq_accum
+  // (contiguous, columns swizzled by dq_accum_col) and added by one bulk reduction.
+  static constexpr int kSmemBytesBulkDq = kSmemBytes + kBlockM * kHeadDim * 4;
 };
 
 template <typename Element, int HeadDim>
