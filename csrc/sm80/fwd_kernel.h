@@ -45,20 +45,29 @@ __device__ __forceinline__ void qk_scores(float (&s)[Traits::kMTiles][Traits::kS
     for (int nt = 0; nt < Traits::kSTiles; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) s[mt][nt][i] = 0.f;
+  // With Traits::kPrefetch the ldmatrix of the next K fragment (and at the end of a k16 slice,
+  // of the next Q fragments) is issued before the MMAs of the current one, so the MMAs do not
+  // wait on the load right before them (ncu, hd128: short-scoreboard stalls 2.5x FA2's).
+  constexpr int kPairs = Traits::kSTiles / 2, kSteps = Traits::kHeadDim / 16 * kPairs;
+  uint32_t a[2][Traits::kMTiles][4], b[2][4];
+  auto load_step = [&](int i) {
+    const int kk = i / kPairs, np = i % kPairs;
+    if (np == 0)
 #pragma unroll
-  for (int kk = 0; kk < Traits::kHeadDim; kk += 16) {
-    uint32_t a[Traits::kMTiles][4];
+      for (int mt = 0; mt < Traits::kMTiles; ++mt)
+        ldmatrix_x4(a[kk % 2][mt], Frag<QTile>::at(q_a, warp_row + mt * 16, kk * 16));
+    ldmatrix_x4(b[i % 2], Frag<KVTile>::at(k_b, np * 16, kk * 16));
+  };
+  if (Traits::kPrefetch) load_step(0);
 #pragma unroll
-    for (int mt = 0; mt < Traits::kMTiles; ++mt) ldmatrix_x4(a[mt], Frag<QTile>::at(q_a, warp_row + mt * 16, kk));
+  for (int i = 0; i < kSteps; ++i) {
+    if (!Traits::kPrefetch) load_step(i);
+    else if (i + 1 < kSteps) load_step(i + 1);
+    const int kk = i / kPairs, np = i % kPairs;
 #pragma unroll
-    for (int np = 0; np < Traits::kSTiles / 2; ++np) {
-      uint32_t b[4];
-      ldmatrix_x4(b, Frag<KVTile>::at(k_b, np * 16, kk));
-#pragma unroll
-      for (int mt = 0; mt < Traits::kMTiles; ++mt) {
-        Ops::mma(s[mt][2 * np], a[mt], b[0], b[1]);
-        Ops::mma(s[mt][2 * np + 1], a[mt], b[2], b[3]);
-      }
+    for (int mt = 0; mt < Traits::kMTiles; ++mt) {
+      Ops::mma(s[mt][2 * np], a[kk % 2][mt], b[i % 2][0], b[i % 2][1]);
+      Ops::mma(s[mt][2 * np + 1], a[kk % 2][mt], b[i % 2][2], b[i % 2][3]);
     }
   }
 }
@@ -83,14 +92,19 @@ __device__ __forceinline__ void pv_accumulate(float (&o)[Traits::kMTiles][Traits
       a[mt][3] = Ops::pack(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
       softmax.template accumulate_row_sum<Element>(mt, a[mt]);
     }
+    // V fragments one ahead with Traits::kPrefetch, as in qk_scores.
+    constexpr int kPairs = Traits::kOTiles / 2;
+    uint32_t b[2][4];
+    auto load_step = [&](int dp) { ldmatrix_x4_trans(b[dp % 2], Frag<KVTile>::at(v_a, kk * 16, dp * 16)); };
+    if (Traits::kPrefetch) load_step(0);
 #pragma unroll
-    for (int dp = 0; dp < Traits::kOTiles / 2; ++dp) {
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, Frag<KVTile>::at(v_a, kk * 16, dp * 16));
+    for (int dp = 0; dp < kPairs; ++dp) {
+      if (!Traits::kPrefetch) load_step(dp);
+      else if (dp + 1 < kPairs) load_step(dp + 1);
 #pragma unroll
       for (int mt = 0; mt < Traits::kMTiles; ++mt) {
-        Ops::mma(o[mt][2 * dp], a[mt], b[0], b[1]);
-        Ops::mma(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+        Ops::mma(o[mt][2 * dp], a[mt], b[dp % 2][0], b[dp % 2][1]);
+        Ops::mma(o[mt][2 * dp + 1], a[mt], b[dp % 2][2], b[dp % 2][3]);
       }
     }
   }

@@ -7,8 +7,9 @@ namespace fat::sm80 {
 // Forward: a CTA owns BlockM query rows; each of its Warps owns BlockM / Warps of them (whole
 // rows, so the softmax needs only quad shuffles) and walks the keys BlockN at a time.
 // Q stays in shared memory; one K and one V buffer: the V load overlaps Q K^T, the next K load
-// overlaps the softmax and P V.
-template <typename Element_, int HeadDim_, int BlockM_, int BlockN_, int Warps_, bool TensorRowSum_>
+// overlaps the softmax and P V. Prefetch: issue each GEMM's next B fragment load (ldmatrix)
+// before the current fragment's MMAs.
+template <typename Element_, int HeadDim_, int BlockM_, int BlockN_, int Warps_, bool Prefetch_, bool TensorRowSum_>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = HeadDim_;
@@ -17,6 +18,7 @@ struct FwdTraits {
   static constexpr int kWarps = Warps_;
   static constexpr int kThreads = Warps_ * 32;
   static constexpr bool kTensorRowSum = TensorRowSum_;
+  static constexpr bool kPrefetch = Prefetch_;
 
   static constexpr int kRowsPerWarp = kBlockM / kWarps;
   static constexpr int kMTiles = kRowsPerWarp / 16;  // m16 tiles per warp
@@ -29,16 +31,17 @@ struct FwdTraits {
   static constexpr int kSmemBytes = QTile::kBytes + 2 * KVTile::kBytes;
 };
 
-// Per head dim: measured choices (benchmarks/NOTES.md).
+// Per head dim: measured choices (benchmarks/NOTES.md). Prefetch wins 1-4% at hd128 and loses
+// 1-5% at hd64 (same run).
 template <typename Element, int HeadDim, bool TensorRowSum>
 struct FwdConfig;
 template <typename Element, bool TensorRowSum>
 struct FwdConfig<Element, 64, TensorRowSum> {
-  using Traits = FwdTraits<Element, 64, 128, 128, 4, TensorRowSum>;
+  using Traits = FwdTraits<Element, 64, 128, 128, 4, false, TensorRowSum>;
 };
 template <typename Element, bool TensorRowSum>
 struct FwdConfig<Element, 128, TensorRowSum> {
-  using Traits = FwdTraits<Element, 128, 128, 64, 4, TensorRowSum>;
+  using Traits = FwdTraits<Element, 128, 128, 64, 4, true, TensorRowSum>;
 };
 
 // Backward: a CTA owns BlockN keys (K, V and the dK, dV accumulators stay put) and walks the
