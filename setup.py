@@ -40,6 +40,8 @@ def gencode_flags(arch_list):
 
 
 arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+# The sm90 (TMA + wgmma) forward needs the sm_90a target; without it Hopper runs the sm80 kernels.
+sm90_flags = ["-DFAT_SM90"] if "9.0a" in arch_list else []
 nvcc_flags = [
     "-O3",
     "-std=c++17",
@@ -49,6 +51,7 @@ nvcc_flags = [
     f"--threads={os.environ.get('NVCC_THREADS', '2')}",
     *gencode_flags(arch_list),
     f"-DFAT_TENSOR_ROW_SUM={int(os.environ.get('FLASH_ATTN_T_TENSOR_ROW_SUM', '1'))}",
+    *sm90_flags,
 ]
 
 setup(
@@ -60,7 +63,7 @@ setup(
         CUDAExtension(
             name="flash_attn_t._C",
             sources=kernel_sources(),
-            extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": ["-O3", "-std=c++20", *sm90_flags], "nvcc": nvcc_flags},
             py_limited_api=False,
         )
     ],

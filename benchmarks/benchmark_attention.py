@@ -100,8 +100,26 @@ def sdpa_callables(backend, q, k, v, causal):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
 
 
+def forcing_sm80(callables):
+    """The same calls with FLASH_ATTN_T_FORCE_SM80=1 set around each: our sm80 kernels on Hopper,
+    to compare them with the sm90 ones in one run (the backward is the sm80 kernel either way)."""
+
+    def forced(fn):
+        def run():
+            os.environ["FLASH_ATTN_T_FORCE_SM80"] = "1"
+            try:
+                fn()
+            finally:
+                del os.environ["FLASH_ATTN_T_FORCE_SM80"]
+
+        return run
+
+    return {name: forced(fn) for name, fn in callables.items()}
+
+
 BACKENDS = {
     "flash_attn_t": flash_attn_t_callables,
+    "flash_attn_t_sm80": lambda q, k, v, c: forcing_sm80(flash_attn_t_callables(q, k, v, c)),
     "sdpa_flash": lambda q, k, v, c: sdpa_callables(SDPBackend.FLASH_ATTENTION, q, k, v, c),
     "sdpa_cudnn": lambda q, k, v, c: sdpa_callables(SDPBackend.CUDNN_ATTENTION, q, k, v, c),
 }
@@ -141,17 +159,20 @@ def print_table(rows, passes):
     """One line per cell: our TFLOP/s, each peer's, and the ratio to the best peer."""
     cells = sorted({(r["hdim"], r["causal"], r["seqlen"]) for r in rows})
     lookup = {(r["backend"], r["hdim"], r["causal"], r["seqlen"], r["pass_"]): r["tflops"] for r in rows}
-    header = f"{'hdim':>4} {'causal':>6} {'seqlen':>6} {'pass':>8} {'ours':>7} {'flash':>7} {'cudnn':>7} {'vs best':>8}"
+    header = (f"{'hdim':>4} {'causal':>6} {'seqlen':>6} {'pass':>8} {'ours':>7} {'sm80':>7} {'flash':>7} "
+              f"{'cudnn':>7} {'vs best':>8}")
     print(header)
     print("-" * len(header))
     for hdim, causal, seqlen in cells:
         for pass_name in passes:
             ours = lookup.get(("flash_attn_t", hdim, causal, seqlen, pass_name))
+            ours_sm80 = lookup.get(("flash_attn_t_sm80", hdim, causal, seqlen, pass_name))
             peers = [lookup.get((p, hdim, causal, seqlen, pass_name)) for p in PEERS]
             best = max((p for p in peers if p), default=None)
             fmt = lambda x: f"{x:7.1f}" if x else f"{'-':>7}"
             ratio = f"{ours / best:7.2f}x" if ours and best else f"{'-':>8}"
-            print(f"{hdim:>4} {causal:>6} {seqlen:>6} {pass_name:>8} {fmt(ours)} {fmt(peers[0])} {fmt(peers[1])} {ratio}")
+            print(f"{hdim:>4} {causal:>6} {seqlen:>6} {pass_name:>8} {fmt(ours)} {fmt(ours_sm80)} {fmt(peers[0])} "
+                  f"{fmt(peers[1])} {ratio}")
 
 
 def write_csv(rows, path):

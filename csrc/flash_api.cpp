@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -80,6 +82,8 @@ void fill_fwd(FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::
   p.heads = static_cast<int>(q.size(-2));
   p.heads_k = static_cast<int>(k.size(-2));
   p.head_dim = static_cast<int>(q.size(-1));
+  p.rows_q = static_cast<int>(q.size(-3));
+  p.rows_k = static_cast<int>(k.size(-3));
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
   p.cu_seqlens_q = p.cu_seqlens_k = nullptr;
@@ -116,12 +120,33 @@ cudaError_t dispatch(at::ScalarType dtype, int head_dim, F&& f) {
   return dtype == at::kBFloat16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});
 }
 
+// The forward kernels for this GPU: the sm90 ones (TMA + wgmma) on Hopper when the build has
+// sm_90a, unless FLASH_ATTN_T_FORCE_SM80=1 asks for the portable sm80 ones (to compare the two).
+bool use_sm90_forward() {
+#ifdef FAT_SM90
+  const char* force = std::getenv("FLASH_ATTN_T_FORCE_SM80");
+  if (force != nullptr && std::string(force) == "1") return false;
+  int device = 0, major = 0;  // the current device is q's (callers hold a device guard)
+  TORCH_CHECK(cudaGetDevice(&device) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess,
+              "flash_attn_t: cannot query the GPU's compute capability");
+  return major == 9;
+#else
+  return false;
+#endif
+}
+
 void launch_fwd(const FwdParams& p, at::ScalarType dtype, bool causal) {
   if (p.batch == 0 || p.seqlen_q == 0) return;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // A TMA map cannot describe a tensor without rows: those (all-empty) cases take the sm80 kernels.
+  const bool sm90 = use_sm90_forward() && p.rows_q > 0 && p.rows_k > 0;
   check_launch(dispatch(dtype, p.head_dim,
                         [&](auto element, auto dim) {
-                          return run_fwd_sm80<decltype(element), decltype(dim)::value>(p, causal, stream);
+                          using Element = decltype(element);
+                          constexpr int kDim = decltype(dim)::value;
+                          return sm90 ? run_fwd_sm90<Element, kDim>(p, causal, stream)
+                                      : run_fwd_sm80<Element, kDim>(p, causal, stream);
                         }),
                "forward");
 }

@@ -12,6 +12,10 @@ namespace fat {
 template <typename Element, int HeadDim>
 cudaError_t run_fwd_sm80(const FwdParams& params, bool causal, cudaStream_t stream);
 
+// Hopper (sm_90a build only): TMA + wgmma, warp-specialized.
+template <typename Element, int HeadDim>
+cudaError_t run_fwd_sm90(const FwdParams& params, bool causal, cudaStream_t stream);
+
 template <typename Element, int HeadDim>
 cudaError_t run_bwd_sm80(const BwdParams& params, bool causal, cudaStream_t stream);
 

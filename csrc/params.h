@@ -21,6 +21,7 @@ struct FwdParams {
 
   int batch, heads, heads_k, head_dim;
   int seqlen_q, seqlen_k;  // per sequence when batched; the maxima when varlen
+  int rows_q, rows_k;      // rows of the q / k tensors: seqlen when batched, total tokens when varlen
 
   const int* cu_seqlens_q;  // null when batched
   const int* cu_seqlens_k;

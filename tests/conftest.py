@@ -11,6 +11,27 @@ requires_extension = pytest.mark.skipif(
 GPU = [pytest.mark.gpu, requires_cuda, requires_extension]
 
 
+def is_hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.fixture(params=["default", "sm80"])
+def forward_kernels(request, monkeypatch):
+    """Runs a test through each forward kernel family of this GPU: the default one (sm90 on
+    Hopper) and, on Hopper, the sm80 kernels forced with FLASH_ATTN_T_FORCE_SM80=1."""
+    if request.param == "sm80":
+        if not is_hopper():
+            pytest.skip("the sm80 kernels are already the default on this GPU")
+        monkeypatch.setenv("FLASH_ATTN_T_FORCE_SM80", "1")
+    else:
+        monkeypatch.delenv("FLASH_ATTN_T_FORCE_SM80", raising=False)
+    return request.param
+
+
+# for a GPU test module whose forwards must pass through every forward kernel family
+GPU_EACH_FORWARD = [*GPU, pytest.mark.usefixtures("forward_kernels")]
+
+
 def poison_allocator(nbytes=256 * 1024 * 1024):
     """Fill memory the caching allocator will hand out next with NaN, so an output element the
     kernels never write shows up as NaN instead of a lucky zero."""

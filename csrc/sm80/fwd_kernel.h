@@ -4,6 +4,7 @@
 #pragma once
 #include <cmath>
 
+#include "../common/mask.h"
 #include "../common/ptx.h"
 #include "../common/seq_info.h"
 #include "../common/smem_tile.h"
@@ -11,26 +12,6 @@
 #include "../params.h"
 
 namespace fat::sm80 {
-
-// Sets masked scores of a warp's tile to -inf: keys past the sequence end, and under causal
-// keys right of the (bottom-right aligned) diagonal.
-template <typename Traits, bool Causal>
-__device__ __forceinline__ void mask_scores(float (&s)[Traits::kMTiles][Traits::kSTiles][4],
-                                            int first_row, int first_col, int len_k, int shift) {
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int mt = 0; mt < Traits::kMTiles; ++mt)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = first_row + mt * 16 + lane / 4 + 8 * r;
-      const int col_limit = Causal ? min(len_k, row + shift + 1) : len_k;
-#pragma unroll
-      for (int nt = 0; nt < Traits::kSTiles; ++nt)
-#pragma unroll
-        for (int c = 0; c < 2; ++c)
-          if (first_col + nt * 8 + 2 * (lane % 4) + c >= col_limit) s[mt][nt][2 * r + c] = -INFINITY;
-    }
-}
 
 // S = Q K^T for this warp's rows and the block's keys.
 template <typename Traits>
@@ -186,7 +167,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     const bool needs_mask =
         first_col + kBlockN > seq.len_k || (Causal && first_col + kBlockN - 1 > first_row + shift);
     if (needs_mask)
-      mask_scores<Traits, Causal>(s, first_row + warp_row, first_col, seq.len_k, shift);
+      mask_scores<Causal>(s, first_row + warp_row, first_col, seq.len_k, shift);
 
     cp_async_wait<0>();
     __syncthreads();  // V[n] visible to all; every warp is done with K[n]

@@ -1,0 +1,2 @@
+#include "../sm90/fwd_launch.h"
+template cudaError_t fat::run_fwd_sm90<__half, 128>(const FwdParams&, bool, cudaStream_t);

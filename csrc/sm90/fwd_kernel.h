@@ -1,0 +1,234 @@
+// sm90 forward: TMA loads into a shared-memory ring completed on mbarriers, wgmma, warp
+// specialization. Grid: (query blocks, heads, batch), the longest causal blocks first.
+//   producer warpgroup: one thread loads Q once, then K and V of each key block (last to first,
+//                       so the blocks that need masking come first) into the ring;
+//   consumer warpgroups: 64 query rows each; S = Q K^T (both from shared memory), online softmax
+//                       in registers, O += P V (P from registers, V from shared memory), and the
+//                       row sum l = P x ones as one more wgmma beside it (FA-T's tensorized sum).
+#pragma once
+#include <cuda.h>
+
+#include <cmath>
+
+#include "../common/mask.h"
+#include "../common/seq_info.h"
+#include "../common/sm90_ptx.h"
+#include "../common/softmax.h"
+#include "../params.h"
+
+namespace fat::sm90 {
+
+// The shared-memory carve-up of traits.h, from a base aligned up to 1024 bytes.
+template <typename Traits>
+struct FwdSmem {
+  using Element = typename Traits::Element;
+  char* base;
+  __device__ __forceinline__ explicit FwdSmem(char* raw)
+      : base(raw + ((1024 - (smem_addr(raw) & 1023)) & 1023)) {}
+  __device__ __forceinline__ Element* q() const { return reinterpret_cast<Element*>(base + Traits::kQOffset); }
+  __device__ __forceinline__ Element* k(int stage) const {
+    return reinterpret_cast<Element*>(base + Traits::kKOffset + stage * Traits::kKVBytes);
+  }
+  __device__ __forceinline__ Element* v(int stage) const {
+    return reinterpret_cast<Element*>(base + Traits::kVOffset + stage * Traits::kKVBytes);
+  }
+  __device__ __forceinline__ uint32_t* ones() const { return reinterpret_cast<uint32_t*>(base + Traits::kOnesOffset); }
+  __device__ __forceinline__ uint64_t* barriers() const {
+    return reinterpret_cast<uint64_t*>(base + Traits::kBarrierOffset);
+  }
+  __device__ __forceinline__ uint64_t* q_full() const { return barriers(); }
+  __device__ __forceinline__ uint64_t* k_full(int stage) const { return barriers() + 1 + stage; }
+  __device__ __forceinline__ uint64_t* v_full(int stage) const { return barriers() + 1 + Traits::kStages + stage; }
+  __device__ __forceinline__ uint64_t* kv_empty(int stage) const {
+    return barriers() + 1 + 2 * Traits::kStages + stage;
+  }
+};
+
+// Which query block of which sequence this CTA owns, and the key blocks it visits.
+template <typename Traits, bool Causal>
+struct FwdBlock {
+  SeqInfo seq;
+  int m_block, head, first_row, n_end;
+  __device__ __forceinline__ FwdBlock(const FwdParams& p) : seq(p, blockIdx.z) {
+    // Under causal the last query blocks see the most keys: launch them first.
+    m_block = Causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    head = blockIdx.y;
+    first_row = m_block * Traits::kBlockM;
+    n_end = ceil_div(seq.len_k, Traits::kBlockN);
+    if (Causal) n_end = min(n_end, max(0, ceil_div(first_row + Traits::kBlockM + seq.causal_shift(), Traits::kBlockN)));
+  }
+  __device__ __forceinline__ bool empty() const { return first_row >= seq.len_q; }
+  // TMA coordinates of a tensor's row `row` of this sequence: (row, batch) in the 4-d maps.
+  __device__ __forceinline__ int q_row(int row) const { return static_cast<int>(seq.first_q) + row; }
+  __device__ __forceinline__ int k_row(int row) const { return static_cast<int>(seq.first_k) + row; }
+  __device__ __forceinline__ int batch_coord() const { return seq.varlen ? 0 : seq.batch; }
+};
+
+// ---- producer: one thread keeps the ring full.
+template <typename Traits, bool Causal>
+__device__ __forceinline__ void produce(const FwdBlock<Traits, Causal>& blk, const FwdParams& p,
+                                        const CUtensorMap* tma_q, const CUtensorMap* tma_k, const CUtensorMap* tma_v,
+                                        const FwdSmem<Traits>& sm) {
+  constexpr int kSlabElems = 64;
+  const int head_k = blk.head / (p.heads / p.heads_k), b = blk.batch_coord();
+  mbar_arrive_expect_tx(sm.q_full(), Traits::kQBytes);
+#pragma unroll
+  for (int slab = 0; slab < Traits::kSlabs; ++slab)
+    tma_load_4d(sm.q() + slab * Traits::kBlockM * kSlabElems, tma_q, sm.q_full(), slab * kSlabElems,
+                blk.q_row(blk.first_row), blk.head, b);
+  for (int i = 0; i < blk.n_end; ++i) {
+    const int n = blk.n_end - 1 - i, stage = i % Traits::kStages, use = i / Traits::kStages;
+    if (use > 0) mbar_wait(sm.kv_empty(stage), (use - 1) & 1);  // consumers done with its last use
+    const int row = blk.k_row(n * Traits::kBlockN);
+    mbar_arrive_expect_tx(sm.k_full(stage), Traits::kKVBytes);
+#pragma unroll
+    for (int slab = 0; slab < Traits::kSlabs; ++slab)
+      tma_load_4d(sm.k(stage) + slab * Traits::kBlockN * kSlabElems, tma_k, sm.k_full(stage), slab * kSlabElems, row,
+                  head_k, b);
+    mbar_arrive_expect_tx(sm.v_full(stage), Traits::kKVBytes);
+#pragma unroll
+    for (int slab = 0; slab < Traits::kSlabs; ++slab)
+      tma_load_4d(sm.v(stage) + slab * Traits::kBlockN * kSlabElems, tma_v, sm.v_full(stage), slab * kSlabElems, row,
+                  head_k, b);
+  }
+}
+
+// ---- wgmma operand descriptors
+// Q rows [row0, row0 + 64) or all K rows, head-dim columns [16 kk, 16 kk + 16): K-major with
+// 128-byte swizzle, 8-row groups 1024 bytes apart; a k16 step is 32 bytes inside a slab.
+template <typename Traits>
+__device__ __forceinline__ uint64_t kmajor_desc(const void* tile, int tile_rows, int row0, int kk) {
+  const uint32_t addr = smem_addr(tile) + (kk / 4) * tile_rows * Traits::kSlabRowBytes +
+                        row0 * Traits::kSlabRowBytes + (kk % 4) * 32;
+  return smem_desc(addr, 16, 1024, true);
+}
+// V rows [16 kk, 16 kk + 16) (the reduction dim of P V), all head-dim columns: N-major, the
+// next 64 columns one slab (BlockN x 128 bytes) further, the next 8 rows 1024 bytes further.
+template <typename Traits>
+__device__ __forceinline__ uint64_t v_desc(const void* tile, int kk) {
+  const uint32_t addr = smem_addr(tile) + kk * 16 * Traits::kSlabRowBytes;
+  return smem_desc(addr, Traits::kBlockN * Traits::kSlabRowBytes, 1024, true);
+}
+
+// ---- consumer: one warpgroup, 64 query rows.
+template <typename Traits, bool Causal>
+__device__ __forceinline__ void consume(const FwdBlock<Traits, Causal>& blk, const FwdParams& p,
+                                        const FwdSmem<Traits>& sm, int warpgroup) {
+  using Element = typename Traits::Element;
+  using Ops = ElementOps<Element>;
+  constexpr int kSTiles = Traits::kSTiles, kOTiles = Traits::kOTiles;
+  const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+  const int wg_row = warpgroup * 64;                     // first row of this warpgroup in the block
+  const int warp_first_row = blk.first_row + wg_row + warp * 16;  // in the sequence
+  const int shift = blk.seq.causal_shift();
+  const uint64_t ones = smem_desc(smem_addr(sm.ones()), 128, 128, false);
+
+  float o[1][kOTiles][4];
+#pragma unroll
+  for (int ot = 0; ot < kOTiles; ++ot)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[0][ot][i] = 0.f;
+  OnlineSoftmax<1, Traits::kTensorRowSum> softmax;
+
+  if (blk.n_end > 0) mbar_wait(sm.q_full(), 0);
+  for (int i = 0; i < blk.n_end; ++i) {
+    const int n = blk.n_end - 1 - i, stage = i % Traits::kStages, parity = (i / Traits::kStages) & 1;
+    const int first_col = n * Traits::kBlockN;
+
+    // S = Q K^T
+    float s[1][kSTiles][4];
+    mbar_wait(sm.k_full(stage), parity);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < Traits::kHeadDim / 16; ++kk)
+      wgmma_ss<Element, Traits::kBlockN>(s[0], kmajor_desc<Traits>(sm.q(), Traits::kBlockM, wg_row, kk),
+                                         kmajor_desc<Traits>(sm.k(stage), Traits::kBlockN, 0, kk), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operand(s[0]);
+
+    const bool needs_mask = first_col + Traits::kBlockN > blk.seq.len_k ||
+                            (Causal && first_col + Traits::kBlockN - 1 > blk.first_row + wg_row + shift);
+    if (needs_mask) mask_scores<Causal>(s, warp_first_row, first_col, blk.seq.len_k, shift);
+    softmax.step(s, o, p.scale_log2);
+
+    // O += P V, and l += P x ones
+    // P is packed into A fragments (the m16n8k16 layout) before the first wgmma: registers
+    // written between wgmmas of one batch make ptxas serialise them (warning C7519).
+    uint32_t a[Traits::kBlockN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < Traits::kBlockN / 16; ++kk) {
+      a[kk][0] = Ops::pack(s[0][2 * kk][0], s[0][2 * kk][1]);
+      a[kk][1] = Ops::pack(s[0][2 * kk][2], s[0][2 * kk][3]);
+      a[kk][2] = Ops::pack(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+      a[kk][3] = Ops::pack(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+    }
+    mbar_wait(sm.v_full(stage), parity);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < Traits::kBlockN / 16; ++kk) {
+      wgmma_rs<Element, Traits::kHeadDim>(o[0], a[kk], v_desc<Traits>(sm.v(stage), kk), 1);
+      if constexpr (Traits::kTensorRowSum) wgmma_rs<Element, 8>(softmax.sum_acc, a[kk], ones, 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operand(o[0]);
+    if constexpr (Traits::kTensorRowSum) fence_operand(softmax.sum_acc);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(sm.kv_empty(stage));  // this warp no longer reads K, V of the stage
+  }
+
+  // ---- epilogue: O / l and lse straight from registers
+  float row_lse[1][2];
+  softmax.finalize(o, p.scale_log2, row_lse);
+  Element* out = static_cast<Element*>(p.out) + blk.seq.q_offset(p.out_batch_stride, p.out_row_stride) +
+                 blk.head * p.out_head_stride;
+  float* lse = p.lse + blk.seq.lse_offset(p, blk.head);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp_first_row + lane / 4 + 8 * r;
+    if (row >= blk.seq.len_q) continue;
+#pragma unroll
+    for (int ot = 0; ot < kOTiles; ++ot)
+      *reinterpret_cast<uint32_t*>(out + row * p.out_row_stride + ot * 8 + 2 * (lane % 4)) =
+          Ops::pack(o[0][ot][2 * r], o[0][ot][2 * r + 1]);
+    if (lane % 4 == 0) lse[row] = row_lse[0][r];
+  }
+}
+
+template <typename Traits, bool Causal>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    fwd_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ CUtensorMap tma_q,
+               const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v) {
+#ifdef FAT_SM90_DEVICE
+  extern __shared__ char smem_raw[];
+  const FwdSmem<Traits> sm(smem_raw);
+  const FwdBlock<Traits, Causal> blk(p);
+  if (blk.empty()) return;
+
+  if (threadIdx.x == 0) {
+    mbar_init(sm.q_full(), 1);
+    for (int s = 0; s < Traits::kStages; ++s) {
+      mbar_init(sm.k_full(s), 1);
+      mbar_init(sm.v_full(s), 1);
+      mbar_init(sm.kv_empty(s), 4 * Traits::kConsumerWarpgroups);  // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  static_assert(Traits::kOnesBytes / 4 <= Traits::kThreads, "one word of ones per thread");
+  if (threadIdx.x < Traits::kOnesBytes / 4) sm.ones()[threadIdx.x] = ElementOps<typename Traits::Element>::kOnePair;
+  fence_proxy_async();  // the ones are written by plain stores and read by wgmma (async proxy)
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    regs_decrease<Traits::kProducerRegisters>();
+    if (threadIdx.x == 0 && blk.n_end > 0) produce(blk, p, &tma_q, &tma_k, &tma_v, sm);
+  } else {
+    regs_increase<Traits::kConsumerRegisters>();
+    consume(blk, p, sm, warpgroup - 1);
+  }
+#endif
+}
+
+}  // namespace fat::sm90

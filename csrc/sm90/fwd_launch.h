@@ -1,0 +1,94 @@
+// Launch template of the sm90 forward: the TMA tensor maps, built on the host for each call and
+// passed by value, then the kernel. One instantiation file per (dtype, head dim) includes it.
+#pragma once
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <type_traits>
+
+#include "../launch.h"
+#include "fwd_kernel.h"
+#include "traits.h"
+
+#ifndef FAT_TENSOR_ROW_SUM
+#define FAT_TENSOR_ROW_SUM 1
+#endif
+
+namespace fat::sm90 {
+
+// cuTensorMapEncodeTiled from the driver, looked up once through the runtime (no -lcuda).
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      fn = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// A 4-d map over (head dim, rows, heads, batch) of a (batch, seq, heads, dim) tensor, or of a
+// varlen (total, heads, dim) one with batch 1. Boxes of 64 columns (one 128-byte swizzle atom)
+// x box_rows rows; rows past the tensor's end read as zeros.
+template <typename Element>
+cudaError_t make_tensor_map(CUtensorMap* map, const void* data, int head_dim, int rows, int heads, int batch,
+                            int64_t row_stride, int64_t head_stride, int64_t batch_stride, int box_rows) {
+  auto encode = tensor_map_encoder();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  constexpr auto dtype =
+      std::is_same_v<Element, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(rows),
+                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
+  // A dim of extent 1 may carry any stride (and the caller's checks allow that); TMA wants every
+  // stride a positive multiple of 16 bytes, which it never uses for such a dim.
+  auto stride_bytes = [](int extent, int64_t stride) {
+    return static_cast<cuuint64_t>(extent <= 1 ? 128 : stride * static_cast<int64_t>(sizeof(Element)));
+  };
+  const cuuint64_t strides[3] = {stride_bytes(rows, row_stride), stride_bytes(heads, head_stride),
+                                 stride_bytes(batch, batch_stride)};
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const CUresult r = encode(map, dtype, 4, const_cast<void*>(data), dims, strides, box, element_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+template <typename Traits, bool Causal>
+cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  using Element = typename Traits::Element;
+  const int batch = p.cu_seqlens_q != nullptr ? 1 : p.batch;  // varlen: (total, heads, dim)
+  CUtensorMap tma_q, tma_k, tma_v;
+  cudaError_t err = make_tensor_map<Element>(&tma_q, p.q, p.head_dim, p.rows_q, p.heads, batch, p.q_row_stride,
+                                             p.q_head_stride, p.q_batch_stride, Traits::kBlockM);
+  if (err == cudaSuccess)
+    err = make_tensor_map<Element>(&tma_k, p.k, p.head_dim, p.rows_k, p.heads_k, batch, p.k_row_stride,
+                                   p.k_head_stride, p.k_batch_stride, Traits::kBlockN);
+  if (err == cudaSuccess)
+    err = make_tensor_map<Element>(&tma_v, p.v, p.head_dim, p.rows_k, p.heads_k, batch, p.v_row_stride,
+                                   p.v_head_stride, p.v_batch_stride, Traits::kBlockN);
+  if (err != cudaSuccess) return err;
+
+  auto kernel = fwd_kernel<Traits, Causal>;
+  constexpr int smem = Traits::kSmemBytes;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
+  kernel<<<grid, Traits::kThreads, smem, stream>>>(p, tma_q, tma_k, tma_v);
+  return cudaGetLastError();
+}
+
+}  // namespace fat::sm90
+
+namespace fat {
+
+template <typename Element, int HeadDim>
+cudaError_t run_fwd_sm90(const FwdParams& p, bool causal, cudaStream_t stream) {
+  using Traits = sm90::FwdTraits<Element, HeadDim, FAT_TENSOR_ROW_SUM>;
+  return causal ? sm90::launch_fwd<Traits, true>(p, stream) : sm90::launch_fwd<Traits, false>(p, stream);
+}
+
+}  // namespace fat

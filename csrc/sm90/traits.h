@@ -1,0 +1,50 @@
+// Tile sizes and the shared-memory layout of the sm90 forward, per head dim, in one place.
+#pragma once
+#include <cstdint>
+
+namespace fat::sm90 {
+
+// A CTA owns BlockM = 64 x ConsumerWarpgroups query rows. Warpgroup 0 is the producer (one
+// thread issues the TMA loads); each consumer warpgroup owns 64 rows and runs the wgmmas and the
+// online softmax for them. K and V stream through a ring of Stages buffers.
+//
+// Shared-memory tiles are what TMA writes with 128-byte swizzle: per 64-column slab (one 128-byte
+// swizzle atom wide) the tile's rows at 128 bytes each, slabs one after the other. wgmma reads
+// them through descriptors that name the same swizzle.
+template <typename Element_, int HeadDim_, bool TensorRowSum_>
+struct FwdTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = HeadDim_;
+  static constexpr bool kTensorRowSum = TensorRowSum_;
+  static constexpr int kConsumerWarpgroups = 2;
+  static constexpr int kBlockM = 64 * kConsumerWarpgroups;
+  static constexpr int kBlockN = 128;
+  static constexpr int kStages = 2;
+  static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
+  // setmaxnreg budgets: 24 x 128 + 240 x 256 <= 64K registers.
+  static constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
+
+  // The m16n8 view of a warp's part of a warpgroup accumulator (softmax and masks use it).
+  static constexpr int kMTiles = 1, kSTiles = kBlockN / 8, kOTiles = kHeadDim / 8;
+
+  static constexpr int kSlabs = kHeadDim / 64;  // 128-byte (64-column) slabs per row
+  static constexpr int kSlabRowBytes = 128;
+  static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);
+  // Bytes of ones, read by the row-sum wgmma as its B operand (any layout reads ones).
+  static constexpr uint32_t kOnesBytes = 1024;
+
+  // Offsets from the 1024-byte aligned base (swizzle atoms repeat every 8 rows x 128 bytes).
+  static constexpr uint32_t kQOffset = 0;
+  static constexpr uint32_t kKOffset = kQOffset + kQBytes;
+  static constexpr uint32_t kVOffset = kKOffset + kStages * kKVBytes;
+  static constexpr uint32_t kOnesOffset = kVOffset + kStages * kKVBytes;
+  static constexpr uint32_t kBarrierOffset = kOnesOffset + kOnesBytes;
+  static constexpr int kBarriers = 1 + 3 * kStages;  // Q full; per stage K full, V full, K/V empty
+  static constexpr int kSmemBytes = kBarrierOffset + kBarriers * 8 + 1024;  // + alignment slack
+
+  static_assert(kHeadDim % 64 == 0, "whole 128-byte slabs");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
+};
+
+}  // namespace fat::sm90
