@@ -8,6 +8,10 @@ Build knobs (environment variables):
   CUDA_HOME             the CUDA toolkit; defaults to /usr/local/cuda when that exists
   FLASH_ATTN_T_TENSOR_ROW_SUM  1 (default): softmax row sum on the tensor cores; 0: on the FP32
                         pipe (for the ablation in benchmarks/NOTES.md)
+  FLASH_ATTN_T_LAZY_RESCALE    1 (default): the sm90 forward rescales O only when a row's max grows
+                        by more than 2^8; 0: whenever it grows (ablation)
+  FLASH_ATTN_T_PINGPONG        1 (default): the sm90 forward's two consumer warpgroups take turns
+                        issuing their GEMMs; 0: each issues as soon as it can (ablation)
 """
 import os
 from pathlib import Path
@@ -50,7 +54,8 @@ nvcc_flags = [
     "-lineinfo",
     f"--threads={os.environ.get('NVCC_THREADS', '2')}",
     *gencode_flags(arch_list),
-    f"-DFAT_TENSOR_ROW_SUM={int(os.environ.get('FLASH_ATTN_T_TENSOR_ROW_SUM', '1'))}",
+    *(f"-DFAT_{name}={int(os.environ.get(f'FLASH_ATTN_T_{name}', '1'))}"
+      for name in ("TENSOR_ROW_SUM", "LAZY_RESCALE", "PINGPONG")),
     *sm90_flags,
 ]
 

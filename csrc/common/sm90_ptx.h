@@ -66,6 +66,20 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const void* tensor_map, u
 #endif
 }
 
+// ---- named barriers (ids 1-15; 0 is __syncthreads): a subset of the CTA's warps meets
+// without stopping the others. sync waits for `threads` arrivals including its own; arrive only
+// counts itself in and goes on.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+#ifdef FAT_SM90_DEVICE
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+#endif
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+#ifdef FAT_SM90_DEVICE
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+#endif
+}
+
 // ---- register reallocation between warpgroups
 template <int Registers>
 __device__ __forceinline__ void regs_increase() {

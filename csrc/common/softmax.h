@@ -13,8 +13,10 @@
 
 namespace fat {
 
-template <int MTiles, bool TensorRowSum>
+template <int MTiles, bool TensorRowSum, bool LazyRescale = false>
 struct OnlineSoftmax {
+  static constexpr float kLazyThreshold = 8.f;  // log2 of the largest P a stale max may produce
+
   float row_max[MTiles][2];  // running max of the raw scores of each of the lane's rows
   float row_sum[MTiles][2];  // vector form: this lane's partial sum
   float sum_acc[MTiles][4];  // tensor form: P x ones accumulator
@@ -38,17 +40,36 @@ struct OnlineSoftmax {
   template <int NTiles, int OTiles>
   __device__ __forceinline__ void step(float (&s)[MTiles][NTiles][4], float (&o)[MTiles][OTiles][4],
                                        float scale_log2) {
+    float correction[MTiles][2];
+    exponentiate(s, scale_log2, correction);
+    rescale(o, correction, [] {});
+  }
+
+  // The first half of step, for kernels whose MMAs may still be accumulating into o (and the
+  // tensor row sum) while this runs: s becomes P, and correction receives each row's factor
+  // for rescale(), to be applied once those MMAs have finished.
+  //
+  // LazyRescale: the max used as the exp2 shift is raised only when the tile's max exceeds it by
+  // more than 2^kLazyThreshold in exp2 units. Otherwise the stale max stays, P <= 2^8 and the
+  // correction is exactly 1; o and l share that shift, so O = o / l and lse are exact in the end.
+  template <int NTiles>
+  __device__ __forceinline__ void exponentiate(float (&s)[MTiles][NTiles][4], float scale_log2,
+                                               float (&correction)[MTiles][2]) {
 #pragma unroll
     for (int mt = 0; mt < MTiles; ++mt) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        float m = row_max[mt][r];
+        const float old_max = row_max[mt][r];
+        float m = old_max;
 #pragma unroll
         for (int nt = 0; nt < NTiles; ++nt) m = fmaxf(m, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
         m = quad_max(m);
+        // (-inf - -inf is NaN, which compares false: a row with no visible key yet keeps -inf.)
+        if constexpr (LazyRescale)
+          if ((m - old_max) * scale_log2 <= kLazyThreshold) m = old_max;
         // A row that has seen only masked keys keeps max -inf; shift by 0 so exp2 gives 0s.
         const float shift = m == -INFINITY ? 0.f : m * scale_log2;
-        const float correction = fast_exp2(row_max[mt][r] * scale_log2 - shift);
+        correction[mt][r] = m == old_max ? 1.f : fast_exp2(old_max * scale_log2 - shift);
         row_max[mt][r] = m;
         float sum = 0.f;
 #pragma unroll
@@ -60,16 +81,40 @@ struct OnlineSoftmax {
             if constexpr (!TensorRowSum) sum += x;
           }
         }
+        if constexpr (!TensorRowSum) row_sum[mt][r] = row_sum[mt][r] * correction[mt][r] + sum;
+      }
+    }
+  }
+
+  // The second half of step: o (and the tensor row sum) times each row's correction. Skipped
+  // when no row of the warp changed its max (warp-uniform, so the skip is a branch, not masks).
+  // wait_for_o() runs first on either path: where o is still being written by asynchronous MMAs
+  // it waits for them. Placed below this branch, that wait cannot be scheduled above the
+  // exp2s of exponentiate (ptxas schedules within a basic block and would issue it as early as
+  // it could, stalling the softmax behind the MMAs it is meant to overlap).
+  template <int OTiles, typename WaitForO>
+  __device__ __forceinline__ void rescale(float (&o)[MTiles][OTiles][4], const float (&correction)[MTiles][2],
+                                          WaitForO&& wait_for_o) {
+    bool changed = false;
+#pragma unroll
+    for (int mt = 0; mt < MTiles; ++mt) changed |= correction[mt][0] != 1.f || correction[mt][1] != 1.f;
+    if (!__any_sync(0xffffffffu, changed)) {
+      wait_for_o();
+      return;
+    }
+    wait_for_o();
+#pragma unroll
+    for (int mt = 0; mt < MTiles; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
 #pragma unroll
         for (int ot = 0; ot < OTiles; ++ot) {
-          o[mt][ot][2 * r] *= correction;
-          o[mt][ot][2 * r + 1] *= correction;
+          o[mt][ot][2 * r] *= correction[mt][r];
+          o[mt][ot][2 * r + 1] *= correction[mt][r];
         }
         if constexpr (TensorRowSum) {
-          sum_acc[mt][2 * r] *= correction;
-          sum_acc[mt][2 * r + 1] *= correction;
-        } else {
-          row_sum[mt][r] = row_sum[mt][r] * correction + sum;
+          sum_acc[mt][2 * r] *= correction[mt][r];
+          sum_acc[mt][2 * r + 1] *= correction[mt][r];
         }
       }
     }

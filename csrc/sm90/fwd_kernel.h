@@ -5,6 +5,10 @@
 //   consumer warpgroups: 64 query rows each; S = Q K^T (both from shared memory), online softmax
 //                       in registers, O += P V (P from registers, V from shared memory), and the
 //                       row sum l = P x ones as one more wgmma beside it (FA-T's tensorized sum).
+//                       Each step issues S(i) = Q K(i)^T and O += P(i-1) V(i-1) together and runs
+//                       the softmax of S(i) while P V is still on the tensor cores; with PingPong
+//                       the two warpgroups also take turns issuing, so one's softmax overlaps the
+//                       other's GEMMs.
 #pragma once
 #include <cuda.h>
 
@@ -15,6 +19,7 @@
 #include "../common/sm90_ptx.h"
 #include "../common/softmax.h"
 #include "../params.h"
+#include "traits.h"
 
 namespace fat::sm90 {
 
@@ -39,9 +44,8 @@ struct FwdSmem {
   __device__ __forceinline__ uint64_t* q_full() const { return barriers(); }
   __device__ __forceinline__ uint64_t* k_full(int stage) const { return barriers() + 1 + stage; }
   __device__ __forceinline__ uint64_t* v_full(int stage) const { return barriers() + 1 + Traits::kStages + stage; }
-  __device__ __forceinline__ uint64_t* kv_empty(int stage) const {
-    return barriers() + 1 + 2 * Traits::kStages + stage;
-  }
+  __device__ __forceinline__ uint64_t* k_empty(int stage) const { return barriers() + 1 + 2 * Traits::kStages + stage; }
+  __device__ __forceinline__ uint64_t* v_empty(int stage) const { return barriers() + 1 + 3 * Traits::kStages + stage; }
 };
 
 // Which query block of which sequence this CTA owns, and the key blocks it visits.
@@ -78,13 +82,14 @@ __device__ __forceinline__ void produce(const FwdBlock<Traits, Causal>& blk, con
                 blk.q_row(blk.first_row), blk.head, b);
   for (int i = 0; i < blk.n_end; ++i) {
     const int n = blk.n_end - 1 - i, stage = i % Traits::kStages, use = i / Traits::kStages;
-    if (use > 0) mbar_wait(sm.kv_empty(stage), (use - 1) & 1);  // consumers done with its last use
     const int row = blk.k_row(n * Traits::kBlockN);
+    if (use > 0) mbar_wait(sm.k_empty(stage), (use - 1) & 1);  // consumers done with its last use
     mbar_arrive_expect_tx(sm.k_full(stage), Traits::kKVBytes);
 #pragma unroll
     for (int slab = 0; slab < Traits::kSlabs; ++slab)
       tma_load_4d(sm.k(stage) + slab * Traits::kBlockN * kSlabElems, tma_k, sm.k_full(stage), slab * kSlabElems, row,
                   head_k, b);
+    if (use > 0) mbar_wait(sm.v_empty(stage), (use - 1) & 1);
     mbar_arrive_expect_tx(sm.v_full(stage), Traits::kKVBytes);
 #pragma unroll
     for (int slab = 0; slab < Traits::kSlabs; ++slab)
@@ -112,89 +117,164 @@ __device__ __forceinline__ uint64_t v_desc(const void* tile, int kk) {
 
 // ---- consumer: one warpgroup, 64 query rows.
 template <typename Traits, bool Causal>
-__device__ __forceinline__ void consume(const FwdBlock<Traits, Causal>& blk, const FwdParams& p,
-                                        const FwdSmem<Traits>& sm, int warpgroup) {
+struct Consumer {
   using Element = typename Traits::Element;
-  using Ops = ElementOps<Element>;
-  constexpr int kSTiles = Traits::kSTiles, kOTiles = Traits::kOTiles;
-  const int warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
-  const int wg_row = warpgroup * 64;                     // first row of this warpgroup in the block
-  const int warp_first_row = blk.first_row + wg_row + warp * 16;  // in the sequence
-  const int shift = blk.seq.causal_shift();
-  const uint64_t ones = smem_desc(smem_addr(sm.ones()), 128, 128, false);
+  static constexpr int kSTiles = Traits::kSTiles, kOTiles = Traits::kOTiles, kPSlices = Traits::kBlockN / 16;
 
-  float o[1][kOTiles][4];
-#pragma unroll
-  for (int ot = 0; ot < kOTiles; ++ot)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) o[0][ot][i] = 0.f;
-  OnlineSoftmax<1, Traits::kTensorRowSum> softmax;
+  const FwdBlock<Traits, Causal>& blk;
+  const FwdSmem<Traits>& sm;
+  int warpgroup, wg_row, warp_first_row, lane;
 
-  if (blk.n_end > 0) mbar_wait(sm.q_full(), 0);
-  for (int i = 0; i < blk.n_end; ++i) {
-    const int n = blk.n_end - 1 - i, stage = i % Traits::kStages, parity = (i / Traits::kStages) & 1;
-    const int first_col = n * Traits::kBlockN;
+  __device__ __forceinline__ Consumer(const FwdBlock<Traits, Causal>& blk_, const FwdSmem<Traits>& sm_, int wg)
+      : blk(blk_), sm(sm_), warpgroup(wg), wg_row(wg * 64), lane(threadIdx.x % 32) {
+    warp_first_row = blk.first_row + wg_row + threadIdx.x / 32 % 4 * 16;  // in the sequence
+  }
 
-    // S = Q K^T
-    float s[1][kSTiles][4];
-    mbar_wait(sm.k_full(stage), parity);
+  // Where the i-th visited key block lives: its index n (visited last to first) and ring slot.
+  __device__ __forceinline__ int block_of(int i) const { return blk.n_end - 1 - i; }
+  __device__ __forceinline__ int stage_of(int i) const { return i % Traits::kStages; }
+  __device__ __forceinline__ int parity_of(int i) const { return (i / Traits::kStages) & 1; }
+
+  // PingPong turns: a warpgroup waits for its turn before issuing a step's GEMMs and hands the
+  // turn to the other one right after (warpgroup 1 hands warpgroup 0 the first turn).
+  __device__ __forceinline__ void wait_turn() const {
+    if constexpr (Traits::kPingPong) named_barrier_sync(kTurnOfWarpgroup0 + warpgroup, 256);
+  }
+  __device__ __forceinline__ void pass_turn() const {
+    if constexpr (Traits::kPingPong) named_barrier_arrive(kTurnOfWarpgroup0 + (1 - warpgroup), 256);
+  }
+
+  // S = Q K(i)^T, issued (not waited for).
+  __device__ __forceinline__ void issue_qk(float (&s)[kSTiles][4], int i) const {
+    mbar_wait(sm.k_full(stage_of(i)), parity_of(i));
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < Traits::kHeadDim / 16; ++kk)
-      wgmma_ss<Element, Traits::kBlockN>(s[0], kmajor_desc<Traits>(sm.q(), Traits::kBlockM, wg_row, kk),
-                                         kmajor_desc<Traits>(sm.k(stage), Traits::kBlockN, 0, kk), kk > 0);
+      wgmma_ss<Element, Traits::kBlockN>(s, kmajor_desc<Traits>(sm.q(), Traits::kBlockM, wg_row, kk),
+                                         kmajor_desc<Traits>(sm.k(stage_of(i)), Traits::kBlockN, 0, kk), kk > 0);
     wgmma_commit();
-    wgmma_wait<0>();
-    fence_operand(s[0]);
+  }
 
-    const bool needs_mask = first_col + Traits::kBlockN > blk.seq.len_k ||
-                            (Causal && first_col + Traits::kBlockN - 1 > blk.first_row + wg_row + shift);
-    if (needs_mask) mask_scores<Causal>(s, warp_first_row, first_col, blk.seq.len_k, shift);
-    softmax.step(s, o, p.scale_log2);
-
-    // O += P V, and l += P x ones
-    // P is packed into A fragments (the m16n8k16 layout) before the first wgmma: registers
-    // written between wgmmas of one batch make ptxas serialise them (warning C7519).
-    uint32_t a[Traits::kBlockN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < Traits::kBlockN / 16; ++kk) {
-      a[kk][0] = Ops::pack(s[0][2 * kk][0], s[0][2 * kk][1]);
-      a[kk][1] = Ops::pack(s[0][2 * kk][2], s[0][2 * kk][3]);
-      a[kk][2] = Ops::pack(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
-      a[kk][3] = Ops::pack(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
-    }
-    mbar_wait(sm.v_full(stage), parity);
+  // O += P V(i), and l += P x ones, issued (not waited for). P is already packed: registers
+  // written between the wgmmas of one batch make ptxas serialise them (warning C7519).
+  __device__ __forceinline__ void issue_pv(float (&o)[kOTiles][4], float (&row_sum)[1][4],
+                                           const uint32_t (&p)[kPSlices][4], int i) const {
+    const uint64_t ones = smem_desc(smem_addr(sm.ones()), 128, 128, false);
+    mbar_wait(sm.v_full(stage_of(i)), parity_of(i));
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < Traits::kBlockN / 16; ++kk) {
-      wgmma_rs<Element, Traits::kHeadDim>(o[0], a[kk], v_desc<Traits>(sm.v(stage), kk), 1);
-      if constexpr (Traits::kTensorRowSum) wgmma_rs<Element, 8>(softmax.sum_acc, a[kk], ones, 1);
+    for (int kk = 0; kk < kPSlices; ++kk) {
+      wgmma_rs<Element, Traits::kHeadDim>(o, p[kk], v_desc<Traits>(sm.v(stage_of(i)), kk), 1);
+      if constexpr (Traits::kTensorRowSum) wgmma_rs<Element, 8>(row_sum, p[kk], ones, 1);
     }
     wgmma_commit();
-    wgmma_wait<0>();
-    fence_operand(o[0]);
-    if constexpr (Traits::kTensorRowSum) fence_operand(softmax.sum_acc);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(sm.kv_empty(stage));  // this warp no longer reads K, V of the stage
   }
 
-  // ---- epilogue: O / l and lse straight from registers
-  float row_lse[1][2];
-  softmax.finalize(o, p.scale_log2, row_lse);
-  Element* out = static_cast<Element*>(p.out) + blk.seq.q_offset(p.out_batch_stride, p.out_row_stride) +
-                 blk.head * p.out_head_stride;
-  float* lse = p.lse + blk.seq.lse_offset(p, blk.head);
+  // Tells the producer this warp no longer reads a ring slot.
+  __device__ __forceinline__ void release(uint64_t* empty) const {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty);
+  }
+
+  __device__ __forceinline__ void mask(float (&s)[kSTiles][4], int i) const {
+    const int first_col = block_of(i) * Traits::kBlockN, shift = blk.seq.causal_shift();
+    const bool needs_mask = first_col + Traits::kBlockN > blk.seq.len_k ||
+                            (Causal && first_col + Traits::kBlockN - 1 > blk.first_row + wg_row + shift);
+    float(&s3)[1][kSTiles][4] = reinterpret_cast<float(&)[1][kSTiles][4]>(s);
+    if (needs_mask) mask_scores<Causal>(s3, warp_first_row, first_col, blk.seq.len_k, shift);
+  }
+
+  // P as m16n8k16 A fragments, one per k16 slice of the key block.
+  __device__ __forceinline__ static void pack(const float (&s)[kSTiles][4], uint32_t (&p)[kPSlices][4]) {
+    using Ops = ElementOps<Element>;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = warp_first_row + lane / 4 + 8 * r;
-    if (row >= blk.seq.len_q) continue;
+    for (int kk = 0; kk < kPSlices; ++kk) {
+      p[kk][0] = Ops::pack(s[2 * kk][0], s[2 * kk][1]);
+      p[kk][1] = Ops::pack(s[2 * kk][2], s[2 * kk][3]);
+      p[kk][2] = Ops::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      p[kk][3] = Ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+  }
+
+  __device__ __forceinline__ void run(const FwdParams& p) const {
+    float o[1][kOTiles][4];
 #pragma unroll
     for (int ot = 0; ot < kOTiles; ++ot)
-      *reinterpret_cast<uint32_t*>(out + row * p.out_row_stride + ot * 8 + 2 * (lane % 4)) =
-          Ops::pack(o[0][ot][2 * r], o[0][ot][2 * r + 1]);
-    if (lane % 4 == 0) lse[row] = row_lse[0][r];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) o[0][ot][j] = 0.f;
+    OnlineSoftmax<1, Traits::kTensorRowSum, Traits::kLazyRescale> softmax;
+    float s[1][kSTiles][4];
+    uint32_t pfrag[kPSlices][4];
+    float correction[1][2];
+
+    if (blk.n_end > 0) {
+      if (warpgroup == 1) pass_turn();
+      mbar_wait(sm.q_full(), 0);
+
+      // prologue: S(0) and its softmax
+      wait_turn();
+      issue_qk(s[0], 0);
+      pass_turn();
+      wgmma_wait<0>();
+      fence_operand(s[0]);
+      release(sm.k_empty(stage_of(0)));
+      mask(s[0], 0);
+      softmax.exponentiate(s, p.scale_log2, correction);
+      pack(s[0], pfrag);
+
+      // steady state: S(i) and P(i-1) V(i-1) on the tensor cores, then softmax(S(i)) beside P V
+      for (int i = 1; i < blk.n_end; ++i) {
+        wait_turn();
+        issue_qk(s[0], i);
+        issue_pv(o[0], softmax.sum_acc, pfrag, i - 1);
+        pass_turn();
+        wgmma_wait<1>();  // S(i) is done, P V may still run
+        fence_operand(s[0]);
+        release(sm.k_empty(stage_of(i)));
+        mask(s[0], i);
+        softmax.exponentiate(s, p.scale_log2, correction);
+        softmax.rescale(o, correction, [&] {  // P V must be done before o is touched
+          wgmma_wait<0>();
+          fence_operand(o[0]);
+          fence_operand(softmax.sum_acc);
+        });
+        release(sm.v_empty(stage_of(i - 1)));
+        pack(s[0], pfrag);
+      }
+
+      // epilogue of the loop: the last P V
+      wait_turn();
+      issue_pv(o[0], softmax.sum_acc, pfrag, blk.n_end - 1);
+      pass_turn();
+      wgmma_wait<0>();
+      fence_operand(o[0]);
+      fence_operand(softmax.sum_acc);
+      release(sm.v_empty(stage_of(blk.n_end - 1)));
+    }
+    store(p, o, softmax);
   }
-}
+
+  // O / l and lse straight from registers.
+  __device__ __forceinline__ void store(const FwdParams& p, float (&o)[1][kOTiles][4],
+                                        OnlineSoftmax<1, Traits::kTensorRowSum, Traits::kLazyRescale>& softmax) const {
+    using Ops = ElementOps<Element>;
+    float row_lse[1][2];
+    softmax.finalize(o, p.scale_log2, row_lse);
+    Element* out = static_cast<Element*>(p.out) + blk.seq.q_offset(p.out_batch_stride, p.out_row_stride) +
+                   blk.head * p.out_head_stride;
+    float* lse = p.lse + blk.seq.lse_offset(p, blk.head);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp_first_row + lane / 4 + 8 * r;
+      if (row >= blk.seq.len_q) continue;
+#pragma unroll
+      for (int ot = 0; ot < kOTiles; ++ot)
+        *reinterpret_cast<uint32_t*>(out + row * p.out_row_stride + ot * 8 + 2 * (lane % 4)) =
+            Ops::pack(o[0][ot][2 * r], o[0][ot][2 * r + 1]);
+      if (lane % 4 == 0) lse[row] = row_lse[0][r];
+    }
+  }
+};
 
 template <typename Traits, bool Causal>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
@@ -211,7 +291,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     for (int s = 0; s < Traits::kStages; ++s) {
       mbar_init(sm.k_full(s), 1);
       mbar_init(sm.v_full(s), 1);
-      mbar_init(sm.kv_empty(s), 4 * Traits::kConsumerWarpgroups);  // one arrival per consumer warp
+      mbar_init(sm.k_empty(s), 4 * Traits::kConsumerWarpgroups);  // one arrival per consumer warp
+      mbar_init(sm.v_empty(s), 4 * Traits::kConsumerWarpgroups);
     }
     mbar_init_fence();
   }
@@ -226,7 +307,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if (threadIdx.x == 0 && blk.n_end > 0) produce(blk, p, &tma_q, &tma_k, &tma_v, sm);
   } else {
     regs_increase<Traits::kConsumerRegisters>();
-    consume(blk, p, sm, warpgroup - 1);
+    Consumer<Traits, Causal>(blk, sm, warpgroup - 1).run(p);
   }
 #endif
 }

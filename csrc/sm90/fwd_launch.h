@@ -10,8 +10,15 @@
 #include "fwd_kernel.h"
 #include "traits.h"
 
+// Build switches of the FA-T techniques (setup.py sets them from FLASH_ATTN_T_* variables).
 #ifndef FAT_TENSOR_ROW_SUM
 #define FAT_TENSOR_ROW_SUM 1
+#endif
+#ifndef FAT_LAZY_RESCALE
+#define FAT_LAZY_RESCALE 1
+#endif
+#ifndef FAT_PINGPONG
+#define FAT_PINGPONG 1
 #endif
 
 namespace fat::sm90 {
@@ -87,7 +94,7 @@ namespace fat {
 
 template <typename Element, int HeadDim>
 cudaError_t run_fwd_sm90(const FwdParams& p, bool causal, cudaStream_t stream) {
-  using Traits = sm90::FwdTraits<Element, HeadDim, FAT_TENSOR_ROW_SUM>;
+  using Traits = sm90::FwdTraits<Element, HeadDim, FAT_TENSOR_ROW_SUM, FAT_LAZY_RESCALE, FAT_PINGPONG>;
   return causal ? sm90::launch_fwd<Traits, true>(p, stream) : sm90::launch_fwd<Traits, false>(p, stream);
 }
 

@@ -11,11 +11,18 @@ namespace fat::sm90 {
 // Shared-memory tiles are what TMA writes with 128-byte swizzle: per 64-column slab (one 128-byte
 // swizzle atom wide) the tile's rows at 128 bytes each, slabs one after the other. wgmma reads
 // them through descriptors that name the same swizzle.
-template <typename Element_, int HeadDim_, bool TensorRowSum_>
+// The FA-T switches (each measured with and without in benchmarks/NOTES.md):
+//   TensorRowSum: the softmax row sum l as P x ones, one more wgmma beside P V;
+//   LazyRescale:  o and l rescaled only when a row's max grows by more than 2^8 (softmax.h);
+//   PingPong:     the two consumer warpgroups take turns issuing their GEMMs (named barriers),
+//                 so one's softmax runs on the vector units while the other's GEMMs run.
+template <typename Element_, int HeadDim_, bool TensorRowSum_, bool LazyRescale_, bool PingPong_>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = HeadDim_;
   static constexpr bool kTensorRowSum = TensorRowSum_;
+  static constexpr bool kLazyRescale = LazyRescale_;
+  static constexpr bool kPingPong = PingPong_;
   static constexpr int kConsumerWarpgroups = 2;
   static constexpr int kBlockM = 64 * kConsumerWarpgroups;
   static constexpr int kBlockN = 128;
@@ -40,11 +47,18 @@ struct FwdTraits {
   static constexpr uint32_t kVOffset = kKOffset + kStages * kKVBytes;
   static constexpr uint32_t kOnesOffset = kVOffset + kStages * kKVBytes;
   static constexpr uint32_t kBarrierOffset = kOnesOffset + kOnesBytes;
-  static constexpr int kBarriers = 1 + 3 * kStages;  // Q full; per stage K full, V full, K/V empty
+  // Q full; per stage K full, V full, K empty, V empty (K is released a GEMM earlier than V).
+  static constexpr int kBarriers = 1 + 4 * kStages;
   static constexpr int kSmemBytes = kBarrierOffset + kBarriers * 8 + 1024;  // + alignment slack
 
+  static_assert(kConsumerWarpgroups == 2 || !kPingPong, "the turn barriers pair two warpgroups");
   static_assert(kHeadDim % 64 == 0, "whole 128-byte slabs");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
+};
+
+// Named barrier ids (0 is __syncthreads).
+enum NamedBarrier : int {
+  kTurnOfWarpgroup0 = 1,  // PingPong: consumer warpgroup w waits on kTurnOfWarpgroup0 + w
 };
 
 }  // namespace fat::sm90
