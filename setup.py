@@ -6,8 +6,10 @@ Build knobs (environment variables):
   MAX_JOBS              parallel compile jobs (ninja), honoured by torch's BuildExtension
   NVCC_THREADS          nvcc --threads per job (gencode targets compiled in parallel), default 2
   CUDA_HOME             the CUDA toolkit; defaults to /usr/local/cuda when that exists
-  FLASH_ATTN_T_TENSOR_ROW_SUM  1 (default): softmax row sum on the tensor cores; 0: on the FP32
-                        pipe (for the ablation in benchmarks/NOTES.md)
+  FLASH_ATTN_T_TENSOR_ROW_SUM  1 (default): the sm80 forward's softmax row sum on the tensor
+                        cores; 0: on the FP32 pipe (for the ablation in benchmarks/NOTES.md)
+  FLASH_ATTN_T_SM90_TENSOR_ROW_SUM  0 (default): the sm90 forward sums rows on the FP32 pipe;
+                        1: as a P x ones wgmma (slower there, benchmarks/NOTES.md)
   FLASH_ATTN_T_LAZY_RESCALE    1 (default): the sm90 forward rescales O only when a row's max grows
                         by more than 2^8; 0: whenever it grows (ablation)
   FLASH_ATTN_T_PINGPONG        1 (default): the sm90 forward's two consumer warpgroups take turns
@@ -54,8 +56,8 @@ nvcc_flags = [
     "-lineinfo",
     f"--threads={os.environ.get('NVCC_THREADS', '2')}",
     *gencode_flags(arch_list),
-    *(f"-DFAT_{name}={int(os.environ.get(f'FLASH_ATTN_T_{name}', '1'))}"
-      for name in ("TENSOR_ROW_SUM", "LAZY_RESCALE", "PINGPONG")),
+    *(f"-DFAT_{name}={int(os.environ.get(f'FLASH_ATTN_T_{name}', default))}"
+      for name, default in (("TENSOR_ROW_SUM", 1), ("SM90_TENSOR_ROW_SUM", 0), ("LAZY_RESCALE", 1), ("PINGPONG", 1))),
     *sm90_flags,
 ]
 

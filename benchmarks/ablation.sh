@@ -1,35 +1,34 @@
 #!/usr/bin/env bash
 # Forward ablation of the sm90 kernel's switches (setup.py's FLASH_ATTN_T_* build knobs): builds
-# the extension (sm_90a only) with every switch on, then with each one off in turn, benchmarks
+# the extension (sm_90a only) with the default switches, then once per override below, benchmarks
 # the forward of each build, and prints one TFLOP/s table with a column per build.
 #   bash benchmarks/ablation.sh [benchmark_attention.py args, e.g. --seqlens 2048 8192]
+#   VARIANTS="PINGPONG=0 LAZY_RESCALE=0" bash benchmarks/ablation.sh ...   (other overrides)
 # Writes the logs and CSVs under $OUT (or ./ablation_out). Leaves the last build installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-ablation_out}"
 mkdir -p "$OUT"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a
-SWITCHES=(TENSOR_ROW_SUM LAZY_RESCALE PINGPONG)
 
-for variant in all_on "${SWITCHES[@]}"; do
-  knobs=()
-  for s in "${SWITCHES[@]}"; do knobs+=("FLASH_ATTN_T_$s=$([ "$s" = "$variant" ] && echo 0 || echo 1)"); done
-  label=$([ "$variant" = all_on ] && echo all_on || echo "no_${variant,,}")
+for variant in defaults ${VARIANTS:-SM90_TENSOR_ROW_SUM=1 LAZY_RESCALE=0 PINGPONG=0}; do
+  knob=(); [ "$variant" = defaults ] || knob=("FLASH_ATTN_T_$variant")
+  label=$(echo "$variant" | tr 'A-Z=' 'a-z_')
   start=$(date +%s)
-  env "${knobs[@]}" python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build_$label.log" 2>&1 ||
+  env "${knob[@]}" python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build_$label.log" 2>&1 ||
     { tail -n 30 "$OUT/build_$label.log"; exit 1; }
   echo "== $label (build $(( $(date +%s) - start )) s)"
   python3 benchmarks/benchmark_attention.py --passes fwd --backends flash_attn_t --variant "$label" \
     --out-dir "$OUT" "$@" > "$OUT/bench_$label.log" 2>&1 || { tail -n 30 "$OUT/bench_$label.log"; exit 1; }
 done
 
-python3 - "$OUT" <<'EOF'
+python3 - "$OUT" <<'PY'
 import csv, sys
 from pathlib import Path
 rows = [r for f in sorted(Path(sys.argv[1]).glob("attention_*.csv")) for r in csv.DictReader(open(f))]
 variants = list(dict.fromkeys(r["variant"] for r in rows))
 table = {(int(r["hdim"]), int(r["causal"]), int(r["seqlen"]), r["variant"]): float(r["tflops"]) for r in rows}
-print(f"{'hdim':>4} {'causal':>6} {'seqlen':>6} " + " ".join(f"{v:>18}" for v in variants))
+print(f"{'hdim':>4} {'causal':>6} {'seqlen':>6} " + " ".join(f"{v:>22}" for v in variants))
 for cell in sorted({k[:3] for k in table}):
-    print(f"{cell[0]:>4} {cell[1]:>6} {cell[2]:>6} " + " ".join(f"{table.get((*cell, v), 0):18.1f}" for v in variants))
-EOF
+    print(f"{cell[0]:>4} {cell[1]:>6} {cell[2]:>6} " + " ".join(f"{table.get((*cell, v), 0):22.1f}" for v in variants))
+PY

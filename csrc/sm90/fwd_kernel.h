@@ -1,7 +1,9 @@
 // sm90 forward: TMA loads into a shared-memory ring completed on mbarriers, wgmma, warp
-// specialization. Grid: (query blocks, heads, batch), the longest causal blocks first.
-//   producer warpgroup: one thread loads Q once, then K and V of each key block (last to first,
-//                       so the blocks that need masking come first) into the ring;
+// specialization. Persistent: one CTA per SM walks the tiles (query block, head, batch) with a
+// stride of the grid, the longest causal blocks first; the producer loads the next tile's Q and
+// first K/V blocks while the consumers finish the current one.
+//   producer warpgroup: one thread loads each tile's Q, then K and V of each key block (last to
+//                       first, so the blocks that need masking come first) into the ring;
 //   consumer warpgroups: 64 query rows each; S = Q K^T (both from shared memory), online softmax
 //                       in registers, O += P V (P from registers, V from shared memory), and the
 //                       row sum l = P x ones as one more wgmma beside it (FA-T's tensorized sum).
@@ -42,46 +44,75 @@ struct FwdSmem {
     return reinterpret_cast<uint64_t*>(base + Traits::kBarrierOffset);
   }
   __device__ __forceinline__ uint64_t* q_full() const { return barriers(); }
-  __device__ __forceinline__ uint64_t* k_full(int stage) const { return barriers() + 1 + stage; }
-  __device__ __forceinline__ uint64_t* v_full(int stage) const { return barriers() + 1 + Traits::kStages + stage; }
-  __device__ __forceinline__ uint64_t* k_empty(int stage) const { return barriers() + 1 + 2 * Traits::kStages + stage; }
-  __device__ __forceinline__ uint64_t* v_empty(int stage) const { return barriers() + 1 + 3 * Traits::kStages + stage; }
+  __device__ __forceinline__ uint64_t* q_empty() const { return barriers() + 1; }
+  __device__ __forceinline__ uint64_t* k_full(int stage) const { return barriers() + 2 + stage; }
+  __device__ __forceinline__ uint64_t* v_full(int stage) const { return barriers() + 2 + Traits::kStages + stage; }
+  __device__ __forceinline__ uint64_t* k_empty(int stage) const { return barriers() + 2 + 2 * Traits::kStages + stage; }
+  __device__ __forceinline__ uint64_t* v_empty(int stage) const { return barriers() + 2 + 3 * Traits::kStages + stage; }
 };
 
-// Which query block of which sequence this CTA owns, and the key blocks it visits.
+// How many times each buffer has been filled so far: Q once per tile, the K/V ring once per key
+// block. The producer and every consumer count the same sequence of tiles and blocks, so each
+// derives the same slot and mbarrier phase parity from its own counters.
+struct RingCounters {
+  int q = 0, kv = 0;
+  template <int Stages>
+  __device__ __forceinline__ int stage(int i) const { return (kv + i) % Stages; }
+  // Parity of the `full` phase that the i-th block of this tile completes.
+  template <int Stages>
+  __device__ __forceinline__ int parity(int i) const { return ((kv + i) / Stages) & 1; }
+};
+
+// The tiles of one launch: (query block, head, batch), query blocks fastest so that the CTAs
+// running at one time share K/V in L2; under causal the last query blocks (the most keys) first.
+struct TileGrid {
+  int m_blocks, count;
+  __device__ __forceinline__ TileGrid(const FwdParams& p, int block_m) {
+    m_blocks = ceil_div(p.seqlen_q, block_m);
+    count = m_blocks * p.heads * p.batch;
+  }
+};
+
+// Which query block of which sequence a tile is, and the key blocks it visits.
 template <typename Traits, bool Causal>
 struct FwdBlock {
   SeqInfo seq;
   int m_block, head, first_row, n_end;
-  __device__ __forceinline__ FwdBlock(const FwdParams& p) : seq(p, blockIdx.z) {
-    // Under causal the last query blocks see the most keys: launch them first.
-    m_block = Causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-    head = blockIdx.y;
+  __device__ __forceinline__ FwdBlock(const FwdParams& p, const TileGrid& grid, int tile)
+      : seq(p, tile / (grid.m_blocks * p.heads)) {
+    const int m = tile % grid.m_blocks;
+    m_block = Causal ? grid.m_blocks - 1 - m : m;
+    head = tile / grid.m_blocks % p.heads;
     first_row = m_block * Traits::kBlockM;
     n_end = ceil_div(seq.len_k, Traits::kBlockN);
     if (Causal) n_end = min(n_end, max(0, ceil_div(first_row + Traits::kBlockM + seq.causal_shift(), Traits::kBlockN)));
   }
+  // Nothing to load or compute: past the sequence's end (varlen), or no visible key (the
+  // consumers still write zeros and lse = +inf for such a block's rows).
   __device__ __forceinline__ bool empty() const { return first_row >= seq.len_q; }
+  __device__ __forceinline__ bool has_keys() const { return !empty() && n_end > 0; }
   // TMA coordinates of a tensor's row `row` of this sequence: (row, batch) in the 4-d maps.
   __device__ __forceinline__ int q_row(int row) const { return static_cast<int>(seq.first_q) + row; }
   __device__ __forceinline__ int k_row(int row) const { return static_cast<int>(seq.first_k) + row; }
   __device__ __forceinline__ int batch_coord() const { return seq.varlen ? 0 : seq.batch; }
 };
 
-// ---- producer: one thread keeps the ring full.
+// ---- producer: one thread keeps the ring full, one tile after another.
 template <typename Traits, bool Causal>
 __device__ __forceinline__ void produce(const FwdBlock<Traits, Causal>& blk, const FwdParams& p,
                                         const CUtensorMap* tma_q, const CUtensorMap* tma_k, const CUtensorMap* tma_v,
-                                        const FwdSmem<Traits>& sm) {
+                                        const FwdSmem<Traits>& sm, RingCounters& ring) {
   constexpr int kSlabElems = 64;
   const int head_k = blk.head / (p.heads / p.heads_k), b = blk.batch_coord();
+  if (ring.q > 0) mbar_wait(sm.q_empty(), (ring.q - 1) & 1);  // consumers done with the last Q
   mbar_arrive_expect_tx(sm.q_full(), Traits::kQBytes);
 #pragma unroll
   for (int slab = 0; slab < Traits::kSlabs; ++slab)
     tma_load_4d(sm.q() + slab * Traits::kBlockM * kSlabElems, tma_q, sm.q_full(), slab * kSlabElems,
                 blk.q_row(blk.first_row), blk.head, b);
   for (int i = 0; i < blk.n_end; ++i) {
-    const int n = blk.n_end - 1 - i, stage = i % Traits::kStages, use = i / Traits::kStages;
+    const int n = blk.n_end - 1 - i, stage = ring.stage<Traits::kStages>(i);
+    const int use = (ring.kv + i) / Traits::kStages;
     const int row = blk.k_row(n * Traits::kBlockN);
     if (use > 0) mbar_wait(sm.k_empty(stage), (use - 1) & 1);  // consumers done with its last use
     mbar_arrive_expect_tx(sm.k_full(stage), Traits::kKVBytes);
@@ -96,6 +127,8 @@ __device__ __forceinline__ void produce(const FwdBlock<Traits, Causal>& blk, con
       tma_load_4d(sm.v(stage) + slab * Traits::kBlockN * kSlabElems, tma_v, sm.v_full(stage), slab * kSlabElems, row,
                   head_k, b);
   }
+  ring.q += 1;
+  ring.kv += blk.n_end;
 }
 
 // ---- wgmma operand descriptors
@@ -123,20 +156,23 @@ struct Consumer {
 
   const FwdBlock<Traits, Causal>& blk;
   const FwdSmem<Traits>& sm;
+  const RingCounters& ring;
   int warpgroup, wg_row, warp_first_row, lane;
 
-  __device__ __forceinline__ Consumer(const FwdBlock<Traits, Causal>& blk_, const FwdSmem<Traits>& sm_, int wg)
-      : blk(blk_), sm(sm_), warpgroup(wg), wg_row(wg * 64), lane(threadIdx.x % 32) {
+  __device__ __forceinline__ Consumer(const FwdBlock<Traits, Causal>& blk_, const FwdSmem<Traits>& sm_,
+                                      const RingCounters& ring_, int wg)
+      : blk(blk_), sm(sm_), ring(ring_), warpgroup(wg), wg_row(wg * 64), lane(threadIdx.x % 32) {
     warp_first_row = blk.first_row + wg_row + threadIdx.x / 32 % 4 * 16;  // in the sequence
   }
 
   // Where the i-th visited key block lives: its index n (visited last to first) and ring slot.
   __device__ __forceinline__ int block_of(int i) const { return blk.n_end - 1 - i; }
-  __device__ __forceinline__ int stage_of(int i) const { return i % Traits::kStages; }
-  __device__ __forceinline__ int parity_of(int i) const { return (i / Traits::kStages) & 1; }
+  __device__ __forceinline__ int stage_of(int i) const { return ring.stage<Traits::kStages>(i); }
+  __device__ __forceinline__ int parity_of(int i) const { return ring.parity<Traits::kStages>(i); }
 
   // PingPong turns: a warpgroup waits for its turn before issuing a step's GEMMs and hands the
-  // turn to the other one right after (warpgroup 1 hands warpgroup 0 the first turn).
+  // turn to the other one right after (warpgroup 1 hands warpgroup 0 the first turn of the
+  // launch). Both take n_end + 1 turns per tile, so the turns stay paired across tiles.
   __device__ __forceinline__ void wait_turn() const {
     if constexpr (Traits::kPingPong) named_barrier_sync(kTurnOfWarpgroup0 + warpgroup, 256);
   }
@@ -207,9 +243,8 @@ struct Consumer {
     uint32_t pfrag[kPSlices][4];
     float correction[1][2];
 
-    if (blk.n_end > 0) {
-      if (warpgroup == 1) pass_turn();
-      mbar_wait(sm.q_full(), 0);
+    if (blk.has_keys()) {
+      mbar_wait(sm.q_full(), ring.q & 1);
 
       // prologue: S(0) and its softmax
       wait_turn();
@@ -218,6 +253,7 @@ struct Consumer {
       wgmma_wait<0>();
       fence_operand(s[0]);
       release(sm.k_empty(stage_of(0)));
+      if (blk.n_end == 1) release(sm.q_empty());
       mask(s[0], 0);
       softmax.exponentiate(s, p.scale_log2, correction);
       pack(s[0], pfrag);
@@ -231,6 +267,7 @@ struct Consumer {
         wgmma_wait<1>();  // S(i) is done, P V may still run
         fence_operand(s[0]);
         release(sm.k_empty(stage_of(i)));
+        if (i == blk.n_end - 1) release(sm.q_empty());  // the producer may load the next Q
         mask(s[0], i);
         softmax.exponentiate(s, p.scale_log2, correction);
         softmax.rescale(o, correction, [&] {  // P V must be done before o is touched
@@ -283,15 +320,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #ifdef FAT_SM90_DEVICE
   extern __shared__ char smem_raw[];
   const FwdSmem<Traits> sm(smem_raw);
-  const FwdBlock<Traits, Causal> blk(p);
-  if (blk.empty()) return;
+  const TileGrid tiles(p, Traits::kBlockM);
 
   if (threadIdx.x == 0) {
     mbar_init(sm.q_full(), 1);
+    mbar_init(sm.q_empty(), 4 * Traits::kConsumerWarpgroups);  // one arrival per consumer warp
     for (int s = 0; s < Traits::kStages; ++s) {
       mbar_init(sm.k_full(s), 1);
       mbar_init(sm.v_full(s), 1);
-      mbar_init(sm.k_empty(s), 4 * Traits::kConsumerWarpgroups);  // one arrival per consumer warp
+      mbar_init(sm.k_empty(s), 4 * Traits::kConsumerWarpgroups);
       mbar_init(sm.v_empty(s), 4 * Traits::kConsumerWarpgroups);
     }
     mbar_init_fence();
@@ -301,13 +338,27 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   fence_proxy_async();  // the ones are written by plain stores and read by wgmma (async proxy)
   __syncthreads();
 
+  RingCounters ring;
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
     regs_decrease<Traits::kProducerRegisters>();
-    if (threadIdx.x == 0 && blk.n_end > 0) produce(blk, p, &tma_q, &tma_k, &tma_v, sm);
+    if (threadIdx.x != 0) return;
+    for (int tile = blockIdx.x; tile < tiles.count; tile += gridDim.x) {
+      const FwdBlock<Traits, Causal> blk(p, tiles, tile);
+      if (blk.has_keys()) produce(blk, p, &tma_q, &tma_k, &tma_v, sm, ring);
+    }
   } else {
     regs_increase<Traits::kConsumerRegisters>();
-    Consumer<Traits, Causal>(blk, sm, warpgroup - 1).run(p);
+    if (Traits::kPingPong && warpgroup == 2) named_barrier_arrive(kTurnOfWarpgroup0, 256);  // the first turn
+    for (int tile = blockIdx.x; tile < tiles.count; tile += gridDim.x) {
+      const FwdBlock<Traits, Causal> blk(p, tiles, tile);
+      if (blk.empty()) continue;
+      Consumer<Traits, Causal>(blk, sm, ring, warpgroup - 1).run(p);
+      if (blk.has_keys()) {
+        ring.q += 1;
+        ring.kv += blk.n_end;
+      }
+    }
   }
 #endif
 }

@@ -4,6 +4,7 @@
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "../launch.h"
@@ -11,8 +12,10 @@
 #include "traits.h"
 
 // Build switches of the FA-T techniques (setup.py sets them from FLASH_ATTN_T_* variables).
-#ifndef FAT_TENSOR_ROW_SUM
-#define FAT_TENSOR_ROW_SUM 1
+// The tensor row sum is off by default here, unlike on the sm80 path: as its own 64x8 wgmma it
+// measured 3-6% slower than the FP32 adds it replaces (benchmarks/NOTES.md).
+#ifndef FAT_SM90_TENSOR_ROW_SUM
+#define FAT_SM90_TENSOR_ROW_SUM 0
 #endif
 #ifndef FAT_LAZY_RESCALE
 #define FAT_LAZY_RESCALE 1
@@ -83,7 +86,18 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   constexpr int smem = Traits::kSmemBytes;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
+  // Non-causal: persistent, one CTA per SM (its shared memory allows no second one), each
+  // walking the tiles with a stride of the grid. Causal: one CTA per tile, longest first, so the
+  // hardware hands the next tile to whichever SM frees up (a static stride over tiles of unequal
+  // length measured 3-5% slower: benchmarks/NOTES.md).
+  int tiles = ceil_div(p.seqlen_q, Traits::kBlockM) * p.heads * p.batch, grid = tiles;
+  if (!Causal) {
+    int device = 0, sms = 0;
+    err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+    grid = std::min(tiles, sms);
+  }
   kernel<<<grid, Traits::kThreads, smem, stream>>>(p, tma_q, tma_k, tma_v);
   return cudaGetLastError();
 }
@@ -94,7 +108,7 @@ namespace fat {
 
 template <typename Element, int HeadDim>
 cudaError_t run_fwd_sm90(const FwdParams& p, bool causal, cudaStream_t stream) {
-  using Traits = sm90::FwdTraits<Element, HeadDim, FAT_TENSOR_ROW_SUM, FAT_LAZY_RESCALE, FAT_PINGPONG>;
+  using Traits = sm90::FwdTraits<Element, HeadDim, FAT_SM90_TENSOR_ROW_SUM, FAT_LAZY_RESCALE, FAT_PINGPONG>;
   return causal ? sm90::launch_fwd<Traits, true>(p, stream) : sm90::launch_fwd<Traits, false>(p, stream);
 }
 

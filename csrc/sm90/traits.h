@@ -47,8 +47,9 @@ struct FwdTraits {
   static constexpr uint32_t kVOffset = kKOffset + kStages * kKVBytes;
   static constexpr uint32_t kOnesOffset = kVOffset + kStages * kKVBytes;
   static constexpr uint32_t kBarrierOffset = kOnesOffset + kOnesBytes;
-  // Q full; per stage K full, V full, K empty, V empty (K is released a GEMM earlier than V).
-  static constexpr int kBarriers = 1 + 4 * kStages;
+  // Q full, Q empty; per stage K full, V full, K empty, V empty (K is released a GEMM earlier
+  // than V).
+  static constexpr int kBarriers = 2 + 4 * kStages;
   static constexpr int kSmemBytes = kBarrierOffset + kBarriers * 8 + 1024;  // + alignment slack
 
   static_assert(kConsumerWarpgroups == 2 || !kPingPong, "the turn barriers pair two warpgroups");
