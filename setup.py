@@ -14,6 +14,8 @@ Build knobs (environment variables):
                         by more than 2^8; 0: whenever it grows (ablation)
   FLASH_ATTN_T_PINGPONG        1 (default): the sm90 forward's two consumer warpgroups take turns
                         issuing their GEMMs; 0: each issues as soon as it can (ablation)
+  FLASH_ATTN_T_TIMING_SKIP_SOFTMAX  0 (default); 1 builds an sm90 forward WITHOUT its softmax, for
+                        timing the softmax's exposed cost only: its output is wrong
 """
 import os
 from pathlib import Path
@@ -57,7 +59,8 @@ nvcc_flags = [
     f"--threads={os.environ.get('NVCC_THREADS', '2')}",
     *gencode_flags(arch_list),
     *(f"-DFAT_{name}={int(os.environ.get(f'FLASH_ATTN_T_{name}', default))}"
-      for name, default in (("TENSOR_ROW_SUM", 1), ("SM90_TENSOR_ROW_SUM", 0), ("LAZY_RESCALE", 1), ("PINGPONG", 1))),
+      for name, default in (("TENSOR_ROW_SUM", 1), ("SM90_TENSOR_ROW_SUM", 0), ("LAZY_RESCALE", 1), ("PINGPONG", 1),
+                            ("TIMING_SKIP_SOFTMAX", 0))),
     *sm90_flags,
 ]
 

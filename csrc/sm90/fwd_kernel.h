@@ -154,6 +154,8 @@ struct Consumer {
   using Element = typename Traits::Element;
   static constexpr int kSTiles = Traits::kSTiles, kOTiles = Traits::kOTiles, kPSlices = Traits::kBlockN / 16;
 
+  using Softmax = OnlineSoftmax<1, Traits::kTensorRowSum, Traits::kLazyRescale>;
+
   const FwdBlock<Traits, Causal>& blk;
   const FwdSmem<Traits>& sm;
   const RingCounters& ring;
@@ -220,6 +222,19 @@ struct Consumer {
     if (needs_mask) mask_scores<Causal>(s3, warp_first_row, first_col, blk.seq.len_k, shift);
   }
 
+  // The vector work of a step: mask S(i) and turn it into P. A timing build
+  // (FLASH_ATTN_T_TIMING_SKIP_SOFTMAX=1) leaves it out to measure how long it keeps the tensor
+  // cores waiting (the FA-T "vector interval"); its output is wrong.
+  __device__ __forceinline__ void scores_to_p(float (&s)[1][kSTiles][4], int i, float scale_log2, Softmax& softmax,
+                                              float (&correction)[1][2]) const {
+    if constexpr (Traits::kTimingSkipSoftmax) {
+      correction[0][0] = correction[0][1] = 1.f;
+    } else {
+      mask(s[0], i);
+      softmax.exponentiate(s, scale_log2, correction);
+    }
+  }
+
   // P as m16n8k16 A fragments, one per k16 slice of the key block.
   __device__ __forceinline__ static void pack(const float (&s)[kSTiles][4], uint32_t (&p)[kPSlices][4]) {
     using Ops = ElementOps<Element>;
@@ -238,7 +253,7 @@ struct Consumer {
     for (int ot = 0; ot < kOTiles; ++ot)
 #pragma unroll
       for (int j = 0; j < 4; ++j) o[0][ot][j] = 0.f;
-    OnlineSoftmax<1, Traits::kTensorRowSum, Traits::kLazyRescale> softmax;
+    Softmax softmax;
     float s[1][kSTiles][4];
     uint32_t pfrag[kPSlices][4];
     float correction[1][2];
@@ -254,8 +269,7 @@ struct Consumer {
       fence_operand(s[0]);
       release(sm.k_empty(stage_of(0)));
       if (blk.n_end == 1) release(sm.q_empty());
-      mask(s[0], 0);
-      softmax.exponentiate(s, p.scale_log2, correction);
+      scores_to_p(s, 0, p.scale_log2, softmax, correction);
       pack(s[0], pfrag);
 
       // steady state: S(i) and P(i-1) V(i-1) on the tensor cores, then softmax(S(i)) beside P V
@@ -268,8 +282,7 @@ struct Consumer {
         fence_operand(s[0]);
         release(sm.k_empty(stage_of(i)));
         if (i == blk.n_end - 1) release(sm.q_empty());  // the producer may load the next Q
-        mask(s[0], i);
-        softmax.exponentiate(s, p.scale_log2, correction);
+        scores_to_p(s, i, p.scale_log2, softmax, correction);
         softmax.rescale(o, correction, [&] {  // P V must be done before o is touched
           wgmma_wait<0>();
           fence_operand(o[0]);
@@ -293,7 +306,7 @@ struct Consumer {
 
   // O / l and lse straight from registers.
   __device__ __forceinline__ void store(const FwdParams& p, float (&o)[1][kOTiles][4],
-                                        OnlineSoftmax<1, Traits::kTensorRowSum, Traits::kLazyRescale>& softmax) const {
+                                        Softmax& softmax) const {
     using Ops = ElementOps<Element>;
     float row_lse[1][2];
     softmax.finalize(o, p.scale_log2, row_lse);

@@ -23,6 +23,9 @@
 #ifndef FAT_PINGPONG
 #define FAT_PINGPONG 1
 #endif
+#ifndef FAT_TIMING_SKIP_SOFTMAX
+#define FAT_TIMING_SKIP_SOFTMAX 0
+#endif
 
 namespace fat::sm90 {
 
@@ -108,7 +111,8 @@ namespace fat {
 
 template <typename Element, int HeadDim>
 cudaError_t run_fwd_sm90(const FwdParams& p, bool causal, cudaStream_t stream) {
-  using Traits = sm90::FwdTraits<Element, HeadDim, FAT_SM90_TENSOR_ROW_SUM, FAT_LAZY_RESCALE, FAT_PINGPONG>;
+  using Traits = sm90::FwdTraits<Element, HeadDim, FAT_SM90_TENSOR_ROW_SUM, FAT_LAZY_RESCALE, FAT_PINGPONG,
+                                  FAT_TIMING_SKIP_SOFTMAX>;
   return causal ? sm90::launch_fwd<Traits, true>(p, stream) : sm90::launch_fwd<Traits, false>(p, stream);
 }
 

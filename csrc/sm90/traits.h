@@ -16,13 +16,16 @@ namespace fat::sm90 {
 //   LazyRescale:  o and l rescaled only when a row's max grows by more than 2^8 (softmax.h);
 //   PingPong:     the two consumer warpgroups take turns issuing their GEMMs (named barriers),
 //                 so one's softmax runs on the vector units while the other's GEMMs run.
-template <typename Element_, int HeadDim_, bool TensorRowSum_, bool LazyRescale_, bool PingPong_>
+// TimingSkipSoftmax: a measurement build only (wrong output), see Consumer::scores_to_p.
+template <typename Element_, int HeadDim_, bool TensorRowSum_, bool LazyRescale_, bool PingPong_,
+          bool TimingSkipSoftmax_ = false>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = HeadDim_;
   static constexpr bool kTensorRowSum = TensorRowSum_;
   static constexpr bool kLazyRescale = LazyRescale_;
   static constexpr bool kPingPong = PingPong_;
+  static constexpr bool kTimingSkipSoftmax = TimingSkipSoftmax_;
   static constexpr int kConsumerWarpgroups = 2;
   static constexpr int kBlockM = 64 * kConsumerWarpgroups;
   static constexpr int kBlockN = 128;
