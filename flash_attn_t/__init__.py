@@ -11,6 +11,7 @@ from .interface import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
+from .integrations.transformers import patch_transformers, patched, unpatch_transformers
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "patch_transformers",
+    "patched",
+    "unpatch_transformers",
 ]

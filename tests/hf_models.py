@@ -1,0 +1,55 @@
+"""Small random transformers models for the integration tests (built offline, no downloads)."""
+import copy
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+from flash_attn_t.integrations.transformers import ATTN_IMPLEMENTATION, register  # noqa: E402
+
+VOCAB = 256
+
+
+def llama_config():
+    """Llama with GQA (8 query heads over 2 kv heads), head dim 64."""
+    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                    num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                                    max_position_embeddings=256)
+
+
+def mistral_config(sliding_window):
+    return transformers.MistralConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                      max_position_embeddings=256, sliding_window=sliding_window)
+
+
+def gemma2_config():
+    """Gemma2: attention logit softcapping and alternating sliding-window layers."""
+    return transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                     max_position_embeddings=256, sliding_window=16, attn_logit_softcapping=50.0)
+
+
+MODEL_CLASSES = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+                 "gemma2": transformers.Gemma2ForCausalLM}
+
+
+def build(kind, config, attn_implementation, state_dict=None, seed=0):
+    """A fresh model of `kind` from a copy of `config` (models share no config object), with the
+    given weights or seeded random ones."""
+    import torch
+
+    if attn_implementation == ATTN_IMPLEMENTATION:
+        register()
+    torch.manual_seed(seed)
+    model = MODEL_CLASSES[kind]._from_config(copy.deepcopy(config), attn_implementation=attn_implementation)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    return model
+
+
+def pair(kind, config, **to):
+    """(eager model, flash-attn-t model) with the same weights, moved with .to(**to)."""
+    eager = build(kind, config, "eager").to(**to)
+    ours = build(kind, config, ATTN_IMPLEMENTATION, state_dict=eager.state_dict()).to(**to)
+    return eager, ours

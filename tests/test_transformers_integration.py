@@ -1,0 +1,184 @@
+"""CPU: the transformers integration's registration, patching and fallback path (on the CPU every
+call falls back, so these check that the fallback is exact against the models' eager attention)."""
+import warnings
+
+import pytest
+import torch
+
+from hf_models import VOCAB, build, gemma2_config, llama_config, mistral_config, pair, transformers
+
+import flash_attn_t
+from flash_attn_t.integrations import transformers as integration
+from flash_attn_t.integrations.transformers import ATTN_IMPLEMENTATION
+
+
+@pytest.fixture(autouse=True)
+def clean_state():
+    integration.unpatch_transformers()
+    yield
+    integration.unpatch_transformers()
+
+
+def registered():
+    return ATTN_IMPLEMENTATION in transformers.modeling_utils.AttentionInterface._global_mapping
+
+
+def test_name_is_not_taken_for_a_transformers_flash_path():
+    assert "flash" not in ATTN_IMPLEMENTATION
+
+
+def test_register_makes_the_name_valid_and_unpatch_removes_it():
+    with pytest.raises(ValueError):
+        build("llama", llama_config(), ATTN_IMPLEMENTATION + "_unknown")
+    model = build("llama", llama_config(), ATTN_IMPLEMENTATION)
+    assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+    assert registered()
+    assert ATTN_IMPLEMENTATION in transformers.masking_utils.AttentionMaskInterface._global_mapping
+    integration.unpatch_transformers()
+    assert not registered()
+    assert ATTN_IMPLEMENTATION not in transformers.masking_utils.AttentionMaskInterface._global_mapping
+
+
+def test_patch_model_switches_and_unpatch_restores():
+    model = build("llama", llama_config(), "sdpa")
+    keys = list(model.state_dict())
+    assert flash_attn_t.patch_transformers(model) is model
+    flash_attn_t.patch_transformers(model)  # idempotent
+    assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+    assert list(model.state_dict()) == keys
+    flash_attn_t.unpatch_transformers()
+    assert model.config._attn_implementation == "sdpa"
+    assert not registered()
+
+
+def test_patch_finds_the_model_inside_a_wrapper():
+    class Wrapper(torch.nn.Module):  # the shape of a PEFT wrapper: the PreTrainedModel is a child
+        def __init__(self, inner):
+            super().__init__()
+            self.base_model = inner
+
+    model = build("llama", llama_config(), "eager")
+    flash_attn_t.patch_transformers(Wrapper(model))
+    assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+    flash_attn_t.unpatch_transformers()
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        flash_attn_t.patch_transformers(torch.nn.Linear(2, 2))
+
+
+def test_global_patch_switches_new_models_except_explicit_eager():
+    original = transformers.modeling_utils.PreTrainedModel._check_and_adjust_attn_implementation
+    flash_attn_t.patch_transformers()
+    flash_attn_t.patch_transformers()  # idempotent
+    for requested in (None, "sdpa", "flash_attention_2"):
+        assert build("llama", llama_config(), requested).config._attn_implementation == ATTN_IMPLEMENTATION
+    assert build("llama", llama_config(), "eager").config._attn_implementation == "eager"
+    flash_attn_t.unpatch_transformers()
+    assert transformers.modeling_utils.PreTrainedModel._check_and_adjust_attn_implementation is original
+    assert build("llama", llama_config(), "sdpa").config._attn_implementation == "sdpa"
+
+
+def test_patched_context_manager_restores_on_error():
+    model = build("llama", llama_config(), "sdpa")
+    with pytest.raises(RuntimeError, match="inside"):
+        with flash_attn_t.patched(model):
+            assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+            raise RuntimeError("inside")
+    assert model.config._attn_implementation == "sdpa"
+    assert not registered()
+
+
+def test_padding_mask_function():
+    full = torch.ones(2, 6, dtype=torch.bool)
+    assert integration.padding_mask(2, 6, 6, attention_mask=full) is None
+    padded = full.clone()
+    padded[1, :2] = False
+    assert torch.equal(integration.padding_mask(2, 6, 6, attention_mask=padded), padded)
+    assert integration.padding_mask(2, 1, 4, attention_mask=padded) is None  # the padding is left of the keys
+    padded[0, 4] = False
+    assert torch.equal(integration.padding_mask(2, 1, 4, attention_mask=padded), padded[:, -4:])
+
+
+def assert_logits_match(eager, ours, ids, **inputs):
+    expected = eager(ids, **inputs).logits
+    got = ours(ids, **inputs).logits
+    mask = inputs.get("attention_mask")
+    keep = mask.bool() if mask is not None else torch.ones(ids.shape, dtype=torch.bool)
+    torch.testing.assert_close(got[keep], expected[keep], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind, config", [("llama", llama_config()), ("mistral", mistral_config(8)),
+                                          ("gemma2", gemma2_config())])
+def test_fallback_matches_eager_with_padding(kind, config):
+    eager, ours = pair(kind, config)
+    ids = torch.randint(0, VOCAB, (3, 24))
+    mask = torch.ones(3, 24, dtype=torch.long)
+    mask[1, :5] = 0  # left padding
+    mask[2, 19:] = 0  # right padding
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_logits_match(eager, ours, ids)
+        assert_logits_match(eager, ours, ids, attention_mask=mask)
+
+
+def test_fallback_packed_position_ids_match_separate_sequences():
+    eager, ours = pair("llama", llama_config())
+    lengths = (7, 1, 12)
+    ids = torch.randint(0, VOCAB, (1, sum(lengths)))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        packed = ours(ids, position_ids=position_ids).logits
+    separate = torch.cat([eager(part).logits for part in ids.split(lengths, dim=1)], dim=1)
+    torch.testing.assert_close(packed, separate, rtol=1e-4, atol=1e-4)
+
+
+def test_fallback_warns_once_per_reason():
+    integration._warned.clear()
+    _, ours = pair("llama", llama_config())
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with pytest.warns(UserWarning, match="fallback path"):
+        ours(ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours(ids)
+
+
+def test_fallback_gradients_with_gradient_checkpointing_match_eager():
+    eager, ours = pair("llama", llama_config())
+    for model in (eager, ours):
+        model.gradient_checkpointing_enable()
+        model.train()
+    ids = torch.randint(0, VOCAB, (2, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        losses = [model(ids, labels=ids).loss for model in (eager, ours)]
+    for loss in losses:
+        loss.backward()
+    for (name, p_eager), (_, p_ours) in zip(eager.named_parameters(), ours.named_parameters()):
+        torch.testing.assert_close(p_ours.grad, p_eager.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("call, words", [
+    (dict(dropout=0.1), "dropout"),
+    (dict(softcap=30.0), "softcap"),
+    (dict(sliding_window=8), "sliding window"),
+    (dict(output_attentions=True), "output_attentions"),
+    (dict(s_aux=torch.zeros(8)), "sinks"),
+    (dict(attention_mask=torch.zeros(1, 1, 16, 16)), "4-d attention mask"),
+    (dict(head_dim=72 + 4), "head dim 76"),
+    (dict(dtype=torch.float32), "float32"),
+    (dict(), "cpu"),
+])
+def test_unsupported_reason_names_the_feature(call, words):
+    head_dim, dtype = call.pop("head_dim", 64), call.pop("dtype", torch.bfloat16)
+    q, k = torch.randn(1, 8, 16, head_dim, dtype=dtype), torch.randn(1, 2, 16, head_dim, dtype=dtype)
+    reason = integration.unsupported_reason(q, k, call.pop("attention_mask", None), call.pop("dropout", 0.0),
+                                            call.pop("sliding_window", None), call.pop("softcap", None), call)
+    assert words in reason
+
+
+def test_sliding_window_as_long_as_the_keys_is_no_window():
+    q, k = torch.randn(1, 8, 16, 64), torch.randn(1, 2, 16, 64)
+    reason = integration.unsupported_reason(q, k, None, 0.0, 16, None, {})
+    assert "window" not in reason
