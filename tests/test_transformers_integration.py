@@ -182,3 +182,55 @@ def test_sliding_window_as_long_as_the_keys_is_no_window():
     q, k = torch.randn(1, 8, 16, 64), torch.randn(1, 2, 16, 64)
     reason = integration.unsupported_reason(q, k, None, 0.0, 16, None, {})
     assert "window" not in reason
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """The kernel path on the CPU: the flash_attn functions replaced by the exact reference, so the
+    integration's own unpadding, packing and padding back are what is tested."""
+    from flash_attn_t.reference import attention_reference
+
+    def batched(q, k, v, softmax_scale=None, causal=False):
+        return attention_reference(q, k, v, softmax_scale, causal, compute_dtype=q.dtype)[0]
+
+    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=False):
+        lengths_q, lengths_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
+        assert max_seqlen_q == lengths_q.max() and max_seqlen_k == lengths_k.max()
+        return attention_reference(q, k, v, softmax_scale, causal, compute_dtype=q.dtype, cu_seqlens_q=cu_seqlens_q,
+                                   cu_seqlens_k=cu_seqlens_k)[0]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the fallback path ran where the kernel path should have")
+
+    monkeypatch.setattr(integration, "unsupported_reason", lambda *args: None)
+    monkeypatch.setattr(integration, "flash_attn_func", batched)
+    monkeypatch.setattr(integration, "flash_attn_varlen_func", varlen)
+    monkeypatch.setattr(integration, "fallback_attention", fail)
+
+
+def test_kernel_path_padding_and_packing_are_exact(reference_kernels):
+    eager, ours = pair("llama", llama_config())
+    ids = torch.randint(0, VOCAB, (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[1, :6] = 0
+    mask[2, 1:] = 0  # right padding down to one token
+    assert_logits_match(eager, ours, ids)
+    assert_logits_match(eager, ours, ids, attention_mask=mask)
+    lengths = (5, 1, 9)
+    packed_ids = ids[:1, :sum(lengths)]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, 5, 6, 15], dtype=torch.int32)
+    separate = torch.cat([eager(part).logits for part in packed_ids.split(lengths, dim=1)], dim=1)
+    for kwargs in (dict(position_ids=position_ids),
+                   dict(position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9,
+                        max_length_k=9)):
+        torch.testing.assert_close(ours(packed_ids, **kwargs).logits, separate, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_path_generation_with_a_cache_matches_eager(reference_kernels):
+    eager, ours = pair("llama", llama_config())
+    ids = torch.randint(0, VOCAB, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0  # left padding
+    generated = [model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False) for model in (eager, ours)]
+    assert torch.equal(generated[0], generated[1])
