@@ -1,16 +1,17 @@
 // sm90 forward: TMA loads into a shared-memory ring completed on mbarriers, wgmma, warp
-// specialization. Persistent: one CTA per SM walks the tiles (query block, head, batch) with a
-// stride of the grid, the longest causal blocks first; the producer loads the next tile's Q and
-// first K/V blocks while the consumers finish the current one.
+// specialization. Each CTA walks tiles (query block, head, batch) with a stride of the grid: the
+// launch makes that persistent (one CTA per SM, the producer loading the next tile's Q and first
+// K/V blocks while the consumers finish the current one) or one tile per CTA (causal, longest
+// first: fwd_launch.h says why).
 //   producer warpgroup: one thread loads each tile's Q, then K and V of each key block (last to
 //                       first, so the blocks that need masking come first) into the ring;
 //   consumer warpgroups: 64 query rows each; S = Q K^T (both from shared memory), online softmax
-//                       in registers, O += P V (P from registers, V from shared memory), and the
-//                       row sum l = P x ones as one more wgmma beside it (FA-T's tensorized sum).
-//                       Each step issues S(i) = Q K(i)^T and O += P(i-1) V(i-1) together and runs
-//                       the softmax of S(i) while P V is still on the tensor cores; with PingPong
-//                       the two warpgroups also take turns issuing, so one's softmax overlaps the
-//                       other's GEMMs.
+//                       in registers, O += P V (P from registers, V from shared memory), and with
+//                       TensorRowSum the row sum l = P x ones as one more wgmma beside it (FA-T's
+//                       tensorized sum). Each step issues S(i) = Q K(i)^T and O += P(i-1) V(i-1)
+//                       together and runs the softmax of S(i) while P V is still on the tensor
+//                       cores; with PingPong the two warpgroups also take turns issuing, so one's
+//                       softmax overlaps the other's GEMMs.
 #pragma once
 #include <cuda.h>
 
@@ -61,6 +62,11 @@ struct RingCounters {
   // Parity of the `full` phase that the i-th block of this tile completes.
   template <int Stages>
   __device__ __forceinline__ int parity(int i) const { return ((kv + i) / Stages) & 1; }
+  // Past a tile that loaded its Q and key_blocks blocks.
+  __device__ __forceinline__ void advance(int key_blocks) {
+    q += 1;
+    kv += key_blocks;
+  }
 };
 
 // The tiles of one launch: (query block, head, batch), query blocks fastest so that the CTAs
@@ -101,7 +107,7 @@ struct FwdBlock {
 template <typename Traits, bool Causal>
 __device__ __forceinline__ void produce(const FwdBlock<Traits, Causal>& blk, const FwdParams& p,
                                         const CUtensorMap* tma_q, const CUtensorMap* tma_k, const CUtensorMap* tma_v,
-                                        const FwdSmem<Traits>& sm, RingCounters& ring) {
+                                        const FwdSmem<Traits>& sm, const RingCounters& ring) {
   constexpr int kSlabElems = 64;
   const int head_k = blk.head / (p.heads / p.heads_k), b = blk.batch_coord();
   if (ring.q > 0) mbar_wait(sm.q_empty(), (ring.q - 1) & 1);  // consumers done with the last Q
@@ -127,8 +133,6 @@ __device__ __forceinline__ void produce(const FwdBlock<Traits, Causal>& blk, con
       tma_load_4d(sm.v(stage) + slab * Traits::kBlockN * kSlabElems, tma_v, sm.v_full(stage), slab * kSlabElems, row,
                   head_k, b);
   }
-  ring.q += 1;
-  ring.kv += blk.n_end;
 }
 
 // ---- wgmma operand descriptors
@@ -358,7 +362,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if (threadIdx.x != 0) return;
     for (int tile = blockIdx.x; tile < tiles.count; tile += gridDim.x) {
       const FwdBlock<Traits, Causal> blk(p, tiles, tile);
-      if (blk.has_keys()) produce(blk, p, &tma_q, &tma_k, &tma_v, sm, ring);
+      if (!blk.has_keys()) continue;
+      produce(blk, p, &tma_q, &tma_k, &tma_v, sm, ring);
+      ring.advance(blk.n_end);
     }
   } else {
     regs_increase<Traits::kConsumerRegisters>();
@@ -367,10 +373,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       const FwdBlock<Traits, Causal> blk(p, tiles, tile);
       if (blk.empty()) continue;
       Consumer<Traits, Causal>(blk, sm, ring, warpgroup - 1).run(p);
-      if (blk.has_keys()) {
-        ring.q += 1;
-        ring.kv += blk.n_end;
-      }
+      if (blk.has_keys()) ring.advance(blk.n_end);
     }
   }
 #endif
