@@ -224,8 +224,10 @@ def _packed_cu_seqlens(kwargs, batch, seq_len):
     from a flattening collator's cu_seq_lens_* / max_length_*, or from position_ids that restart
     at 0 inside a batch of one (the padding-free format)."""
     if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("cu_seq_lens_k") is not None:
-        return (kwargs["cu_seq_lens_q"].int(), kwargs["cu_seq_lens_k"].int(), int(kwargs["max_length_q"]),
-                int(kwargs["max_length_k"]))
+        cu_q, cu_k = kwargs["cu_seq_lens_q"].int(), kwargs["cu_seq_lens_k"].int()
+        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        return (cu_q, cu_k, int(cu_q.diff().max()) if max_q is None else int(max_q),
+                int(cu_k.diff().max()) if max_k is None else int(max_k))
     position_ids = kwargs.get("position_ids")
     if position_ids is None or batch != 1 or position_ids.shape[-1] != seq_len or seq_len < 2:
         return None
