@@ -16,7 +16,7 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log"
 echo "build: $(( $(date +%s) - start )) s with MAX_JOBS=$MAX_JOBS"
 
 echo "== tests"
-python3 -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -n 15
+python3 -m pytest -q --maxfail=10 tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -n 15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== compute-sanitizer (memcheck, racecheck) on a small forward + backward"
