@@ -13,7 +13,7 @@
 
 // Build switches of the FA-T techniques (setup.py sets them from FLASH_ATTN_T_* variables).
 // The tensor row sum is off by default here, unlike on the sm80 path: as its own 64x8 wgmma it
-// measured 3-6% slower than the FP32 adds it replaces (benchmarks/NOTES.md).
+// measured 2-7% slower than the FP32 adds it replaces (benchmarks/NOTES.md).
 #ifndef FAT_SM90_TENSOR_ROW_SUM
 #define FAT_SM90_TENSOR_ROW_SUM 0
 #endif
