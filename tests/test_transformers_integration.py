@@ -90,13 +90,13 @@ def test_patched_context_manager_restores_on_error():
 
 def test_padding_mask_function():
     full = torch.ones(2, 6, dtype=torch.bool)
-    assert integration.padding_mask(2, 6, 6, attention_mask=full) is None
+    assert integration.padding_mask(kv_length=6, attention_mask=full) is None
     padded = full.clone()
     padded[1, :2] = False
-    assert torch.equal(integration.padding_mask(2, 6, 6, attention_mask=padded), padded)
-    assert integration.padding_mask(2, 1, 4, attention_mask=padded) is None  # the padding is left of the keys
+    assert torch.equal(integration.padding_mask(kv_length=6, attention_mask=padded), padded)
+    assert integration.padding_mask(kv_length=4, attention_mask=padded) is None  # the padding is left of the keys
     padded[0, 4] = False
-    assert torch.equal(integration.padding_mask(2, 1, 4, attention_mask=padded), padded[:, -4:])
+    assert torch.equal(integration.padding_mask(kv_length=4, attention_mask=padded), padded[:, -4:])
 
 
 def assert_logits_match(eager, ours, ids, **inputs):

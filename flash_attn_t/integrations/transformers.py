@@ -51,9 +51,10 @@ def _transformers():
 # registration
 
 
-def padding_mask(batch_size, q_length, kv_length, attention_mask=None, **kwargs):
+def padding_mask(*, kv_length, attention_mask=None, **kwargs):
     """The mask function registered with our name: the 2-d (batch, kv_len) boolean padding mask,
-    or None when nothing is padded (causality and windows are the attention function's job)."""
+    or None when nothing is padded (causality and windows are the attention function's job).
+    Keyword arguments only: transformers releases pass different sets beside these two."""
     if attention_mask is None or attention_mask.dim() != 2:
         return attention_mask
     attention_mask = attention_mask[:, -kv_length:]
