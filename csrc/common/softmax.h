@@ -40,14 +40,15 @@ struct OnlineSoftmax {
   template <int NTiles, int OTiles>
   __device__ __forceinline__ void step(float (&s)[MTiles][NTiles][4], float (&o)[MTiles][OTiles][4],
                                        float scale_log2) {
-    float correction[MTiles][2];
-    exponentiate(s, scale_log2, correction);
-    rescale(o, correction, [] {});
+#pragma unroll
+    for (int mt = 0; mt < MTiles; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) scale_row(o, mt, r, exponentiate_row<false>(s, mt, r, scale_log2));
   }
 
-  // The first half of step, for kernels whose MMAs may still be accumulating into o (and the
-  // tensor row sum) while this runs: s becomes P, and correction receives each row's factor
-  // for rescale(), to be applied once those MMAs have finished.
+  // step in two halves, for kernels whose MMAs may still be accumulating into o (and the tensor
+  // row sum) during the first: exponentiate turns s into P and leaves each row's correction
+  // factor for rescale, which applies it once those MMAs have finished.
   //
   // LazyRescale: the max used as the exp2 shift is raised only when the tile's max exceeds it by
   // more than 2^kLazyThreshold in exp2 units. Otherwise the stale max stays, P <= 2^8 and the
@@ -56,42 +57,17 @@ struct OnlineSoftmax {
   __device__ __forceinline__ void exponentiate(float (&s)[MTiles][NTiles][4], float scale_log2,
                                                float (&correction)[MTiles][2]) {
 #pragma unroll
-    for (int mt = 0; mt < MTiles; ++mt) {
+    for (int mt = 0; mt < MTiles; ++mt)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float old_max = row_max[mt][r];
-        float m = old_max;
-#pragma unroll
-        for (int nt = 0; nt < NTiles; ++nt) m = fmaxf(m, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
-        m = quad_max(m);
-        // (-inf - -inf is NaN, which compares false: a row with no visible key yet keeps -inf.)
-        if constexpr (LazyRescale)
-          if ((m - old_max) * scale_log2 <= kLazyThreshold) m = old_max;
-        // A row that has seen only masked keys keeps max -inf; shift by 0 so exp2 gives 0s.
-        const float shift = m == -INFINITY ? 0.f : m * scale_log2;
-        correction[mt][r] = m == old_max ? 1.f : fast_exp2(old_max * scale_log2 - shift);
-        row_max[mt][r] = m;
-        float sum = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < NTiles; ++nt) {
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            float& x = s[mt][nt][2 * r + c];
-            x = fast_exp2(fmaf(x, scale_log2, -shift));
-            if constexpr (!TensorRowSum) sum += x;
-          }
-        }
-        if constexpr (!TensorRowSum) row_sum[mt][r] = row_sum[mt][r] * correction[mt][r] + sum;
-      }
-    }
+      for (int r = 0; r < 2; ++r) correction[mt][r] = exponentiate_row<true>(s, mt, r, scale_log2);
   }
 
-  // The second half of step: o (and the tensor row sum) times each row's correction. Skipped
-  // when no row of the warp changed its max (warp-uniform, so the skip is a branch, not masks).
-  // wait_for_o() runs first on either path: where o is still being written by asynchronous MMAs
-  // it waits for them. Placed below this branch, that wait cannot be scheduled above the
-  // exp2s of exponentiate (ptxas schedules within a basic block and would issue it as early as
-  // it could, stalling the softmax behind the MMAs it is meant to overlap).
+  // o (and the tensor row sum) times each row's correction. Skipped when no row of the warp
+  // changed its max (warp-uniform, so the skip is a branch, not masks). wait_for_o() runs first
+  // on either path: where o is still being written by asynchronous MMAs it waits for them.
+  // Placed below this branch, that wait cannot be scheduled above the exp2s of exponentiate
+  // (ptxas schedules within a basic block and would issue it as early as it could, stalling the
+  // softmax behind the MMAs it is meant to overlap).
   template <int OTiles, typename WaitForO>
   __device__ __forceinline__ void rescale(float (&o)[MTiles][OTiles][4], const float (&correction)[MTiles][2],
                                           WaitForO&& wait_for_o) {
@@ -104,20 +80,9 @@ struct OnlineSoftmax {
     }
     wait_for_o();
 #pragma unroll
-    for (int mt = 0; mt < MTiles; ++mt) {
+    for (int mt = 0; mt < MTiles; ++mt)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-#pragma unroll
-        for (int ot = 0; ot < OTiles; ++ot) {
-          o[mt][ot][2 * r] *= correction[mt][r];
-          o[mt][ot][2 * r + 1] *= correction[mt][r];
-        }
-        if constexpr (TensorRowSum) {
-          sum_acc[mt][2 * r] *= correction[mt][r];
-          sum_acc[mt][2 * r + 1] *= correction[mt][r];
-        }
-      }
-    }
+      for (int r = 0; r < 2; ++r) scale_row(o, mt, r, correction[mt][r]);
   }
 
   // Tensor form: adds P x ones for one k16 slice of P (already packed as an MMA A operand).
@@ -147,6 +112,54 @@ struct OnlineSoftmax {
         }
         lse[mt][r] = l > 0.f ? (row_max[mt][r] * scale_log2 + __log2f(l)) * 0.69314718056f : INFINITY;
       }
+    }
+  }
+
+ private:
+  // Row r of m16 tile mt: its running max raised by the tile's scores (by the lazy rule, if on),
+  // its scores replaced by P, the vector row sum updated; returns the factor for what o and the
+  // tensor row sum accumulated before. ExactOneIfUnchanged: that factor is exactly 1 when the
+  // max did not move, so rescale's vote can skip (step multiplies unconditionally and needs no
+  // such select).
+  template <bool ExactOneIfUnchanged, int NTiles>
+  __device__ __forceinline__ float exponentiate_row(float (&s)[MTiles][NTiles][4], int mt, int r, float scale_log2) {
+    const float old_max = row_max[mt][r];
+    float m = old_max;
+#pragma unroll
+    for (int nt = 0; nt < NTiles; ++nt) m = fmaxf(m, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+    m = quad_max(m);
+    // (-inf - -inf is NaN, which compares false: a row with no visible key yet keeps -inf.)
+    if constexpr (LazyRescale)
+      if ((m - old_max) * scale_log2 <= kLazyThreshold) m = old_max;
+    // A row that has seen only masked keys keeps max -inf; shift by 0 so exp2 gives 0s.
+    const float shift = m == -INFINITY ? 0.f : m * scale_log2;
+    const float correction =
+        ExactOneIfUnchanged && m == old_max ? 1.f : fast_exp2(old_max * scale_log2 - shift);
+    row_max[mt][r] = m;
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NTiles; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        float& x = s[mt][nt][2 * r + c];
+        x = fast_exp2(fmaf(x, scale_log2, -shift));
+        if constexpr (!TensorRowSum) sum += x;
+      }
+    }
+    if constexpr (!TensorRowSum) row_sum[mt][r] = row_sum[mt][r] * correction + sum;
+    return correction;
+  }
+
+  template <int OTiles>
+  __device__ __forceinline__ void scale_row(float (&o)[MTiles][OTiles][4], int mt, int r, float factor) {
+#pragma unroll
+    for (int ot = 0; ot < OTiles; ++ot) {
+      o[mt][ot][2 * r] *= factor;
+      o[mt][ot][2 * r + 1] *= factor;
+    }
+    if constexpr (TensorRowSum) {
+      sum_acc[mt][2 * r] *= factor;
+      sum_acc[mt][2 * r + 1] *= factor;
     }
   }
 };
