@@ -232,22 +232,24 @@ def _packed_cu_seqlens(kwargs, batch, seq_len):
     position_ids = kwargs.get("position_ids")
     if position_ids is None or batch != 1 or position_ids.shape[-1] != seq_len or seq_len < 2:
         return None
-    position_ids = position_ids.reshape(-1)
-    starts = torch.nonzero(position_ids == 0).reshape(-1)
-    if starts.numel() <= 1 and (starts.numel() == 0 or starts[0].item() == 0):
+    starts = torch.nonzero(position_ids.reshape(-1) == 0).reshape(-1)
+    bounds = torch.unique(torch.cat([starts.new_zeros(1), starts, starts.new_tensor([seq_len])]))
+    if bounds.numel() <= 2:
         return None  # one sequence: not packed
-    bounds = torch.cat([starts, starts.new_tensor([seq_len])])
-    if bounds[0].item() != 0:
-        bounds = torch.cat([bounds.new_zeros(1), bounds])
     cu_seqlens = bounds.to(torch.int32)
     max_len = int((bounds[1:] - bounds[:-1]).max())
     return cu_seqlens, cu_seqlens, max_len, max_len
 
 
+def _tokens(t):
+    """(batch, seq, heads, head_dim) -> (batch * seq, heads, head_dim), the varlen layout."""
+    return t.reshape(-1, *t.shape[2:])
+
+
 def _packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scaling, is_causal):
     batch = q.shape[0]
-    out = flash_attn_varlen_func(q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]),
-                                 cu_seqlens_q, cu_seqlens_k, max_q, max_k, softmax_scale=scaling, causal=is_causal)
+    out = flash_attn_varlen_func(_tokens(q), _tokens(k), _tokens(v), cu_seqlens_q, cu_seqlens_k, max_q, max_k,
+                                 softmax_scale=scaling, causal=is_causal)
     return out.view(batch, -1, *out.shape[1:])
 
 
@@ -261,8 +263,7 @@ def _padded_attention(q, k, v, attention_mask, scaling, is_causal):
     lens_q, lens_k = q_mask.sum(1, dtype=torch.int32), kv_mask.sum(1, dtype=torch.int32)
     cu_q = torch.nn.functional.pad(lens_q.cumsum(0, dtype=torch.int32), (1, 0))
     cu_k = torch.nn.functional.pad(lens_k.cumsum(0, dtype=torch.int32), (1, 0))
-    flat = lambda t: t.reshape(-1, *t.shape[2:])  # noqa: E731
-    out = flash_attn_varlen_func(flat(q)[q_rows], flat(k)[k_rows], flat(v)[k_rows], cu_q, cu_k,
+    out = flash_attn_varlen_func(_tokens(q)[q_rows], _tokens(k)[k_rows], _tokens(v)[k_rows], cu_q, cu_k,
                                  int(lens_q.max()), int(lens_k.max()), softmax_scale=scaling, causal=is_causal)
     padded = out.new_zeros(batch * seq_q, *out.shape[1:])
     padded[q_rows] = out
