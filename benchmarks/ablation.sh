@@ -3,7 +3,8 @@
 # the extension (sm_90a only) with the default switches, then once per override below, benchmarks
 # the forward of each build, and prints one TFLOP/s table with a column per build.
 #   bash benchmarks/ablation.sh [benchmark_attention.py args, e.g. --seqlens 2048 8192]
-#   VARIANTS="PINGPONG=0 LAZY_RESCALE=0" bash benchmarks/ablation.sh ...   (other overrides)
+#   VARIANTS="PINGPONG=0 LAZY_RESCALE=0" bash benchmarks/ablation.sh ...   (other overrides;
+#   a comma joins overrides of one build: SM90_HD64_WARPGROUPS=3,PINGPONG=0)
 # Writes the logs and CSVs under $OUT (or ./ablation_out). Leaves the last build installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +13,8 @@ mkdir -p "$OUT"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a
 
 for variant in defaults ${VARIANTS:-SM90_TENSOR_ROW_SUM=1 LAZY_RESCALE=0 PINGPONG=0}; do
-  knob=(); [ "$variant" = defaults ] || knob=("FLASH_ATTN_T_$variant")
-  label=$(echo "$variant" | tr 'A-Z=' 'a-z_')
+  knob=(); [ "$variant" = defaults ] || for k in ${variant//,/ }; do knob+=("FLASH_ATTN_T_$k"); done
+  label=$(echo "$variant" | tr 'A-Z=,' 'a-z__')
   start=$(date +%s)
   env "${knob[@]}" python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build_$label.log" 2>&1 ||
     { tail -n 30 "$OUT/build_$label.log"; exit 1; }

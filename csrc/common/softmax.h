@@ -124,10 +124,7 @@ struct OnlineSoftmax {
   template <bool ExactOneIfUnchanged, int NTiles>
   __device__ __forceinline__ float exponentiate_row(float (&s)[MTiles][NTiles][4], int mt, int r, float scale_log2) {
     const float old_max = row_max[mt][r];
-    float m = old_max;
-#pragma unroll
-    for (int nt = 0; nt < NTiles; ++nt) m = fmaxf(m, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
-    m = quad_max(m);
+    float m = quad_max(fmaxf(old_max, tile_row_max(s, mt, r)));
     // (-inf - -inf is NaN, which compares false: a row with no visible key yet keeps -inf.)
     if constexpr (LazyRescale)
       if ((m - old_max) * scale_log2 <= kLazyThreshold) m = old_max;
@@ -148,6 +145,20 @@ struct OnlineSoftmax {
     }
     if constexpr (!TensorRowSum) row_sum[mt][r] = row_sum[mt][r] * correction + sum;
     return correction;
+  }
+
+  // The max of this lane's scores of row r, as a tree: log2(2 NTiles) dependent FMNMX instead of
+  // a chain of 2 NTiles, so the exp2s (which wait for it) start that much sooner.
+  template <int NTiles>
+  __device__ __forceinline__ static float tile_row_max(const float (&s)[MTiles][NTiles][4], int mt, int r) {
+    float part[NTiles];
+#pragma unroll
+    for (int nt = 0; nt < NTiles; ++nt) part[nt] = fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]);
+#pragma unroll
+    for (int stride = 1; stride < NTiles; stride *= 2)
+#pragma unroll
+      for (int nt = 0; nt + stride < NTiles; nt += 2 * stride) part[nt] = fmaxf(part[nt], part[nt + stride]);
+    return part[0];
   }
 
   template <int OTiles>

@@ -177,13 +177,15 @@ struct Consumer {
   __device__ __forceinline__ int parity_of(int i) const { return ring.parity<Traits::kStages>(i); }
 
   // PingPong turns: a warpgroup waits for its turn before issuing a step's GEMMs and hands the
-  // turn to the other one right after (warpgroup 1 hands warpgroup 0 the first turn of the
-  // launch). Both take n_end + 1 turns per tile, so the turns stay paired across tiles.
+  // turn to the next one in the ring right after (the last hands warpgroup 0 the first turn of
+  // the launch). Each barrier meets two warpgroups: the waiter and the one passing it the turn.
+  // All take n_end + 1 turns per tile, so the ring stays in step across tiles.
   __device__ __forceinline__ void wait_turn() const {
     if constexpr (Traits::kPingPong) named_barrier_sync(kTurnOfWarpgroup0 + warpgroup, 256);
   }
   __device__ __forceinline__ void pass_turn() const {
-    if constexpr (Traits::kPingPong) named_barrier_arrive(kTurnOfWarpgroup0 + (1 - warpgroup), 256);
+    if constexpr (Traits::kPingPong)
+      named_barrier_arrive(kTurnOfWarpgroup0 + (warpgroup + 1) % Traits::kConsumerWarpgroups, 256);
   }
 
   // S = Q K(i)^T, issued (not waited for).
@@ -368,7 +370,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
   } else {
     regs_increase<Traits::kConsumerRegisters>();
-    if (Traits::kPingPong && warpgroup == 2) named_barrier_arrive(kTurnOfWarpgroup0, 256);  // the first turn
+    if (Traits::kPingPong && warpgroup == Traits::kConsumerWarpgroups)  // the last one gives the first turn
+      named_barrier_arrive(kTurnOfWarpgroup0, 256);
     for (int tile = blockIdx.x; tile < tiles.count; tile += gridDim.x) {
       const FwdBlock<Traits, Causal> blk(p, tiles, tile);
       if (blk.empty()) continue;

@@ -14,6 +14,11 @@
 // Build switches of the FA-T techniques (setup.py sets them from FLASH_ATTN_T_* variables).
 // The tensor row sum is off by default here, unlike on the sm80 path: as its own 64x8 wgmma it
 // measured 2-7% slower than the FP32 adds it replaces (benchmarks/NOTES.md).
+// Consumer warpgroups of the hd64 kernels (hd128 always has 2: its 240 registers a thread are
+// needed for O and S).
+#ifndef FAT_SM90_HD64_WARPGROUPS
+#define FAT_SM90_HD64_WARPGROUPS 2
+#endif
 #ifndef FAT_SM90_TENSOR_ROW_SUM
 #define FAT_SM90_TENSOR_ROW_SUM 0
 #endif
@@ -111,8 +116,9 @@ namespace fat {
 
 template <typename Element, int HeadDim>
 cudaError_t run_fwd_sm90(const FwdParams& p, bool causal, cudaStream_t stream) {
-  using Traits = sm90::FwdTraits<Element, HeadDim, FAT_SM90_TENSOR_ROW_SUM, FAT_LAZY_RESCALE, FAT_PINGPONG,
-                                  FAT_TIMING_SKIP_SOFTMAX>;
+  constexpr int warpgroups = HeadDim == 64 ? FAT_SM90_HD64_WARPGROUPS : 2;
+  using Traits = sm90::FwdTraits<Element, HeadDim, warpgroups, FAT_SM90_TENSOR_ROW_SUM, FAT_LAZY_RESCALE,
+                                  FAT_PINGPONG, FAT_TIMING_SKIP_SOFTMAX>;
   return causal ? sm90::launch_fwd<Traits, true>(p, stream) : sm90::launch_fwd<Traits, false>(p, stream);
 }
 

@@ -14,11 +14,13 @@ namespace fat::sm90 {
 // The FA-T switches (each measured with and without in benchmarks/NOTES.md):
 //   TensorRowSum: the softmax row sum l as P x ones, one more wgmma beside P V;
 //   LazyRescale:  o and l rescaled only when a row's max grows by more than 2^8 (softmax.h);
-//   PingPong:     the two consumer warpgroups take turns issuing their GEMMs (named barriers),
-//                 so one's softmax runs on the vector units while the other's GEMMs run.
+//   PingPong:     the consumer warpgroups take turns issuing their GEMMs (named barriers, in a
+//                 ring), so one's softmax runs on the vector units while another's GEMMs run.
+// ConsumerWarpgroups: 2 (BlockM 128) or 3 (BlockM 192: one more warp per SM sub-partition to
+// interleave its exp2s with the others', at 160 registers a thread instead of 240).
 // TimingSkipSoftmax: a measurement build only (wrong output), see Consumer::scores_to_p.
-template <typename Element_, int HeadDim_, bool TensorRowSum_, bool LazyRescale_, bool PingPong_,
-          bool TimingSkipSoftmax_ = false>
+template <typename Element_, int HeadDim_, int ConsumerWarpgroups_, bool TensorRowSum_, bool LazyRescale_,
+          bool PingPong_, bool TimingSkipSoftmax_ = false>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = HeadDim_;
@@ -26,13 +28,14 @@ struct FwdTraits {
   static constexpr bool kLazyRescale = LazyRescale_;
   static constexpr bool kPingPong = PingPong_;
   static constexpr bool kTimingSkipSoftmax = TimingSkipSoftmax_;
-  static constexpr int kConsumerWarpgroups = 2;
+  static constexpr int kConsumerWarpgroups = ConsumerWarpgroups_;
   static constexpr int kBlockM = 64 * kConsumerWarpgroups;
   static constexpr int kBlockN = 128;
   static constexpr int kStages = 2;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
-  // setmaxnreg budgets: 24 x 128 + 240 x 256 <= 64K registers.
-  static constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
+  // setmaxnreg budgets: 24 x 128 + consumers <= 64K registers (240 x 256 or 160 x 384; a
+  // multiple of 8).
+  static constexpr int kProducerRegisters = 24, kConsumerRegisters = kConsumerWarpgroups == 2 ? 240 : 160;
 
   // The m16n8 view of a warp's part of a warpgroup accumulator (softmax and masks use it).
   static constexpr int kMTiles = 1, kSTiles = kBlockN / 8, kOTiles = kHeadDim / 8;
@@ -55,14 +58,15 @@ struct FwdTraits {
   static constexpr int kBarriers = 2 + 4 * kStages;
   static constexpr int kSmemBytes = kBarrierOffset + kBarriers * 8 + 1024;  // + alignment slack
 
-  static_assert(kConsumerWarpgroups == 2 || !kPingPong, "the turn barriers pair two warpgroups");
+  static_assert(kConsumerWarpgroups == 2 || kConsumerWarpgroups == 3, "register budgets for 2 or 3");
+  static_assert(kProducerRegisters * 128 + kConsumerRegisters * 128 * kConsumerWarpgroups <= 65536, "registers");
   static_assert(kHeadDim % 64 == 0, "whole 128-byte slabs");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
 };
 
 // Named barrier ids (0 is __syncthreads).
 enum NamedBarrier : int {
-  kTurnOfWarpgroup0 = 1,  // PingPong: consumer warpgroup w waits on kTurnOfWarpgroup0 + w
+  kTurnOfWarpgroup0 = 1,  // PingPong: consumer warpgroup w waits on kTurnOfWarpgroup0 + w (1-3)
 };
 
 }  // namespace fat::sm90
