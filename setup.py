@@ -14,8 +14,8 @@ Build knobs (environment variables):
                         by more than 2^8; 0: whenever it grows (ablation)
   FLASH_ATTN_T_PINGPONG        1 (default): the sm90 forward's two consumer warpgroups take turns
                         issuing their GEMMs; 0: each issues as soon as it can (ablation)
-  FLASH_ATTN_T_SM90_HD64_WARPGROUPS  2 (default): consumer warpgroups of the sm90 hd64 forward
-                        (BlockM 64 each); 3 for BlockM 192
+  FLASH_ATTN_T_SM90_HD64_WARPGROUPS  3 (default): consumer warpgroups of the sm90 hd64 forward
+                        (64 query rows each); 2 for the ablation
   FLASH_ATTN_T_TIMING_SKIP_SOFTMAX  0 (default); 1 builds an sm90 forward WITHOUT its softmax, for
                         timing the softmax's exposed cost only: its output is wrong
 """
@@ -62,7 +62,7 @@ nvcc_flags = [
     *gencode_flags(arch_list),
     *(f"-DFAT_{name}={int(os.environ.get(f'FLASH_ATTN_T_{name}', default))}"
       for name, default in (("TENSOR_ROW_SUM", 1), ("SM90_TENSOR_ROW_SUM", 0), ("LAZY_RESCALE", 1), ("PINGPONG", 1),
-                            ("SM90_HD64_WARPGROUPS", 2), ("TIMING_SKIP_SOFTMAX", 0))),
+                            ("SM90_HD64_WARPGROUPS", 3), ("TIMING_SKIP_SOFTMAX", 0))),
     *sm90_flags,
 ]
 

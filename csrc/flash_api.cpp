@@ -136,11 +136,16 @@ bool use_sm90_forward() {
 #endif
 }
 
-void launch_fwd(const FwdParams& p, at::ScalarType dtype, bool causal) {
+void launch_fwd(FwdParams& p, const at::Tensor& q, bool causal) {
   if (p.batch == 0 || p.seqlen_q == 0) return;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // A TMA map cannot describe a tensor without rows: those (all-empty) cases take the sm80 kernels.
   const bool sm90 = use_sm90_forward() && p.rows_q > 0 && p.rows_k > 0;
+  // The sm90 kernel's tile scheduler counts from zero in every launch (stream-ordered, so the
+  // buffer may be released as soon as the launch is queued).
+  const at::Tensor tile_counter = sm90 ? at::zeros({1}, q.options().dtype(at::kInt)) : at::Tensor();
+  p.tile_counter = sm90 ? tile_counter.data_ptr<int>() : nullptr;
+  const at::ScalarType dtype = q.scalar_type();
   check_launch(dispatch(dtype, p.head_dim,
                         [&](auto element, auto dim) {
                           using Element = decltype(element);
@@ -164,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_, const at::Tensor& k
   p.batch = static_cast<int>(b);
   p.seqlen_q = static_cast<int>(sq);
   p.seqlen_k = static_cast<int>(k.size(1));
-  launch_fwd(p, q.scalar_type(), causal);
+  launch_fwd(p, q, causal);
   return {out, lse};
 }
 
@@ -188,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q_, const at::Te
   p.seqlen_k = static_cast<int>(max_seqlen_k);
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
   p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
-  if (q.size(0) > 0) launch_fwd(p, q.scalar_type(), causal);
+  if (q.size(0) > 0) launch_fwd(p, q, causal);
   return {out, lse};
 }
 

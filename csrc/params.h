@@ -28,6 +28,8 @@ struct FwdParams {
 
   float softmax_scale;
   float scale_log2;  // softmax_scale * log2(e): the exp2 argument is one FFMA away from the score
+
+  int* tile_counter;  // sm90 forward: zeroed before each launch; tiles handed out past the first wave
 };
 
 // Backward pass: the forward's tensors plus the gradients and the fp32 workspaces.

@@ -96,12 +96,20 @@ __device__ __forceinline__ void regs_decrease() {
 
 // ---- wgmma
 // Shared-memory matrix descriptor: start address, leading / stride byte offsets (all >> 4) and
-// the swizzle mode (1 = 128-byte). Tiles are 1024-byte aligned, so the base offset field is 0.
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lead_bytes, uint32_t stride_bytes,
-                                              bool swizzle_128b) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | static_cast<uint64_t>(lead_bytes >> 4) << 16 |
-         static_cast<uint64_t>(stride_bytes >> 4) << 32 | static_cast<uint64_t>(swizzle_128b ? 1 : 0) << 62;
-}
+// the swizzle mode (128-byte or none). Tiles are 1024-byte aligned, so the base offset field is 0.
+// Kept as two 32-bit words so that moving along a tile is one 32-bit add on the low word: shared
+// addresses are below 2^18, so the address field (bits 0-13) never carries into the leading
+// offset above it. (Rebuilding the whole descriptor for every wgmma cost five dependent uniform
+// instructions in front of each one, delaying the issue of every GEMM.)
+struct SmemDesc {
+  uint32_t lo, hi;
+  __device__ __forceinline__ SmemDesc(uint32_t addr, uint32_t lead_bytes, uint32_t stride_bytes, bool swizzle_128b)
+      : lo(addr >> 4 | (lead_bytes >> 4) << 16), hi(stride_bytes >> 4 | (swizzle_128b ? 1u : 0u) << 30) {}
+  // The descriptor of the same layout starting `bytes` (a multiple of 16) further.
+  __device__ __forceinline__ uint64_t at(uint32_t bytes) const {
+    return static_cast<uint64_t>(hi) << 32 | (lo + (bytes >> 4));
+  }
+};
 __device__ __forceinline__ void wgmma_fence() {
 #ifdef FAT_SM90_DEVICE
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");

@@ -1,8 +1,7 @@
 // sm90 forward: TMA loads into a shared-memory ring completed on mbarriers, wgmma, warp
-// specialization. Each CTA walks tiles (query block, head, batch) with a stride of the grid: the
-// launch makes that persistent (one CTA per SM, the producer loading the next tile's Q and first
-// K/V blocks while the consumers finish the current one) or one tile per CTA (causal, longest
-// first: fwd_launch.h says why).
+// specialization. Persistent: one CTA per SM takes tiles (query block, head, batch) from a
+// run-time queue (TileQueue), its producer loading the next tile's Q and first K/V blocks while
+// the consumers finish the current one.
 //   producer warpgroup: one thread loads each tile's Q, then K and V of each key block (last to
 //                       first, so the blocks that need masking come first) into the ring;
 //   consumer warpgroups: 64 query rows each; S = Q K^T (both from shared memory), online softmax
@@ -50,6 +49,13 @@ struct FwdSmem {
   __device__ __forceinline__ uint64_t* v_full(int stage) const { return barriers() + 2 + Traits::kStages + stage; }
   __device__ __forceinline__ uint64_t* k_empty(int stage) const { return barriers() + 2 + 2 * Traits::kStages + stage; }
   __device__ __forceinline__ uint64_t* v_empty(int stage) const { return barriers() + 2 + 3 * Traits::kStages + stage; }
+  __device__ __forceinline__ uint64_t* tile_full(int slot) const { return barriers() + 2 + 4 * Traits::kStages + slot; }
+  __device__ __forceinline__ uint64_t* tile_empty(int slot) const {
+    return barriers() + 2 + 4 * Traits::kStages + Traits::kTileSlots + slot;
+  }
+  __device__ __forceinline__ int* tile_slot(int slot) const {
+    return reinterpret_cast<int*>(base + Traits::kTileSlotOffset) + slot;
+  }
 };
 
 // How many times each buffer has been filled so far: Q once per tile, the K/V ring once per key
@@ -76,6 +82,40 @@ struct TileGrid {
   __device__ __forceinline__ TileGrid(const FwdParams& p, int block_m) {
     m_blocks = ceil_div(p.seqlen_q, block_m);
     count = m_blocks * p.heads * p.batch;
+  }
+};
+
+// The tiles are handed out at run time: each CTA (one per SM) starts with tile blockIdx.x and
+// takes the next one from a global counter whenever its producer is done loading one, so an SM
+// that finishes early (short causal tiles, short varlen sequences) takes more. The producer
+// passes each index to the consumers through a ring of tile slots in shared memory (tile_full /
+// tile_empty mbarriers); an index past the last tile tells them to stop. The j-th tile of a CTA
+// uses slot j % kTileSlots.
+template <typename Traits>
+struct TileQueue {
+  const FwdSmem<Traits>& sm;
+  int j = 0;
+  __device__ __forceinline__ explicit TileQueue(const FwdSmem<Traits>& sm_) : sm(sm_) {}
+  __device__ __forceinline__ int slot() const { return j % Traits::kTileSlots; }
+  __device__ __forceinline__ int use() const { return j / Traits::kTileSlots; }
+
+  // Producer thread: publishes this CTA's j-th tile.
+  __device__ __forceinline__ void push(int tile) {
+    if (use() > 0) mbar_wait(sm.tile_empty(slot()), (use() - 1) & 1);  // every consumer warp read it
+    *sm.tile_slot(slot()) = tile;
+    mbar_arrive(sm.tile_full(slot()));  // releases the store above
+    ++j;
+  }
+  __device__ __forceinline__ static int next(const FwdParams& p) { return gridDim.x + atomicAdd(p.tile_counter, 1); }
+
+  // Consumer warp: this CTA's j-th tile.
+  __device__ __forceinline__ int pop() {
+    mbar_wait(sm.tile_full(slot()), use() & 1);
+    const int tile = *sm.tile_slot(slot());
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) mbar_arrive(sm.tile_empty(slot()));
+    ++j;
+    return tile;
   }
 };
 
@@ -140,16 +180,15 @@ __device__ __forceinline__ void produce(const FwdBlock<Traits, Causal>& blk, con
 // 128-byte swizzle, 8-row groups 1024 bytes apart; a k16 step is 32 bytes inside a slab.
 template <typename Traits>
 __device__ __forceinline__ uint64_t kmajor_desc(const void* tile, int tile_rows, int row0, int kk) {
-  const uint32_t addr = smem_addr(tile) + (kk / 4) * tile_rows * Traits::kSlabRowBytes +
-                        row0 * Traits::kSlabRowBytes + (kk % 4) * 32;
-  return smem_desc(addr, 16, 1024, true);
+  return SmemDesc(smem_addr(tile), 16, 1024, true)
+      .at((kk / 4) * tile_rows * Traits::kSlabRowBytes + row0 * Traits::kSlabRowBytes + (kk % 4) * 32);
 }
 // V rows [16 kk, 16 kk + 16) (the reduction dim of P V), all head-dim columns: N-major, the
 // next 64 columns one slab (BlockN x 128 bytes) further, the next 8 rows 1024 bytes further.
 template <typename Traits>
 __device__ __forceinline__ uint64_t v_desc(const void* tile, int kk) {
-  const uint32_t addr = smem_addr(tile) + kk * 16 * Traits::kSlabRowBytes;
-  return smem_desc(addr, Traits::kBlockN * Traits::kSlabRowBytes, 1024, true);
+  return SmemDesc(smem_addr(tile), Traits::kBlockN * Traits::kSlabRowBytes, 1024, true)
+      .at(kk * 16 * Traits::kSlabRowBytes);
 }
 
 // ---- consumer: one warpgroup, 64 query rows.
@@ -203,7 +242,7 @@ struct Consumer {
   // written between the wgmmas of one batch make ptxas serialise them (warning C7519).
   __device__ __forceinline__ void issue_pv(float (&o)[kOTiles][4], float (&row_sum)[1][4],
                                            const uint32_t (&p)[kPSlices][4], int i) const {
-    const uint64_t ones = smem_desc(smem_addr(sm.ones()), 128, 128, false);
+    const uint64_t ones = SmemDesc(smem_addr(sm.ones()), 128, 128, false).at(0);
     mbar_wait(sm.v_full(stage_of(i)), parity_of(i));
     wgmma_fence();
 #pragma unroll
@@ -350,6 +389,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       mbar_init(sm.k_empty(s), 4 * Traits::kConsumerWarpgroups);
       mbar_init(sm.v_empty(s), 4 * Traits::kConsumerWarpgroups);
     }
+    for (int s = 0; s < Traits::kTileSlots; ++s) {
+      mbar_init(sm.tile_full(s), 1);
+      mbar_init(sm.tile_empty(s), 4 * Traits::kConsumerWarpgroups);
+    }
     mbar_init_fence();
   }
   static_assert(Traits::kOnesBytes / 4 <= Traits::kThreads, "one word of ones per thread");
@@ -358,11 +401,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   __syncthreads();
 
   RingCounters ring;
+  TileQueue<Traits> queue(sm);
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
     regs_decrease<Traits::kProducerRegisters>();
     if (threadIdx.x != 0) return;
-    for (int tile = blockIdx.x; tile < tiles.count; tile += gridDim.x) {
+    for (int tile = blockIdx.x;; tile = queue.next(p)) {
+      queue.push(tile);
+      if (tile >= tiles.count) break;
       const FwdBlock<Traits, Causal> blk(p, tiles, tile);
       if (!blk.has_keys()) continue;
       produce(blk, p, &tma_q, &tma_k, &tma_v, sm, ring);
@@ -372,7 +418,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     regs_increase<Traits::kConsumerRegisters>();
     if (Traits::kPingPong && warpgroup == Traits::kConsumerWarpgroups)  // the last one gives the first turn
       named_barrier_arrive(kTurnOfWarpgroup0, 256);
-    for (int tile = blockIdx.x; tile < tiles.count; tile += gridDim.x) {
+    for (int tile = queue.pop(); tile < tiles.count; tile = queue.pop()) {
       const FwdBlock<Traits, Causal> blk(p, tiles, tile);
       if (blk.empty()) continue;
       Consumer<Traits, Causal>(blk, sm, ring, warpgroup - 1).run(p);

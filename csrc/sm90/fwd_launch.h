@@ -14,10 +14,10 @@
 // Build switches of the FA-T techniques (setup.py sets them from FLASH_ATTN_T_* variables).
 // The tensor row sum is off by default here, unlike on the sm80 path: as its own 64x8 wgmma it
 // measured 2-7% slower than the FP32 adds it replaces (benchmarks/NOTES.md).
-// Consumer warpgroups of the hd64 kernels (hd128 always has 2: its 240 registers a thread are
-// needed for O and S).
+// Consumer warpgroups of the hd64 kernels: 3 (BlockM 192) measured 10-16% faster than 2 at
+// hd64 non-causal (benchmarks/NOTES.md). hd128 always has 2: O and S need the registers.
 #ifndef FAT_SM90_HD64_WARPGROUPS
-#define FAT_SM90_HD64_WARPGROUPS 2
+#define FAT_SM90_HD64_WARPGROUPS 3
 #endif
 #ifndef FAT_SM90_TENSOR_ROW_SUM
 #define FAT_SM90_TENSOR_ROW_SUM 0
@@ -94,18 +94,14 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   constexpr int smem = Traits::kSmemBytes;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  // Non-causal: persistent, one CTA per SM (its shared memory allows no second one), each
-  // walking the tiles with a stride of the grid. Causal: one CTA per tile, longest first, so the
-  // hardware hands the next tile to whichever SM frees up (a static stride over tiles of unequal
-  // length measured 3-5% slower: benchmarks/NOTES.md).
-  int tiles = ceil_div(p.seqlen_q, Traits::kBlockM) * p.heads * p.batch, grid = tiles;
-  if (!Causal) {
-    int device = 0, sms = 0;
-    err = cudaGetDevice(&device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (err != cudaSuccess) return err;
-    grid = std::min(tiles, sms);
-  }
+  // Persistent: one CTA per SM (its shared memory and registers allow no second one), taking
+  // tiles from the kernel's run-time queue. (A static stride over the tiles measured 3-5% slower
+  // under causal, whose tiles differ in length: benchmarks/NOTES.md.)
+  int device = 0, sms = 0;
+  err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const int grid = std::min(ceil_div(p.seqlen_q, Traits::kBlockM) * p.heads * p.batch, sms);
   kernel<<<grid, Traits::kThreads, smem, stream>>>(p, tma_q, tma_k, tma_v);
   return cudaGetLastError();
 }

@@ -33,9 +33,11 @@ struct FwdTraits {
   static constexpr int kBlockN = 128;
   static constexpr int kStages = 2;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
-  // setmaxnreg budgets: 24 x 128 + consumers <= 64K registers (240 x 256 or 160 x 384; a
-  // multiple of 8).
-  static constexpr int kProducerRegisters = 24, kConsumerRegisters = kConsumerWarpgroups == 2 ? 240 : 160;
+  // setmaxnreg budgets (multiples of 8, at most 64K in all): 40 x 128 + 232 x 256, or
+  // 32 x 128 + 160 x 384 (the 3-warpgroup consumer loop spills at 152; the producer's per-tile
+  // bookkeeping spills two words at 32, stored and loaded once per tile).
+  static constexpr int kProducerRegisters = kConsumerWarpgroups == 2 ? 40 : 32;
+  static constexpr int kConsumerRegisters = kConsumerWarpgroups == 2 ? 232 : 160;
 
   // The m16n8 view of a warp's part of a warpgroup accumulator (softmax and masks use it).
   static constexpr int kMTiles = 1, kSTiles = kBlockN / 8, kOTiles = kHeadDim / 8;
@@ -54,9 +56,11 @@ struct FwdTraits {
   static constexpr uint32_t kOnesOffset = kVOffset + kStages * kKVBytes;
   static constexpr uint32_t kBarrierOffset = kOnesOffset + kOnesBytes;
   // Q full, Q empty; per stage K full, V full, K empty, V empty (K is released a GEMM earlier
-  // than V).
-  static constexpr int kBarriers = 2 + 4 * kStages;
-  static constexpr int kSmemBytes = kBarrierOffset + kBarriers * 8 + 1024;  // + alignment slack
+  // than V); per slot of the tile-index ring tile full, tile empty.
+  static constexpr int kTileSlots = 2;
+  static constexpr int kBarriers = 2 + 4 * kStages + 2 * kTileSlots;
+  static constexpr uint32_t kTileSlotOffset = kBarrierOffset + kBarriers * 8;
+  static constexpr int kSmemBytes = kTileSlotOffset + kTileSlots * 4 + 1024;  // + alignment slack
 
   static_assert(kConsumerWarpgroups == 2 || kConsumerWarpgroups == 3, "register budgets for 2 or 3");
   static_assert(kProducerRegisters * 128 + kConsumerRegisters * 128 * kConsumerWarpgroups <= 65536, "registers");
