@@ -210,17 +210,6 @@ struct Consumer {
     warp_first_row = blk.first_row + wg_row + threadIdx.x / 32 % 4 * 16;  // in the sequence
   }
 
-  // The first visited key block that any of this warpgroup's rows can see. The CTA visits the
-  // blocks its lowest row sees; this warpgroup's rows may see fewer (the causal diagonal of a
-  // 192-row tile) or none (rows past the sequence's end).
-  __device__ __forceinline__ int first_seen_block() const {
-    const int last_row = min(blk.first_row + wg_row + 64, blk.seq.len_q) - 1;
-    int blocks = last_row < blk.first_row + wg_row ? 0 : blk.n_end;
-    const int last_col = last_row + blk.seq.causal_shift();  // the last key the lowest row sees
-    if (Causal) blocks = min(blocks, last_col < 0 ? 0 : last_col / Traits::kBlockN + 1);
-    return blk.n_end - blocks;
-  }
-
   // Where the i-th visited key block lives: its index n (visited last to first) and ring slot.
   __device__ __forceinline__ int block_of(int i) const { return blk.n_end - 1 - i; }
   __device__ __forceinline__ int stage_of(int i) const { return ring.stage<Traits::kStages>(i); }
@@ -314,24 +303,22 @@ struct Consumer {
     uint32_t pfrag[kPSlices][4];
     float correction[1][2];
 
-    const int first = blk.has_keys() ? first_seen_block() : blk.n_end;
-    if (blk.has_keys()) skip_unseen_blocks(first);
-    if (first < blk.n_end) {
+    if (blk.has_keys()) {
       mbar_wait(sm.q_full(), ring.q & 1);
 
-      // prologue: S of the first seen block and its softmax
+      // prologue: S(0) and its softmax
       wait_turn();
-      issue_qk(s[0], first);
+      issue_qk(s[0], 0);
       pass_turn();
       wgmma_wait<0>();
       fence_operand(s[0]);
-      release(sm.k_empty(stage_of(first)));
-      if (first == blk.n_end - 1) release(sm.q_empty());
-      scores_to_p(s, first, p.scale_log2, softmax, correction);
+      release(sm.k_empty(stage_of(0)));
+      if (blk.n_end == 1) release(sm.q_empty());
+      scores_to_p(s, 0, p.scale_log2, softmax, correction);
       pack(s[0], pfrag);
 
       // steady state: S(i) and P(i-1) V(i-1) on the tensor cores, then softmax(S(i)) beside P V
-      for (int i = first + 1; i < blk.n_end; ++i) {
+      for (int i = 1; i < blk.n_end; ++i) {
         wait_turn();
         issue_qk(s[0], i);
         issue_pv(o[0], softmax.sum_acc, pfrag, i - 1);
@@ -360,27 +347,6 @@ struct Consumer {
       release(sm.v_empty(stage_of(blk.n_end - 1)));
     }
     store(p, o, softmax);
-  }
-
-  // The visited key blocks before first_seen_block() are wholly masked for this warpgroup's rows: no
-  // GEMMs and no softmax, only its share of the bookkeeping -- the turns (all warpgroups take
-  // n_end + 1 per tile) and the ring's empty arrivals (each slot's phase needs every consumer
-  // warp, and an arrival before the slot is full would complete the previous phase).
-  __device__ __forceinline__ void skip_unseen_blocks(int first_seen) const {
-    for (int i = 0; i < first_seen; ++i) {
-      wait_turn();
-      pass_turn();
-      mbar_wait(sm.k_full(stage_of(i)), parity_of(i));
-      release(sm.k_empty(stage_of(i)));
-      mbar_wait(sm.v_full(stage_of(i)), parity_of(i));
-      release(sm.v_empty(stage_of(i)));
-    }
-    if (first_seen == blk.n_end) {  // sees none: the turn of the loop's epilogue, and Q is not needed
-      wait_turn();
-      pass_turn();
-      mbar_wait(sm.q_full(), ring.q & 1);
-      release(sm.q_empty());
-    }
   }
 
   // O / l and lse straight from registers.
