@@ -32,9 +32,7 @@ struct FwdSmem {
   char* base;
   __device__ __forceinline__ explicit FwdSmem(char* raw)
       : base(raw + ((1024 - (smem_addr(raw) & 1023)) & 1023)) {}
-  __device__ __forceinline__ Element* q(int slot) const {
-    return reinterpret_cast<Element*>(base + Traits::kQOffset + slot * Traits::kQBytes);
-  }
+  __device__ __forceinline__ Element* q() const { return reinterpret_cast<Element*>(base + Traits::kQOffset); }
   __device__ __forceinline__ Element* k(int stage) const {
     return reinterpret_cast<Element*>(base + Traits::kKOffset + stage * Traits::kKVBytes);
   }
@@ -45,36 +43,26 @@ struct FwdSmem {
   __device__ __forceinline__ uint64_t* barriers() const {
     return reinterpret_cast<uint64_t*>(base + Traits::kBarrierOffset);
   }
-  static constexpr int kKVBarriers = 2 * Traits::kQSlots, kTileBarriers = kKVBarriers + 4 * Traits::kStages;
-  __device__ __forceinline__ uint64_t* q_full(int slot) const { return barriers() + slot; }
-  __device__ __forceinline__ uint64_t* q_empty(int slot) const { return barriers() + Traits::kQSlots + slot; }
-  __device__ __forceinline__ uint64_t* k_full(int stage) const { return barriers() + kKVBarriers + stage; }
-  __device__ __forceinline__ uint64_t* v_full(int stage) const {
-    return barriers() + kKVBarriers + Traits::kStages + stage;
-  }
-  __device__ __forceinline__ uint64_t* k_empty(int stage) const {
-    return barriers() + kKVBarriers + 2 * Traits::kStages + stage;
-  }
-  __device__ __forceinline__ uint64_t* v_empty(int stage) const {
-    return barriers() + kKVBarriers + 3 * Traits::kStages + stage;
-  }
-  __device__ __forceinline__ uint64_t* tile_full(int slot) const { return barriers() + kTileBarriers + slot; }
+  __device__ __forceinline__ uint64_t* q_full() const { return barriers(); }
+  __device__ __forceinline__ uint64_t* q_empty() const { return barriers() + 1; }
+  __device__ __forceinline__ uint64_t* k_full(int stage) const { return barriers() + 2 + stage; }
+  __device__ __forceinline__ uint64_t* v_full(int stage) const { return barriers() + 2 + Traits::kStages + stage; }
+  __device__ __forceinline__ uint64_t* k_empty(int stage) const { return barriers() + 2 + 2 * Traits::kStages + stage; }
+  __device__ __forceinline__ uint64_t* v_empty(int stage) const { return barriers() + 2 + 3 * Traits::kStages + stage; }
+  __device__ __forceinline__ uint64_t* tile_full(int slot) const { return barriers() + 2 + 4 * Traits::kStages + slot; }
   __device__ __forceinline__ uint64_t* tile_empty(int slot) const {
-    return barriers() + kTileBarriers + Traits::kTileSlots + slot;
+    return barriers() + 2 + 4 * Traits::kStages + Traits::kTileSlots + slot;
   }
   __device__ __forceinline__ int* tile_slot(int slot) const {
     return reinterpret_cast<int*>(base + Traits::kTileSlotOffset) + slot;
   }
 };
 
-// How many times each buffer has been filled so far: the Q slots once per tile, the K/V ring once
-// per key block. The producer and every consumer count the same sequence of tiles and blocks, so
-// each derives the same slot and mbarrier phase parity from its own counters.
-template <int QSlots>
+// How many times each buffer has been filled so far: Q once per tile, the K/V ring once per key
+// block. The producer and every consumer count the same sequence of tiles and blocks, so each
+// derives the same slot and mbarrier phase parity from its own counters.
 struct RingCounters {
   int q = 0, kv = 0;
-  __device__ __forceinline__ int q_slot() const { return q % QSlots; }
-  __device__ __forceinline__ int q_parity() const { return (q / QSlots) & 1; }
   template <int Stages>
   __device__ __forceinline__ int stage(int i) const { return (kv + i) % Stages; }
   // Parity of the `full` phase that the i-th block of this tile completes.
@@ -159,15 +147,14 @@ struct FwdBlock {
 template <typename Traits, bool Causal>
 __device__ __forceinline__ void produce(const FwdBlock<Traits, Causal>& blk, const FwdParams& p,
                                         const CUtensorMap* tma_q, const CUtensorMap* tma_k, const CUtensorMap* tma_v,
-                                        const FwdSmem<Traits>& sm, const RingCounters<Traits::kQSlots>& ring) {
+                                        const FwdSmem<Traits>& sm, const RingCounters& ring) {
   constexpr int kSlabElems = 64;
   const int head_k = blk.head / (p.heads / p.heads_k), b = blk.batch_coord();
-  const int q_slot = ring.q_slot();
-  if (ring.q >= Traits::kQSlots) mbar_wait(sm.q_empty(q_slot), ring.q_parity() ^ 1);  // its last Q is done
-  mbar_arrive_expect_tx(sm.q_full(q_slot), Traits::kQBytes);
+  if (ring.q > 0) mbar_wait(sm.q_empty(), (ring.q - 1) & 1);  // consumers done with the last Q
+  mbar_arrive_expect_tx(sm.q_full(), Traits::kQBytes);
 #pragma unroll
   for (int slab = 0; slab < Traits::kSlabs; ++slab)
-    tma_load_4d(sm.q(q_slot) + slab * Traits::kBlockM * kSlabElems, tma_q, sm.q_full(q_slot), slab * kSlabElems,
+    tma_load_4d(sm.q() + slab * Traits::kBlockM * kSlabElems, tma_q, sm.q_full(), slab * kSlabElems,
                 blk.q_row(blk.first_row), blk.head, b);
   for (int i = 0; i < blk.n_end; ++i) {
     const int n = blk.n_end - 1 - i, stage = ring.stage<Traits::kStages>(i);
@@ -214,11 +201,11 @@ struct Consumer {
 
   const FwdBlock<Traits, Causal>& blk;
   const FwdSmem<Traits>& sm;
-  const RingCounters<Traits::kQSlots>& ring;
+  const RingCounters& ring;
   int warpgroup, wg_row, warp_first_row, lane;
 
   __device__ __forceinline__ Consumer(const FwdBlock<Traits, Causal>& blk_, const FwdSmem<Traits>& sm_,
-                                      const RingCounters<Traits::kQSlots>& ring_, int wg)
+                                      const RingCounters& ring_, int wg)
       : blk(blk_), sm(sm_), ring(ring_), warpgroup(wg), wg_row(wg * 64), lane(threadIdx.x % 32) {
     warp_first_row = blk.first_row + wg_row + threadIdx.x / 32 % 4 * 16;  // in the sequence
   }
@@ -246,7 +233,7 @@ struct Consumer {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < Traits::kHeadDim / 16; ++kk)
-      wgmma_ss<Element, Traits::kBlockN>(s, kmajor_desc<Traits>(sm.q(ring.q_slot()), Traits::kBlockM, wg_row, kk),
+      wgmma_ss<Element, Traits::kBlockN>(s, kmajor_desc<Traits>(sm.q(), Traits::kBlockM, wg_row, kk),
                                          kmajor_desc<Traits>(sm.k(stage_of(i)), Traits::kBlockN, 0, kk), kk > 0);
     wgmma_commit();
   }
@@ -317,7 +304,7 @@ struct Consumer {
     float correction[1][2];
 
     if (blk.has_keys()) {
-      mbar_wait(sm.q_full(ring.q_slot()), ring.q_parity());
+      mbar_wait(sm.q_full(), ring.q & 1);
 
       // prologue: S(0) and its softmax
       wait_turn();
@@ -326,7 +313,7 @@ struct Consumer {
       wgmma_wait<0>();
       fence_operand(s[0]);
       release(sm.k_empty(stage_of(0)));
-      if (blk.n_end == 1) release(sm.q_empty(ring.q_slot()));
+      if (blk.n_end == 1) release(sm.q_empty());
       scores_to_p(s, 0, p.scale_log2, softmax, correction);
       pack(s[0], pfrag);
 
@@ -339,7 +326,7 @@ struct Consumer {
         wgmma_wait<1>();  // S(i) is done, P V may still run
         fence_operand(s[0]);
         release(sm.k_empty(stage_of(i)));
-        if (i == blk.n_end - 1) release(sm.q_empty(ring.q_slot()));  // the producer may reuse the slot
+        if (i == blk.n_end - 1) release(sm.q_empty());  // the producer may load the next Q
         scores_to_p(s, i, p.scale_log2, softmax, correction);
         softmax.rescale(o, correction, [&] {  // P V must be done before o is touched
           wgmma_wait<0>();
@@ -394,10 +381,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const TileGrid tiles(p, Traits::kBlockM);
 
   if (threadIdx.x == 0) {
-    for (int s = 0; s < Traits::kQSlots; ++s) {
-      mbar_init(sm.q_full(s), 1);
-      mbar_init(sm.q_empty(s), 4 * Traits::kConsumerWarpgroups);  // one arrival per consumer warp
-    }
+    mbar_init(sm.q_full(), 1);
+    mbar_init(sm.q_empty(), 4 * Traits::kConsumerWarpgroups);  // one arrival per consumer warp
     for (int s = 0; s < Traits::kStages; ++s) {
       mbar_init(sm.k_full(s), 1);
       mbar_init(sm.v_full(s), 1);
@@ -415,7 +400,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   fence_proxy_async();  // the ones are written by plain stores and read by wgmma (async proxy)
   __syncthreads();
 
-  RingCounters<Traits::kQSlots> ring;
+  RingCounters ring;
   TileQueue<Traits> queue(sm);
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {

@@ -32,9 +32,6 @@ struct FwdTraits {
   static constexpr int kBlockM = 64 * kConsumerWarpgroups;
   static constexpr int kBlockN = 128;
   static constexpr int kStages = 2;
-  // Q of the next tile loads into the other slot while the consumers finish this one (one slot
-  // would let the producer start that load only at this tile's last Q K^T).
-  static constexpr int kQSlots = 2;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
   // setmaxnreg budgets (multiples of 8, at most 64K in all): 40 x 128 + 232 x 256, or
   // 32 x 128 + 160 x 384 (the 3-warpgroup consumer loop spills at 152; the producer's per-tile
@@ -54,14 +51,14 @@ struct FwdTraits {
 
   // Offsets from the 1024-byte aligned base (swizzle atoms repeat every 8 rows x 128 bytes).
   static constexpr uint32_t kQOffset = 0;
-  static constexpr uint32_t kKOffset = kQOffset + kQSlots * kQBytes;
+  static constexpr uint32_t kKOffset = kQOffset + kQBytes;
   static constexpr uint32_t kVOffset = kKOffset + kStages * kKVBytes;
   static constexpr uint32_t kOnesOffset = kVOffset + kStages * kKVBytes;
   static constexpr uint32_t kBarrierOffset = kOnesOffset + kOnesBytes;
-  // Per Q slot Q full, Q empty; per stage K full, V full, K empty, V empty (K is released a GEMM
-  // earlier than V); per slot of the tile-index ring tile full, tile empty.
+  // Q full, Q empty; per stage K full, V full, K empty, V empty (K is released a GEMM earlier
+  // than V); per slot of the tile-index ring tile full, tile empty.
   static constexpr int kTileSlots = 2;
-  static constexpr int kBarriers = 2 * kQSlots + 4 * kStages + 2 * kTileSlots;
+  static constexpr int kBarriers = 2 + 4 * kStages + 2 * kTileSlots;
   static constexpr uint32_t kTileSlotOffset = kBarrierOffset + kBarriers * 8;
   static constexpr int kSmemBytes = kTileSlotOffset + kTileSlots * 4 + 1024;  // + alignment slack
 
