@@ -39,6 +39,10 @@ struct FwdSmem {
   __device__ __forceinline__ Element* v(int stage) const {
     return reinterpret_cast<Element*>(base + Traits::kVOffset + stage * Traits::kKVBytes);
   }
+  // Consumer warp w's (0 = the first consumer warp) staging rows for its O.
+  __device__ __forceinline__ Element* o_stage(int w) const {
+    return reinterpret_cast<Element*>(base + Traits::kOStageOffset + w * Traits::kOStageWarpBytes);
+  }
   __device__ __forceinline__ uint32_t* ones() const { return reinterpret_cast<uint32_t*>(base + Traits::kOnesOffset); }
   __device__ __forceinline__ uint64_t* barriers() const {
     return reinterpret_cast<uint64_t*>(base + Traits::kBarrierOffset);
@@ -349,24 +353,38 @@ struct Consumer {
     store(p, o, softmax);
   }
 
-  // O / l and lse straight from registers.
+  // O / l and lse. The accumulator layout scatters a warp's O over 16 rows in 4-byte pieces; the
+  // warp stages them in shared memory and writes whole rows in 16-byte pieces (full sectors).
   __device__ __forceinline__ void store(const FwdParams& p, float (&o)[1][kOTiles][4],
                                         Softmax& softmax) const {
     using Ops = ElementOps<Element>;
+    constexpr int kPitch = Traits::kOStagePitch, kChunksPerRow = Traits::kHeadDim / 8;
     float row_lse[1][2];
     softmax.finalize(o, p.scale_log2, row_lse);
+    Element* stage = sm.o_stage(threadIdx.x / 32 - 4);  // warps 0-3 are the producer's
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int ot = 0; ot < kOTiles; ++ot)
+        *reinterpret_cast<uint32_t*>(stage + (lane / 4 + 8 * r) * kPitch + ot * 8 + 2 * (lane % 4)) =
+            Ops::pack(o[0][ot][2 * r], o[0][ot][2 * r + 1]);
+    __syncwarp();
     Element* out = static_cast<Element*>(p.out) + blk.seq.q_offset(p.out_batch_stride, p.out_row_stride) +
                    blk.head * p.out_head_stride;
+    // (out is ours, contiguous: its rows are 16-byte aligned.)
+#pragma unroll
+    for (int k = 0; k < 16 * kChunksPerRow / 32; ++k) {
+      const int c = 32 * k + lane, r = c / kChunksPerRow, col = c % kChunksPerRow * 8, row = warp_first_row + r;
+      if (row < blk.seq.len_q)
+        *reinterpret_cast<uint4*>(out + row * p.out_row_stride + col) =
+            *reinterpret_cast<const uint4*>(stage + r * kPitch + col);
+    }
+    __syncwarp();  // the next tile's store rewrites the stage
     float* lse = p.lse + blk.seq.lse_offset(p, blk.head);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = warp_first_row + lane / 4 + 8 * r;
-      if (row >= blk.seq.len_q) continue;
-#pragma unroll
-      for (int ot = 0; ot < kOTiles; ++ot)
-        *reinterpret_cast<uint32_t*>(out + row * p.out_row_stride + ot * 8 + 2 * (lane % 4)) =
-            Ops::pack(o[0][ot][2 * r], o[0][ot][2 * r + 1]);
-      if (lane % 4 == 0) lse[row] = row_lse[0][r];
+      if (row < blk.seq.len_q && lane % 4 == 0) lse[row] = row_lse[0][r];
     }
   }
 };

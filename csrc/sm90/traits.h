@@ -53,7 +53,13 @@ struct FwdTraits {
   static constexpr uint32_t kQOffset = 0;
   static constexpr uint32_t kKOffset = kQOffset + kQBytes;
   static constexpr uint32_t kVOffset = kKOffset + kStages * kKVBytes;
-  static constexpr uint32_t kOnesOffset = kVOffset + kStages * kKVBytes;
+  // The epilogue stages each consumer warp's 16 rows of O here before writing them out in 16-byte
+  // pieces. Rows are padded by 16 bytes: the accumulator layout's 4-byte writes (8 rows x 4
+  // column pairs per warp) then fall in 32 different banks.
+  static constexpr int kOStagePitch = kHeadDim + 8;  // elements
+  static constexpr uint32_t kOStageWarpBytes = 16 * kOStagePitch * sizeof(Element);
+  static constexpr uint32_t kOStageOffset = kVOffset + kStages * kKVBytes;
+  static constexpr uint32_t kOnesOffset = kOStageOffset + 4 * kConsumerWarpgroups * kOStageWarpBytes;
   static constexpr uint32_t kBarrierOffset = kOnesOffset + kOnesBytes;
   // Q full, Q empty; per stage K full, V full, K empty, V empty (K is released a GEMM earlier
   // than V); per slot of the tile-index ring tile full, tile empty.
