@@ -118,20 +118,28 @@ struct OnlineSoftmax {
  private:
   // Row r of m16 tile mt: its running max raised by the tile's scores (by the lazy rule, if on),
   // its scores replaced by P, the vector row sum updated; returns the factor for what o and the
-  // tensor row sum accumulated before. ExactOneIfUnchanged: that factor is exactly 1 when the
-  // max did not move, so rescale's vote can skip (step multiplies unconditionally and needs no
-  // such select).
-  template <bool ExactOneIfUnchanged, int NTiles>
+  // tensor row sum accumulated before. SplitForm (exponentiate, for the sm90 kernel): that factor
+  // is exactly 1 when the max did not move, so rescale's vote can skip, and the row max is taken
+  // as a tree (+2% at hd64 there). step (the sm80 kernel) multiplies unconditionally and keeps
+  // the chained max: the tree measured 1-3% slower there at hd64 (benchmarks/NOTES.md).
+  template <bool SplitForm, int NTiles>
   __device__ __forceinline__ float exponentiate_row(float (&s)[MTiles][NTiles][4], int mt, int r, float scale_log2) {
     const float old_max = row_max[mt][r];
-    float m = quad_max(fmaxf(old_max, tile_row_max(s, mt, r)));
+    float m = old_max;
+    if constexpr (SplitForm) {
+      m = fmaxf(m, tile_row_max(s, mt, r));
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < NTiles; ++nt) m = fmaxf(m, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+    }
+    m = quad_max(m);
     // (-inf - -inf is NaN, which compares false: a row with no visible key yet keeps -inf.)
     if constexpr (LazyRescale)
       if ((m - old_max) * scale_log2 <= kLazyThreshold) m = old_max;
     // A row that has seen only masked keys keeps max -inf; shift by 0 so exp2 gives 0s.
     const float shift = m == -INFINITY ? 0.f : m * scale_log2;
     const float correction =
-        ExactOneIfUnchanged && m == old_max ? 1.f : fast_exp2(old_max * scale_log2 - shift);
+        SplitForm && m == old_max ? 1.f : fast_exp2(old_max * scale_log2 - shift);
     row_max[mt][r] = m;
     float sum = 0.f;
 #pragma unroll
