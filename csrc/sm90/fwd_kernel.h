@@ -9,8 +9,9 @@
 //                       TensorRowSum the row sum l = P x ones as one more wgmma beside it (FA-T's
 //                       tensorized sum). Each step issues S(i) = Q K(i)^T and O += P(i-1) V(i-1)
 //                       together and runs the softmax of S(i) while P V is still on the tensor
-//                       cores; with PingPong the two warpgroups also take turns issuing, so one's
-//                       softmax overlaps the other's GEMMs.
+//                       cores; with PingPong the warpgroups (2, or 3 at hd64) also take turns
+//                       issuing, so one's softmax overlaps the others' GEMMs. O leaves through
+//                       per-warp staging rows in shared memory (store).
 #pragma once
 #include <cuda.h>
 
