@@ -13,9 +13,10 @@
 
 // Build switches of the FA-T techniques (setup.py sets them from FLASH_ATTN_T_* variables).
 // The tensor row sum is off by default here, unlike on the sm80 path: as its own 64x8 wgmma it
-// measured 2-7% slower than the FP32 adds it replaces (benchmarks/NOTES.md).
-// Consumer warpgroups of the hd64 kernels: 3 (BlockM 192) measured 10-16% faster than 2 at
-// hd64 non-causal (benchmarks/NOTES.md). hd128 always has 2: O and S need the registers.
+// measured neutral at hd64 and 3-4% slower at hd128 than the FP32 adds it replaces
+// (benchmarks/NOTES.md).
+// Consumer warpgroups of the hd64 kernels: 3 (BlockM 192) measured 3-19% faster than 2
+// (benchmarks/NOTES.md). hd128 always has 2: O and S need the registers.
 #ifndef FAT_SM90_HD64_WARPGROUPS
 #define FAT_SM90_HD64_WARPGROUPS 3
 #endif
