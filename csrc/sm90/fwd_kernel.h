@@ -22,6 +22,8 @@
 #include "../common/sm90_ptx.h"
 #include "../common/softmax.h"
 #include "../params.h"
+#include "pipeline.h"
+#include "scheduler.h"
 #include "traits.h"
 
 namespace fat::sm90 {
@@ -63,20 +65,18 @@ struct FwdSmem {
   }
 };
 
-// How many times each buffer has been filled so far: Q once per tile, the K/V ring once per key
-// block. The producer and every consumer count the same sequence of tiles and blocks, so each
-// derives the same slot and mbarrier phase parity from its own counters.
+// Where this CTA stands in its two rings: Q (one slot, filled once per tile) and K/V (Stages
+// slots, filled once per key block). Producer and consumers advance them past the same tiles.
+template <int Stages>
 struct RingCounters {
-  int q = 0, kv = 0;
-  template <int Stages>
-  __device__ __forceinline__ int stage(int i) const { return (kv + i) % Stages; }
-  // Parity of the `full` phase that the i-th block of this tile completes.
-  template <int Stages>
-  __device__ __forceinline__ int parity(int i) const { return ((kv + i) / Stages) & 1; }
+  RingPosition<1> q;
+  RingPosition<Stages> kv;
+  // The K/V fill of the i-th key block of the current tile.
+  __device__ __forceinline__ RingPosition<Stages> block(int i) const { return kv.plus(i); }
   // Past a tile that loaded its Q and key_blocks blocks.
   __device__ __forceinline__ void advance(int key_blocks) {
-    q += 1;
-    kv += key_blocks;
+    q = q.plus(1);
+    kv = kv.plus(key_blocks);
   }
 };
 
@@ -87,40 +87,6 @@ struct TileGrid {
   __device__ __forceinline__ TileGrid(const FwdParams& p, int block_m) {
     m_blocks = ceil_div(p.seqlen_q, block_m);
     count = m_blocks * p.heads * p.batch;
-  }
-};
-
-// The tiles are handed out at run time: each CTA (one per SM) starts with tile blockIdx.x and
-// takes the next one from a global counter whenever its producer is done loading one, so an SM
-// that finishes early (short causal tiles, short varlen sequences) takes more. The producer
-// passes each index to the consumers through a ring of tile slots in shared memory (tile_full /
-// tile_empty mbarriers); an index past the last tile tells them to stop. The j-th tile of a CTA
-// uses slot j % kTileSlots.
-template <typename Traits>
-struct TileQueue {
-  const FwdSmem<Traits>& sm;
-  int j = 0;
-  __device__ __forceinline__ explicit TileQueue(const FwdSmem<Traits>& sm_) : sm(sm_) {}
-  __device__ __forceinline__ int slot() const { return j % Traits::kTileSlots; }
-  __device__ __forceinline__ int use() const { return j / Traits::kTileSlots; }
-
-  // Producer thread: publishes this CTA's j-th tile.
-  __device__ __forceinline__ void push(int tile) {
-    if (use() > 0) mbar_wait(sm.tile_empty(slot()), (use() - 1) & 1);  // every consumer warp read it
-    *sm.tile_slot(slot()) = tile;
-    mbar_arrive(sm.tile_full(slot()));  // releases the store above
-    ++j;
-  }
-  __device__ __forceinline__ static int next(const FwdParams& p) { return gridDim.x + atomicAdd(p.tile_counter, 1); }
-
-  // Consumer warp: this CTA's j-th tile.
-  __device__ __forceinline__ int pop() {
-    mbar_wait(sm.tile_full(slot()), use() & 1);
-    const int tile = *sm.tile_slot(slot());
-    __syncwarp();
-    if (threadIdx.x % 32 == 0) mbar_arrive(sm.tile_empty(slot()));
-    ++j;
-    return tile;
   }
 };
 
@@ -152,19 +118,20 @@ struct FwdBlock {
 template <typename Traits, bool Causal>
 __device__ __forceinline__ void produce(const FwdBlock<Traits, Causal>& blk, const FwdParams& p,
                                         const CUtensorMap* tma_q, const CUtensorMap* tma_k, const CUtensorMap* tma_v,
-                                        const FwdSmem<Traits>& sm, const RingCounters& ring) {
+                                        const FwdSmem<Traits>& sm, const RingCounters<Traits::kStages>& ring) {
   constexpr int kSlabElems = 64;
   const int head_k = blk.head / (p.heads / p.heads_k), b = blk.batch_coord();
-  if (ring.q > 0) mbar_wait(sm.q_empty(), (ring.q - 1) & 1);  // consumers done with the last Q
+  ring.q.wait_empty(sm.q_empty());  // consumers done with the last Q
   mbar_arrive_expect_tx(sm.q_full(), Traits::kQBytes);
 #pragma unroll
   for (int slab = 0; slab < Traits::kSlabs; ++slab)
     tma_load_4d(sm.q() + slab * Traits::kBlockM * kSlabElems, tma_q, sm.q_full(), slab * kSlabElems,
                 blk.q_row(blk.first_row), blk.head, b);
   for (int i = 0; i < blk.n_end; ++i) {
-    const int n = blk.n_end - 1 - i, stage = ring.stage<Traits::kStages>(i);
-    const int use = (ring.kv + i) / Traits::kStages;
+    const RingPosition<Traits::kStages> slot = ring.block(i);
+    const int n = blk.n_end - 1 - i, stage = slot.stage(), use = slot.use();
     const int row = blk.k_row(n * Traits::kBlockN);
+    // (RingPosition::wait_empty spelled out: in that form ptxas unrolls this loop twice as far.)
     if (use > 0) mbar_wait(sm.k_empty(stage), (use - 1) & 1);  // consumers done with its last use
     mbar_arrive_expect_tx(sm.k_full(stage), Traits::kKVBytes);
 #pragma unroll
@@ -206,35 +173,33 @@ struct Consumer {
 
   const FwdBlock<Traits, Causal>& blk;
   const FwdSmem<Traits>& sm;
-  const RingCounters& ring;
+  const RingCounters<Traits::kStages>& ring;
   int warpgroup, wg_row, warp_first_row, lane;
 
   __device__ __forceinline__ Consumer(const FwdBlock<Traits, Causal>& blk_, const FwdSmem<Traits>& sm_,
-                                      const RingCounters& ring_, int wg)
+                                      const RingCounters<Traits::kStages>& ring_, int wg)
       : blk(blk_), sm(sm_), ring(ring_), warpgroup(wg), wg_row(wg * 64), lane(threadIdx.x % 32) {
     warp_first_row = blk.first_row + wg_row + threadIdx.x / 32 % 4 * 16;  // in the sequence
   }
 
   // Where the i-th visited key block lives: its index n (visited last to first) and ring slot.
   __device__ __forceinline__ int block_of(int i) const { return blk.n_end - 1 - i; }
-  __device__ __forceinline__ int stage_of(int i) const { return ring.stage<Traits::kStages>(i); }
-  __device__ __forceinline__ int parity_of(int i) const { return ring.parity<Traits::kStages>(i); }
+  __device__ __forceinline__ int stage_of(int i) const { return ring.block(i).stage(); }
 
   // PingPong turns: a warpgroup waits for its turn before issuing a step's GEMMs and hands the
   // turn to the next one in the ring right after (the last hands warpgroup 0 the first turn of
   // the launch). Each barrier meets two warpgroups: the waiter and the one passing it the turn.
   // All take n_end + 1 turns per tile, so the ring stays in step across tiles.
   __device__ __forceinline__ void wait_turn() const {
-    if constexpr (Traits::kPingPong) named_barrier_sync(kTurnOfWarpgroup0 + warpgroup, 256);
+    if constexpr (Traits::kPingPong) Barriers::fwd_turn(warpgroup).sync();
   }
   __device__ __forceinline__ void pass_turn() const {
-    if constexpr (Traits::kPingPong)
-      named_barrier_arrive(kTurnOfWarpgroup0 + (warpgroup + 1) % Traits::kConsumerWarpgroups, 256);
+    if constexpr (Traits::kPingPong) Barriers::fwd_turn((warpgroup + 1) % Traits::kConsumerWarpgroups).arrive();
   }
 
   // S = Q K(i)^T, issued (not waited for).
   __device__ __forceinline__ void issue_qk(float (&s)[kSTiles][4], int i) const {
-    mbar_wait(sm.k_full(stage_of(i)), parity_of(i));
+    ring.block(i).wait_full(sm.k_full(stage_of(i)));
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < Traits::kHeadDim / 16; ++kk)
@@ -248,7 +213,7 @@ struct Consumer {
   __device__ __forceinline__ void issue_pv(float (&o)[kOTiles][4], float (&row_sum)[1][4],
                                            const uint32_t (&p)[kPSlices][4], int i) const {
     const uint64_t ones = SmemDesc(smem_addr(sm.ones()), 128, 128, false).at(0);
-    mbar_wait(sm.v_full(stage_of(i)), parity_of(i));
+    ring.block(i).wait_full(sm.v_full(stage_of(i)));
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kPSlices; ++kk) {
@@ -259,10 +224,7 @@ struct Consumer {
   }
 
   // Tells the producer this warp no longer reads a ring slot.
-  __device__ __forceinline__ void release(uint64_t* empty) const {
-    __syncwarp();
-    if (lane == 0) mbar_arrive(empty);
-  }
+  __device__ __forceinline__ static void release(uint64_t* empty) { warp_release(empty); }
 
   __device__ __forceinline__ void mask(float (&s)[kSTiles][4], int i) const {
     const int first_col = block_of(i) * Traits::kBlockN, shift = blk.seq.causal_shift();
@@ -309,7 +271,7 @@ struct Consumer {
     float correction[1][2];
 
     if (blk.has_keys()) {
-      mbar_wait(sm.q_full(), ring.q & 1);
+      ring.q.wait_full(sm.q_full());
 
       // prologue: S(0) and its softmax
       wait_turn();
@@ -419,13 +381,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   fence_proxy_async();  // the ones are written by plain stores and read by wgmma (async proxy)
   __syncthreads();
 
-  RingCounters ring;
-  TileQueue<Traits> queue(sm);
+  RingCounters<Traits::kStages> ring;
+  TileQueue<FwdSmem<Traits>, Traits::kTileSlots> queue(sm);
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
     regs_decrease<Traits::kProducerRegisters>();
     if (threadIdx.x != 0) return;
-    for (int tile = blockIdx.x;; tile = queue.next(p)) {
+    for (int tile = blockIdx.x;; tile = queue.next(p.tile_counter)) {
       queue.push(tile);
       if (tile >= tiles.count) break;
       const FwdBlock<Traits, Causal> blk(p, tiles, tile);
@@ -436,7 +398,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   } else {
     regs_increase<Traits::kConsumerRegisters>();
     if (Traits::kPingPong && warpgroup == Traits::kConsumerWarpgroups)  // the last one gives the first turn
-      named_barrier_arrive(kTurnOfWarpgroup0, 256);
+      Barriers::fwd_turn(0).arrive();
     for (int tile = queue.pop(); tile < tiles.count; tile = queue.pop()) {
       const FwdBlock<Traits, Causal> blk(p, tiles, tile);
       if (blk.empty()) continue;

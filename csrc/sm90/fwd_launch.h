@@ -9,6 +9,7 @@
 
 #include "../launch.h"
 #include "fwd_kernel.h"
+#include "tma.h"
 #include "traits.h"
 
 // Build switches of the FA-T techniques (setup.py sets them from FLASH_ATTN_T_* variables).
@@ -35,47 +36,6 @@
 
 namespace fat::sm90 {
 
-// cuTensorMapEncodeTiled from the driver, looked up once through the runtime (no -lcuda).
-inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess)
-      fn = nullptr;
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  return encode;
-}
-
-// A 4-d map over (head dim, rows, heads, batch) of a (batch, seq, heads, dim) tensor, or of a
-// varlen (total, heads, dim) one with batch 1. Boxes of 64 columns (one 128-byte swizzle atom)
-// x box_rows rows; rows past the tensor's end read as zeros.
-template <typename Element>
-cudaError_t make_tensor_map(CUtensorMap* map, const void* data, int head_dim, int rows, int heads, int batch,
-                            int64_t row_stride, int64_t head_stride, int64_t batch_stride, int box_rows) {
-  auto encode = tensor_map_encoder();
-  if (encode == nullptr) return cudaErrorNotSupported;
-  constexpr auto dtype =
-      std::is_same_v<Element, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(rows),
-                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
-  // A dim of extent 1 may carry any stride (and the caller's checks allow that); TMA wants every
-  // stride a positive multiple of 16 bytes, which it never uses for such a dim.
-  auto stride_bytes = [](int extent, int64_t stride) {
-    return static_cast<cuuint64_t>(extent <= 1 ? 128 : stride * static_cast<int64_t>(sizeof(Element)));
-  };
-  const cuuint64_t strides[3] = {stride_bytes(rows, row_stride), stride_bytes(heads, head_stride),
-                                 stride_bytes(batch, batch_stride)};
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
-  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
-  const CUresult r = encode(map, dtype, 4, const_cast<void*>(data), dims, strides, box, element_strides,
-                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
-}
-
 template <typename Traits, bool Causal>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   using Element = typename Traits::Element;
@@ -98,9 +58,8 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   // Persistent: one CTA per SM (its shared memory and registers allow no second one), taking
   // tiles from the kernel's run-time queue. (A static stride over the tiles measured 3-5% slower
   // under causal, whose tiles differ in length: benchmarks/NOTES.md.)
-  int device = 0, sms = 0;
-  err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  int sms = 0;
+  err = multiprocessor_count(&sms);
   if (err != cudaSuccess) return err;
   const int grid = std::min(ceil_div(p.seqlen_q, Traits::kBlockM) * p.heads * p.batch, sms);
   kernel<<<grid, Traits::kThreads, smem, stream>>>(p, tma_q, tma_k, tma_v);

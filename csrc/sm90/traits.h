@@ -74,9 +74,4 @@ struct FwdTraits {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
 };
 
-// Named barrier ids (0 is __syncthreads).
-enum NamedBarrier : int {
-  kTurnOfWarpgroup0 = 1,  // PingPong: consumer warpgroup w waits on kTurnOfWarpgroup0 + w (1-3)
-};
-
 }  // namespace fat::sm90
