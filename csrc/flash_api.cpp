@@ -120,9 +120,9 @@ cudaError_t dispatch(at::ScalarType dtype, int head_dim, F&& f) {
   return dtype == at::kBFloat16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});
 }
 
-// The forward kernels for this GPU: the sm90 ones (TMA + wgmma) on Hopper when the build has
-// sm_90a, unless FLASH_ATTN_T_FORCE_SM80=1 asks for the portable sm80 ones (to compare the two).
-bool use_sm90_forward() {
+// The kernels for this GPU: the sm90 ones (TMA + wgmma, forward and backward) on Hopper when the
+// build has sm_90a, unless FLASH_ATTN_T_FORCE_SM80=1 asks for the portable sm80 ones (to compare).
+bool use_sm90_kernels() {
 #ifdef FAT_SM90
   const char* force = std::getenv("FLASH_ATTN_T_FORCE_SM80");
   if (force != nullptr && std::string(force) == "1") return false;
@@ -140,7 +140,7 @@ void launch_fwd(FwdParams& p, const at::Tensor& q, bool causal) {
   if (p.batch == 0 || p.seqlen_q == 0) return;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // A TMA map cannot describe a tensor without rows: those (all-empty) cases take the sm80 kernels.
-  const bool sm90 = use_sm90_forward() && p.rows_q > 0 && p.rows_k > 0;
+  const bool sm90 = use_sm90_kernels() && p.rows_q > 0 && p.rows_k > 0;
   // The sm90 kernel's tile scheduler counts from zero in every launch (stream-ordered, so the
   // buffer may be released as soon as the launch is queued).
   const at::Tensor tile_counter = sm90 ? at::zeros({1}, q.options().dtype(at::kInt)) : at::Tensor();
@@ -249,9 +249,14 @@ at::Tensor launch_bwd(BwdParams& p, const at::Tensor& q, const at::Tensor& lse, 
                         }),
                "backward dsum");
   if (p.seqlen_k > 0) {
+    // A TMA map cannot describe a tensor without rows: those cases take the sm80 kernel.
+    const bool sm90 = use_sm90_kernels() && p.rows_q > 0 && p.rows_k > 0;
     check_launch(dispatch(q.scalar_type(), p.head_dim,
                           [&](auto element, auto dim) {
-                            return run_bwd_sm80<decltype(element), decltype(dim)::value>(p, causal, stream);
+                            using Element = decltype(element);
+                            constexpr int kDim = decltype(dim)::value;
+                            return sm90 ? run_bwd_sm90<Element, kDim>(p, causal, stream)
+                                        : run_bwd_sm80<Element, kDim>(p, causal, stream);
                           }),
                  "backward");
   }

@@ -19,6 +19,10 @@ cudaError_t run_fwd_sm90(const FwdParams& params, bool causal, cudaStream_t stre
 template <typename Element, int HeadDim>
 cudaError_t run_bwd_sm80(const BwdParams& params, bool causal, cudaStream_t stream);
 
+// Hopper (sm_90a build only): the main backward kernel, TMA + wgmma, warp-specialized.
+template <typename Element, int HeadDim>
+cudaError_t run_bwd_sm90(const BwdParams& params, bool causal, cudaStream_t stream);
+
 // The backward's first pass: dsum = rowsum(dout * out) over the head dim; clears dq_accum.
 template <typename Element, int HeadDim>
 cudaError_t run_bwd_dsum(const BwdParams& params, cudaStream_t stream);

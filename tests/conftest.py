@@ -16,9 +16,9 @@ def is_hopper():
 
 
 @pytest.fixture(params=["default", "sm80"])
-def forward_kernels(request, monkeypatch):
-    """Runs a test through each forward kernel family of this GPU: the default one (sm90 on
-    Hopper) and, on Hopper, the sm80 kernels forced with FLASH_ATTN_T_FORCE_SM80=1."""
+def kernel_family(request, monkeypatch):
+    """Runs a test through each kernel family of this GPU, forward and backward: the default one
+    (sm90 on Hopper) and, on Hopper, the sm80 kernels forced with FLASH_ATTN_T_FORCE_SM80=1."""
     if request.param == "sm80":
         if not is_hopper():
             pytest.skip("the sm80 kernels are already the default on this GPU")
@@ -28,8 +28,8 @@ def forward_kernels(request, monkeypatch):
     return request.param
 
 
-# for a GPU test module whose forwards must pass through every forward kernel family
-GPU_EACH_FORWARD = [*GPU, pytest.mark.usefixtures("forward_kernels")]
+# for a GPU test module whose calls must pass through every kernel family
+GPU_EACH_FAMILY = [*GPU, pytest.mark.usefixtures("kernel_family")]
 
 
 def poison_allocator(nbytes=256 * 1024 * 1024):

@@ -5,11 +5,11 @@ import itertools
 import pytest
 import torch
 
-from conftest import GPU_EACH_FORWARD, assert_close_to_ref, is_hopper, max_err, poison_allocator
+from conftest import GPU_EACH_FAMILY, assert_close_to_ref, is_hopper, max_err, poison_allocator
 from flash_attn_t import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
 from flash_attn_t.reference import attention_reference
 
-pytestmark = GPU_EACH_FORWARD
+pytestmark = GPU_EACH_FAMILY
 
 DTYPES = [torch.float16, torch.bfloat16]
 HEAD_DIMS = [64, 128]
@@ -194,17 +194,20 @@ def test_mixed_devices_and_cpu_are_rejected():
             flash_attn_func(q, k, v.to("cuda:1"))
 
 
-def forward_kernel_names(causal):
-    q, k, v, _ = make_inputs(2, 300, 300, 4, 2, 128, torch.bfloat16)
+def kernel_names(causal):
+    q, k, v, dout = make_inputs(2, 300, 300, 4, 2, 128, torch.bfloat16)
+    q.requires_grad_()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        flash_attn_func(q, k, v, causal=causal)
+        out = flash_attn_func(q, k, v, causal=causal)
+        out.backward(dout)
         torch.cuda.synchronize()
-    return [e.name for e in prof.events() if "fwd_kernel" in e.name]
+    names = [e.name for e in prof.events()]
+    return [n for n in names if "fwd_kernel" in n], [n for n in names if "bwd_kernel" in n]
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_forward_runs_the_selected_kernel_family(forward_kernels, causal):
-    names = forward_kernel_names(causal)
-    assert names, "no forward kernel seen by the profiler"
-    expect_sm90 = is_hopper() and forward_kernels == "default"
-    assert all(("sm90::" in n) == expect_sm90 for n in names), names
+def test_forward_and_backward_run_the_selected_kernel_family(kernel_family, causal):
+    expect_sm90 = is_hopper() and kernel_family == "default"
+    for pass_name, names in zip(("forward", "backward"), kernel_names(causal)):
+        assert names, f"no {pass_name} kernel seen by the profiler"
+        assert all(("sm90::" in n) == expect_sm90 for n in names), names

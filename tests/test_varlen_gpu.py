@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from conftest import GPU_EACH_FORWARD, assert_close_to_ref, poison_allocator
+from conftest import GPU_EACH_FAMILY, assert_close_to_ref, poison_allocator
 from flash_attn_t import flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func
 from flash_attn_t.reference import attention_reference
 
-pytestmark = GPU_EACH_FORWARD
+pytestmark = GPU_EACH_FAMILY
 
 
 def cu_seqlens(lengths):

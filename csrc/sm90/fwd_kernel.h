@@ -22,6 +22,7 @@
 #include "../common/sm90_ptx.h"
 #include "../common/softmax.h"
 #include "../params.h"
+#include "operands.h"
 #include "pipeline.h"
 #include "scheduler.h"
 #include "traits.h"
@@ -147,22 +148,6 @@ __device__ __forceinline__ void produce(const FwdBlock<Traits, Causal>& blk, con
   }
 }
 
-// ---- wgmma operand descriptors
-// Q rows [row0, row0 + 64) or all K rows, head-dim columns [16 kk, 16 kk + 16): K-major with
-// 128-byte swizzle, 8-row groups 1024 bytes apart; a k16 step is 32 bytes inside a slab.
-template <typename Traits>
-__device__ __forceinline__ uint64_t kmajor_desc(const void* tile, int tile_rows, int row0, int kk) {
-  return SmemDesc(smem_addr(tile), 16, 1024, true)
-      .at((kk / 4) * tile_rows * Traits::kSlabRowBytes + row0 * Traits::kSlabRowBytes + (kk % 4) * 32);
-}
-// V rows [16 kk, 16 kk + 16) (the reduction dim of P V), all head-dim columns: N-major, the
-// next 64 columns one slab (BlockN x 128 bytes) further, the next 8 rows 1024 bytes further.
-template <typename Traits>
-__device__ __forceinline__ uint64_t v_desc(const void* tile, int kk) {
-  return SmemDesc(smem_addr(tile), Traits::kBlockN * Traits::kSlabRowBytes, 1024, true)
-      .at(kk * 16 * Traits::kSlabRowBytes);
-}
-
 // ---- consumer: one warpgroup, 64 query rows.
 template <typename Traits, bool Causal>
 struct Consumer {
@@ -203,8 +188,8 @@ struct Consumer {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < Traits::kHeadDim / 16; ++kk)
-      wgmma_ss<Element, Traits::kBlockN>(s, kmajor_desc<Traits>(sm.q(), Traits::kBlockM, wg_row, kk),
-                                         kmajor_desc<Traits>(sm.k(stage_of(i)), Traits::kBlockN, 0, kk), kk > 0);
+      wgmma_ss<Element, Traits::kBlockN>(s, kmajor_desc(sm.q(), Traits::kBlockM, wg_row, kk),
+                                         kmajor_desc(sm.k(stage_of(i)), Traits::kBlockN, 0, kk), kk > 0);
     wgmma_commit();
   }
 
@@ -217,7 +202,7 @@ struct Consumer {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kPSlices; ++kk) {
-      wgmma_rs<Element, Traits::kHeadDim>(o, p[kk], v_desc<Traits>(sm.v(stage_of(i)), kk), 1);
+      wgmma_rs<Element, Traits::kHeadDim>(o, p[kk], mn_major_desc(sm.v(stage_of(i)), Traits::kBlockN, kk), 1);
       if constexpr (Traits::kTensorRowSum) wgmma_rs<Element, 8>(row_sum, p[kk], ones, 1);
     }
     wgmma_commit();

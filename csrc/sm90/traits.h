@@ -74,4 +74,58 @@ struct FwdTraits {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
 };
 
+// Backward. A CTA owns BlockN = 128 keys (its K, V and dK, dV accumulators) and walks the query
+// blocks (BlockM rows) that see them, for every q head of its kv head's group. Warpgroup 0 is the
+// producer (warp 0: TMA loads; warp 1: lse and D rows; warp 2: the dQ reductions); each of the
+// two consumer warpgroups owns 64 of the keys and computes, per query block,
+//   S^T = K Q^T and dP^T = V dO^T (keys as wgmma rows, so P^T and dS^T come out in the registers
+//   that feed dV += P^T dO and dK += dS^T Q as A operands), and a 64 x 64 piece of dQ = dS K from
+//   the dS^T both warpgroups wrote to shared memory (rows of dQ split between the warpgroups at
+//   BlockM 128, head-dim columns at BlockM 64).
+// Q, dO, lse and D stream through a ring of Stages slots; dS^T has two buffers, so a warpgroup
+// may write the next one while the other still reads this one; the fp32 dQ block is staged once
+// and added to global memory by the bulk copy engine.
+// Register budgets: hd128 keeps dK, dV (64 + 64), S^T, dP^T (32 + 32) and the dQ piece (32)
+// per thread; hd64 at BlockM 128 keeps 32 + 32, 64 + 64 and 32.
+template <typename Element_, int HeadDim_, int BlockM_>
+struct BwdTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = HeadDim_;
+  static constexpr int kBlockM = BlockM_;
+  static constexpr int kBlockN = 128;
+  static constexpr int kConsumerWarpgroups = 2;
+  static constexpr int kStages = 2;
+  static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
+  // 24 + 240: the hd128 consumer spills at 232; the producer warps spill a few words per step at
+  // 24, off the critical path (the ring runs two steps ahead).
+  static constexpr int kProducerRegisters = 24;
+  static constexpr int kConsumerRegisters = 240;
+  // dQ = dS K as two 64 x 64 pieces: split by rows when BlockM is 128, by columns when it is 64.
+  static constexpr bool kDqSplitRows = kBlockM == 128;
+
+  static constexpr int kSlabRowBytes = 128;
+  static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kDsBytes = kBlockN * kBlockM * sizeof(Element);  // keys x queries
+  static constexpr uint32_t kDqBytes = kBlockM * kHeadDim * sizeof(float);
+  static constexpr uint32_t kRowStatBytes = kBlockM * sizeof(float);
+
+  static constexpr uint32_t kKOffset = 0;
+  static constexpr uint32_t kVOffset = kKOffset + kKVBytes;
+  static constexpr uint32_t kQOffset = kVOffset + kKVBytes;
+  static constexpr uint32_t kDoOffset = kQOffset + kStages * kQBytes;
+  static constexpr uint32_t kDsOffset = kDoOffset + kStages * kQBytes;
+  static constexpr uint32_t kDqOffset = kDsOffset + 2 * kDsBytes;
+  static constexpr uint32_t kLseOffset = kDqOffset + kDqBytes;  // per stage: lse * log2(e), then D
+  static constexpr uint32_t kBarrierOffset = kLseOffset + kStages * 2 * kRowStatBytes;
+  // K/V full, K/V empty; per stage Q full, Q empty; dQ full, dQ empty.
+  static constexpr int kBarriers = 2 + 2 * kStages + 2;
+  static constexpr int kSmemBytes = kBarrierOffset + kBarriers * 8 + 1024;  // + alignment slack
+
+  static_assert(kBlockM * kHeadDim == 2 * 64 * 64, "two 64 x 64 dQ pieces per query block");
+  static_assert(kHeadDim % 64 == 0 && kBlockM % 64 == 0, "whole 128-byte slabs");
+  static_assert(kProducerRegisters * 128 + kConsumerRegisters * 256 <= 65536, "registers");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
+};
+
 }  // namespace fat::sm90

@@ -1,0 +1,438 @@
+// sm90 backward: TMA + wgmma, warp-specialized. A CTA owns one block of 128 keys (see BwdTraits)
+// and walks the query blocks that see them, for every q head of its kv head's group (GQA
+// gradients are summed in registers, never expanded). Per query block, recomputing P from lse:
+//   S^T = K Q^T, dP^T = V dO^T, P^T = exp2(S^T scale_log2 - lse log2 e), dS^T = P^T (dP^T - D),
+//   dV += P^T dO, dK += dS^T Q (A operands from registers), dQ = dS K (dS^T from shared memory),
+// with the fp32 dQ block added into dq_accum by the bulk copy engine off the MMA warps.
+//   producer warpgroup: warp 0 loads K, V once per key block and Q, dO per query block with TMA;
+//                       warp 1 stages each query block's lse (in log2 units) and D rows; warp 2
+//                       drains the staged dQ blocks into dq_accum (cp.reduce.async.bulk);
+//   consumer warpgroups: 64 keys each.
+#pragma once
+#include <cuda.h>
+
+#include <cmath>
+
+#include "../common/ptx.h"
+#include "../common/seq_info.h"
+#include "../common/sm90_ptx.h"
+#include "../params.h"
+#include "operands.h"
+#include "pipeline.h"
+#include "traits.h"
+
+namespace fat::sm90 {
+
+// The shared-memory carve-up of BwdTraits, from a base aligned up to 1024 bytes.
+template <typename Traits>
+struct BwdSmem {
+  using Element = typename Traits::Element;
+  char* base;
+  __device__ __forceinline__ explicit BwdSmem(char* raw) : base(raw + ((1024 - (smem_addr(raw) & 1023)) & 1023)) {}
+  template <typename T = Element>
+  __device__ __forceinline__ T* at(uint32_t offset) const {
+    return reinterpret_cast<T*>(base + offset);
+  }
+  __device__ __forceinline__ Element* k() const { return at(Traits::kKOffset); }
+  __device__ __forceinline__ Element* v() const { return at(Traits::kVOffset); }
+  __device__ __forceinline__ Element* q(int stage) const { return at(Traits::kQOffset + stage * Traits::kQBytes); }
+  __device__ __forceinline__ Element* dout(int stage) const {
+    return at(Traits::kDoOffset + stage * Traits::kQBytes);
+  }
+  __device__ __forceinline__ Element* ds(int buffer) const { return at(Traits::kDsOffset + buffer * Traits::kDsBytes); }
+  __device__ __forceinline__ float* dq() const { return at<float>(Traits::kDqOffset); }
+  // Per stage: the query block's lse * log2(e) (+inf past the sequence end) and D (0 there).
+  __device__ __forceinline__ float* lse_log2(int stage) const {
+    return at<float>(Traits::kLseOffset + 2 * stage * Traits::kRowStatBytes);
+  }
+  __device__ __forceinline__ float* dsum(int stage) const { return lse_log2(stage) + Traits::kBlockM; }
+  __device__ __forceinline__ uint64_t* barriers() const { return at<uint64_t>(Traits::kBarrierOffset); }
+  __device__ __forceinline__ uint64_t* kv_full() const { return barriers(); }
+  __device__ __forceinline__ uint64_t* kv_empty() const { return barriers() + 1; }
+  __device__ __forceinline__ uint64_t* q_full(int stage) const { return barriers() + 2 + stage; }
+  __device__ __forceinline__ uint64_t* q_empty(int stage) const { return barriers() + 2 + Traits::kStages + stage; }
+  __device__ __forceinline__ uint64_t* dq_full() const { return barriers() + 2 + 2 * Traits::kStages; }
+  __device__ __forceinline__ uint64_t* dq_empty() const { return dq_full() + 1; }
+};
+
+// One key block of one (kv head, batch) and the (q head, query block) steps that visit it.
+template <typename Traits, bool Causal>
+struct BwdKeyBlock {
+  SeqInfo seq;
+  int n_block, head_k, first_key, m_begin, m_count, steps, dq_split;
+  __device__ __forceinline__ BwdKeyBlock(const BwdParams& p, int n, int hk, int b, int split)
+      : seq(p, b), n_block(n), head_k(hk), dq_split(split) {
+    first_key = n * Traits::kBlockN;
+    // Query blocks with a row that sees one of these keys: rows >= first_key - shift (causal).
+    m_begin = Causal ? max(0, first_key - seq.causal_shift()) / Traits::kBlockM : 0;
+    m_count = max(0, ceil_div(seq.len_q, Traits::kBlockM) - m_begin);
+    steps = exists() ? p.heads / p.heads_k * m_count : 0;
+  }
+  // Past this sequence's keys (varlen, or a deterministic CTA's loop): nothing to do or write.
+  __device__ __forceinline__ bool exists() const { return first_key < seq.len_k; }
+  __device__ __forceinline__ int valid_keys() const { return min(Traits::kBlockN, seq.len_k - first_key); }
+  // Step s: q head (heads of the group outermost) and first query row.
+  __device__ __forceinline__ int head(int s, int group) const { return head_k * group + s / m_count; }
+  __device__ __forceinline__ int first_row(int s) const { return (m_begin + s % m_count) * Traits::kBlockM; }
+  __device__ __forceinline__ int batch_coord() const { return seq.varlen ? 0 : seq.batch; }
+};
+
+// Which key blocks a CTA owns. Default: one, with the launch ordered heaviest first under causal
+// (key block 0 is seen by every query: all CTAs of block n before those of block n + 1), and key
+// blocks fastest otherwise (CTAs running together share Q and dO in L2). Deterministic: CTA
+// (split, kv head, batch) owns blocks split, split + splits, ... and its own dq_accum split, and
+// walks them in order, so every fp32 slot of dq_accum is added to in a fixed order.
+template <typename Traits, bool Causal, typename F>
+__device__ __forceinline__ void for_each_key_block(const BwdParams& p, F&& f) {
+  const int n_blocks = ceil_div(p.seqlen_k, Traits::kBlockN), kv_heads = p.heads_k * p.batch;
+  if (p.deterministic) {
+    const int split = blockIdx.x % p.num_splits, bh = blockIdx.x / p.num_splits;
+    for (int n = split; n < n_blocks; n += p.num_splits)
+      f(BwdKeyBlock<Traits, Causal>(p, n, bh % p.heads_k, bh / p.heads_k, split));
+  } else {
+    const int n = Causal ? blockIdx.x / kv_heads : blockIdx.x % n_blocks;
+    const int bh = Causal ? blockIdx.x % kv_heads : blockIdx.x / n_blocks;
+    f(BwdKeyBlock<Traits, Causal>(p, n, bh % p.heads_k, bh / p.heads_k, 0));
+  }
+}
+
+// ---- producer warp 0, one thread: K and V once per key block, Q and dO per step.
+template <typename Traits, bool Causal>
+__device__ __forceinline__ void load_tiles(const BwdParams& p, const CUtensorMap* tma_q, const CUtensorMap* tma_k,
+                                           const CUtensorMap* tma_v, const CUtensorMap* tma_do,
+                                           const BwdSmem<Traits>& sm) {
+  constexpr int kSlabElems = 64, kSlabs = Traits::kHeadDim / 64;
+  RingPosition<1> kv;
+  RingPosition<Traits::kStages> q;
+  const int group = p.heads / p.heads_k;
+  for_each_key_block<Traits, Causal>(p, [&](const BwdKeyBlock<Traits, Causal>& blk) {
+    if (blk.steps == 0) return;
+    const int b = blk.batch_coord(), key_row = static_cast<int>(blk.seq.first_k) + blk.first_key;
+    kv.wait_empty(sm.kv_empty());
+    mbar_arrive_expect_tx(sm.kv_full(), 2 * Traits::kKVBytes);
+#pragma unroll
+    for (int slab = 0; slab < kSlabs; ++slab) {
+      tma_load_4d(sm.k() + slab * Traits::kBlockN * kSlabElems, tma_k, sm.kv_full(), slab * kSlabElems, key_row,
+                  blk.head_k, b);
+      tma_load_4d(sm.v() + slab * Traits::kBlockN * kSlabElems, tma_v, sm.kv_full(), slab * kSlabElems, key_row,
+                  blk.head_k, b);
+    }
+    kv = kv.plus(1);
+    for (int s = 0; s < blk.steps; ++s, q = q.plus(1)) {
+      const int stage = q.stage(), head = blk.head(s, group);
+      const int row = static_cast<int>(blk.seq.first_q) + blk.first_row(s);
+      q.wait_empty(sm.q_empty(stage));
+      mbar_arrive_expect_tx(sm.q_full(stage), 2 * Traits::kQBytes);
+#pragma unroll
+      for (int slab = 0; slab < kSlabs; ++slab) {
+        tma_load_4d(sm.q(stage) + slab * Traits::kBlockM * kSlabElems, tma_q, sm.q_full(stage), slab * kSlabElems,
+                    row, head, b);
+        tma_load_4d(sm.dout(stage) + slab * Traits::kBlockM * kSlabElems, tma_do, sm.q_full(stage),
+                    slab * kSlabElems, row, head, b);
+      }
+    }
+  });
+}
+
+// ---- producer warp 1: each step's lse (times log2 e) and D rows, into the same ring slot as its
+// Q and dO. Rows past the sequence end get lse = +inf and D = 0, so their P and dS are exactly 0
+// whatever TMA brought for them (zeros, or the next sequence's rows when varlen).
+template <typename Traits, bool Causal>
+__device__ __forceinline__ void load_row_stats(const BwdParams& p, const BwdSmem<Traits>& sm) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  RingPosition<Traits::kStages> q;
+  const int lane = threadIdx.x % 32, group = p.heads / p.heads_k;
+  for_each_key_block<Traits, Causal>(p, [&](const BwdKeyBlock<Traits, Causal>& blk) {
+    for (int s = 0; s < blk.steps; ++s, q = q.plus(1)) {
+      const int stage = q.stage(), first_row = blk.first_row(s);
+      const int64_t offset = blk.seq.lse_offset(p, blk.head(s, group)) + first_row;
+      q.wait_empty(sm.q_empty(stage));
+#pragma unroll
+      for (int r = lane; r < Traits::kBlockM; r += 32) {
+        const bool valid = first_row + r < blk.seq.len_q;
+        sm.lse_log2(stage)[r] = valid ? p.lse[offset + r] * kLog2e : INFINITY;
+        sm.dsum(stage)[r] = valid ? p.dsum[offset + r] : 0.f;
+      }
+      mbar_arrive(sm.q_full(stage));  // each lane: releases its stores
+    }
+  });
+}
+
+// ---- producer warp 2, one thread: adds each staged fp32 dQ block into dq_accum.
+template <typename Traits, bool Causal>
+__device__ __forceinline__ void drain_dq(const BwdParams& p, const BwdSmem<Traits>& sm) {
+  RingPosition<1> dq;
+  const int group = p.heads / p.heads_k;
+  for_each_key_block<Traits, Causal>(p, [&](const BwdKeyBlock<Traits, Causal>& blk) {
+    for (int s = 0; s < blk.steps; ++s, dq = dq.plus(1)) {
+      const int first_row = blk.first_row(s);
+      float* dst = p.dq_accum + blk.dq_split * p.dq_accum_split_stride +
+                   blk.seq.q_offset(p.dq_accum_batch_stride, p.dq_accum_row_stride) +
+                   blk.head(s, group) * p.dq_accum_head_stride + first_row * p.dq_accum_row_stride;
+      const int rows = min(Traits::kBlockM, blk.seq.len_q - first_row);
+      dq.wait_full(sm.dq_full());
+      // The block's rows are contiguous in dq_accum (heads-major), so one bulk reduction adds them.
+      bulk_reduce_add_f32(dst, smem_addr(sm.dq()), rows * Traits::kHeadDim * 4);
+      bulk_commit();
+      bulk_wait_read();  // the consumers may restage the block
+      mbar_arrive(sm.dq_empty());
+    }
+    // Every add of this key block done before the next block's (deterministic mode adds to the
+    // same rows again) and before the CTA exits.
+    bulk_wait_all();
+  });
+}
+
+// ---- consumer: one warpgroup, 64 keys of the block.
+template <typename Traits, bool Causal>
+struct BwdConsumer {
+  using Element = typename Traits::Element;
+  using Ops = ElementOps<Element>;
+  static constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
+  static constexpr int kSTiles = kBlockM / 8;    // 8-column tiles of S^T, dP^T (query columns)
+  static constexpr int kKvTiles = kHeadDim / 8;  // of dK, dV
+  static constexpr int kSlices = kBlockM / 16;   // k16 slices of P^T, dS^T as A operands
+
+  const BwdSmem<Traits>& sm;
+  const int wg, lane, warp_row;  // warp_row: this warp's first key row within the warpgroup's 64
+
+  __device__ __forceinline__ BwdConsumer(const BwdSmem<Traits>& sm_, int warpgroup)
+      : sm(sm_), wg(warpgroup), lane(threadIdx.x % 32), warp_row(threadIdx.x / 32 % 4 * 16) {}
+
+  // Row (key, 0-127) and column (query or head dim) of accumulator element [t][j] of this thread.
+  __device__ __forceinline__ int key_of(int j) const { return 64 * wg + warp_row + lane / 4 + 8 * (j / 2); }
+  __device__ __forceinline__ int col_of(int t, int j) const { return 8 * t + 2 * (lane % 4) + j % 2; }
+
+  template <int Tiles>
+  __device__ __forceinline__ static void zero(float (&d)[Tiles][4]) {
+#pragma unroll
+    for (int t = 0; t < Tiles; ++t)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) d[t][j] = 0.f;
+  }
+
+  // A 64 x kBlockM accumulator as m16n8k16 A fragments, one per k16 slice of its columns.
+  __device__ __forceinline__ static void pack(const float (&x)[kSTiles][4], uint32_t (&a)[kSlices][4]) {
+#pragma unroll
+    for (int kk = 0; kk < kSlices; ++kk) {
+      a[kk][0] = Ops::pack(x[2 * kk][0], x[2 * kk][1]);
+      a[kk][1] = Ops::pack(x[2 * kk][2], x[2 * kk][3]);
+      a[kk][2] = Ops::pack(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+      a[kk][3] = Ops::pack(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+    }
+  }
+
+  // S^T = K Q^T and dP^T = V dO^T, issued as two groups (S first).
+  __device__ __forceinline__ void issue_s_dp(float (&s)[kSTiles][4], float (&dp)[kSTiles][4], int stage) const {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk)
+      wgmma_ss<Element, kBlockM>(s, kmajor_desc(sm.k(), kBlockN, 64 * wg, kk), kmajor_desc(sm.q(stage), kBlockM, 0, kk),
+                                 kk > 0);
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk)
+      wgmma_ss<Element, kBlockM>(dp, kmajor_desc(sm.v(), kBlockN, 64 * wg, kk),
+                                 kmajor_desc(sm.dout(stage), kBlockM, 0, kk), kk > 0);
+    wgmma_commit();
+  }
+
+  // acc (+)= A B with A from registers (P^T or dS^T) and B a query-rows tile (dO or Q).
+  __device__ __forceinline__ static void issue_kv_grad(float (&acc)[kKvTiles][4], const uint32_t (&a)[kSlices][4],
+                                                       const Element* b_tile) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kSlices; ++kk)
+      wgmma_rs<Element, kHeadDim>(acc, a[kk], mn_major_desc(b_tile, kBlockM, kk), 1);
+    wgmma_commit();
+  }
+
+  // This warpgroup's 64 x 64 piece of dQ = dS K: dS^T (keys x queries) as a transposed A, K as a
+  // transposed B, over all 128 keys.
+  __device__ __forceinline__ void issue_dq(float (&dq)[8][4], int ds_buffer) const {
+    constexpr uint32_t kSlab = kBlockN * kSlabRowBytes;
+    const Element* a_tile = sm.ds(ds_buffer) + (Traits::kDqSplitRows ? wg * kSlab / sizeof(Element) : 0);
+    const Element* b_tile = sm.k() + (Traits::kDqSplitRows ? 0 : wg * kSlab / sizeof(Element));
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk)
+      wgmma_ss<Element, 64, true, true>(dq, mn_major_desc(a_tile, kBlockN, kk), mn_major_desc(b_tile, kBlockN, kk),
+                                        kk > 0);
+    wgmma_commit();
+  }
+
+  // S^T -> P^T = exp2(S^T scale_log2 - lse log2 e), 0 where masked: keys past the end, and keys
+  // right of the (bottom-right aligned) causal diagonal. Only blocks that reach past the end or
+  // cross the diagonal test elements.
+  __device__ __forceinline__ void scores_to_p(float (&s)[kSTiles][4], const BwdKeyBlock<Traits, Causal>& blk,
+                                              int first_row, int stage, float scale_log2) const {
+    const int shift = blk.seq.causal_shift(), last_key = blk.first_key + 64 * wg + 63;
+    const bool needs_mask = last_key >= blk.seq.len_k || (Causal && last_key > first_row + shift);
+    const float* lse = sm.lse_log2(stage);
+#pragma unroll
+    for (int t = 0; t < kSTiles; ++t) {
+      const float2 l = *reinterpret_cast<const float2*>(lse + col_of(t, 0));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float p = fast_exp2(fmaf(s[t][j], scale_log2, -(j % 2 ? l.y : l.x)));
+        if (needs_mask) {
+          const int key = blk.first_key + key_of(j), query = first_row + col_of(t, j);
+          if (key >= blk.seq.len_k || (Causal && key > query + shift)) p = 0.f;
+        }
+        s[t][j] = p;
+      }
+    }
+  }
+
+  // dP^T -> dS^T = P^T (dP^T - D).
+  __device__ __forceinline__ void dp_to_ds(float (&dp)[kSTiles][4], const float (&p)[kSTiles][4], int stage) const {
+    const float* dsum = sm.dsum(stage);
+#pragma unroll
+    for (int t = 0; t < kSTiles; ++t) {
+      const float2 d = *reinterpret_cast<const float2*>(dsum + col_of(t, 0));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) dp[t][j] = p[t][j] * (dp[t][j] - (j % 2 ? d.y : d.x));
+    }
+  }
+
+  // This warpgroup's rows of dS^T into shared memory in the swizzled slab layout (4-byte stores:
+  // each lane's column pair; the 8 rows of a store fall in 8 different 16-byte chunks).
+  __device__ __forceinline__ void store_ds(const uint32_t (&ds)[kSlices][4], int buffer) const {
+    char* tile = reinterpret_cast<char*>(sm.ds(buffer));
+#pragma unroll
+    for (int kk = 0; kk < kSlices; ++kk)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int key = key_of(2 * (j % 2)), query = col_of(2 * kk + j / 2, 0);
+        *reinterpret_cast<uint32_t*>(tile + swizzled_offset(kBlockN, key, query, sizeof(Element))) = ds[kk][j];
+      }
+  }
+
+  // The dQ piece into the staged fp32 block, in dq_accum's row layout (swizzled columns).
+  __device__ __forceinline__ void store_dq(const float (&dq)[8][4]) const {
+    const int row0 = Traits::kDqSplitRows ? 64 * wg : 0, col0 = Traits::kDqSplitRows ? 0 : 64 * wg;
+    float* block = sm.dq();
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + warp_row + lane / 4 + 8 * r, col = col0 + col_of(t, 0);
+        *reinterpret_cast<float2*>(block + row * kHeadDim + dq_accum_col(row, col)) =
+            make_float2(dq[t][2 * r], dq[t][2 * r + 1]);
+      }
+  }
+
+  __device__ __forceinline__ void store_kv_grads(const BwdParams& p, const BwdKeyBlock<Traits, Causal>& blk,
+                                                 const float (&dk)[kKvTiles][4], const float (&dv)[kKvTiles][4]) const {
+    Element* dk_out = static_cast<Element*>(p.dk) + blk.seq.k_offset(p.dk_batch_stride, p.dk_row_stride) +
+                      blk.head_k * p.dk_head_stride + blk.first_key * p.dk_row_stride;
+    Element* dv_out = static_cast<Element*>(p.dv) + blk.seq.k_offset(p.dv_batch_stride, p.dv_row_stride) +
+                      blk.head_k * p.dv_head_stride + blk.first_key * p.dv_row_stride;
+    const int valid = blk.valid_keys();
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int key = key_of(2 * r);
+      if (key >= valid) continue;
+#pragma unroll
+      for (int t = 0; t < kKvTiles; ++t) {
+        const int col = col_of(t, 0);
+        *reinterpret_cast<uint32_t*>(dk_out + key * p.dk_row_stride + col) =
+            Ops::pack(dk[t][2 * r] * p.softmax_scale, dk[t][2 * r + 1] * p.softmax_scale);
+        *reinterpret_cast<uint32_t*>(dv_out + key * p.dv_row_stride + col) = Ops::pack(dv[t][2 * r], dv[t][2 * r + 1]);
+      }
+    }
+  }
+
+  __device__ __forceinline__ void run(const BwdParams& p) const {
+    RingPosition<1> kv, dq_slot, ds_buffers;
+    RingPosition<Traits::kStages> q;
+    for_each_key_block<Traits, Causal>(p, [&](const BwdKeyBlock<Traits, Causal>& blk) {
+      if (!blk.exists()) return;
+      float dk[kKvTiles][4], dv[kKvTiles][4];
+      zero(dk);
+      zero(dv);
+      if (blk.steps > 0) kv.wait_full(sm.kv_full());
+      for (int s_idx = 0; s_idx < blk.steps; ++s_idx) {
+        const int stage = q.stage(), first_row = blk.first_row(s_idx), ds_buffer = ds_buffers.fills % 2;
+        float s[kSTiles][4], dp[kSTiles][4], dq[8][4];
+        uint32_t p_frag[kSlices][4], ds_frag[kSlices][4];
+        q.wait_full(sm.q_full(stage));
+        issue_s_dp(s, dp, stage);
+
+        wgmma_wait<1>();  // S^T done; dP^T may still run
+        fence_operand(s);
+        scores_to_p(s, blk, first_row, stage, p.scale_log2);
+        wgmma_wait<0>();
+        fence_operand(dp);
+        // dS before packing either: P^T in fp32 and dP^T die as they are packed, so at most
+        // S^T, dP^T and dK, dV are live at once (hd64 at BlockM 128 would spill otherwise).
+        dp_to_ds(dp, s, stage);
+        pack(s, p_frag);
+        pack(dp, ds_frag);
+        // dV += P^T dO and dK += dS^T Q run while dS^T is stored.
+        issue_kv_grad(dv, p_frag, sm.dout(stage));
+        issue_kv_grad(dk, ds_frag, sm.q(stage));
+
+        store_ds(ds_frag, ds_buffer);
+        fence_proxy_async();  // plain stores, read next by wgmma (async proxy)
+        Barriers::bwd_ds_ready().sync();
+        issue_dq(dq, ds_buffer);
+        wgmma_wait<0>();
+        fence_operand(dq);
+        fence_operand(dk);
+        fence_operand(dv);
+        warp_release(sm.q_empty(stage));  // Q, dO, lse, D of this step read
+
+        dq_slot.wait_empty(sm.dq_empty());  // the drain warp has read the last staged block
+        store_dq(dq);
+        fence_proxy_async();  // read next by the bulk copy engine
+        mbar_arrive(sm.dq_full());
+        q = q.plus(1);
+        dq_slot = dq_slot.plus(1);
+        ds_buffers = ds_buffers.plus(1);
+      }
+      if (blk.steps > 0) {
+        warp_release(sm.kv_empty());
+        kv = kv.plus(1);
+      }
+      store_kv_grads(p, blk, dk, dv);
+    });
+  }
+};
+
+template <typename Traits, bool Causal>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    bwd_kernel(const __grid_constant__ BwdParams p, const __grid_constant__ CUtensorMap tma_q,
+               const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v,
+               const __grid_constant__ CUtensorMap tma_do) {
+#ifdef FAT_SM90_DEVICE
+  extern __shared__ char smem_raw[];
+  const BwdSmem<Traits> sm(smem_raw);
+  constexpr int kConsumerThreads = 128 * Traits::kConsumerWarpgroups;
+  if (threadIdx.x == 0) {
+    mbar_init(sm.kv_full(), 1);
+    mbar_init(sm.kv_empty(), kConsumerThreads / 32);  // one arrival per consumer warp
+    for (int s = 0; s < Traits::kStages; ++s) {
+      mbar_init(sm.q_full(s), 1 + 32);  // the TMA thread (with its bytes) and the lse/D warp
+      mbar_init(sm.q_empty(s), kConsumerThreads / 32);
+    }
+    mbar_init(sm.dq_full(), kConsumerThreads);  // every consumer thread, after its fence
+    mbar_init(sm.dq_empty(), 1);
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32;
+  if (warpgroup == 0) {
+    regs_decrease<Traits::kProducerRegisters>();
+    if (warp == 0 && threadIdx.x == 0) load_tiles<Traits, Causal>(p, &tma_q, &tma_k, &tma_v, &tma_do, sm);
+    if (warp == 1) load_row_stats<Traits, Causal>(p, sm);
+    if (warp == 2 && threadIdx.x == 64) drain_dq<Traits, Causal>(p, sm);
+  } else {
+    regs_increase<Traits::kConsumerRegisters>();
+    BwdConsumer<Traits, Causal>(sm, warpgroup - 1).run(p);
+  }
+#endif
+}
+
+}  // namespace fat::sm90

@@ -1,0 +1,53 @@
+// Launch template of the sm90 backward main kernel (the dsum pre-pass and the dQ conversion are
+// the shared ones of sm80/bwd_launch.h). One instantiation file per (dtype, head dim) includes it.
+#pragma once
+#include "../launch.h"
+#include "bwd_kernel.h"
+#include "tma.h"
+#include "traits.h"
+
+namespace fat::sm90 {
+
+template <typename Traits, bool Causal>
+cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
+  using Element = typename Traits::Element;
+  const int batch = p.cu_seqlens_q != nullptr ? 1 : p.batch;  // varlen: (total, heads, dim)
+  CUtensorMap tma_q, tma_k, tma_v, tma_do;
+  cudaError_t err = make_tensor_map<Element>(&tma_q, p.q, p.head_dim, p.rows_q, p.heads, batch, p.q_row_stride,
+                                             p.q_head_stride, p.q_batch_stride, Traits::kBlockM);
+  if (err == cudaSuccess)
+    err = make_tensor_map<Element>(&tma_do, p.dout, p.head_dim, p.rows_q, p.heads, batch, p.dout_row_stride,
+                                   p.dout_head_stride, p.dout_batch_stride, Traits::kBlockM);
+  if (err == cudaSuccess)
+    err = make_tensor_map<Element>(&tma_k, p.k, p.head_dim, p.rows_k, p.heads_k, batch, p.k_row_stride,
+                                   p.k_head_stride, p.k_batch_stride, Traits::kBlockN);
+  if (err == cudaSuccess)
+    err = make_tensor_map<Element>(&tma_v, p.v, p.head_dim, p.rows_k, p.heads_k, batch, p.v_row_stride,
+                                   p.v_head_stride, p.v_batch_stride, Traits::kBlockN);
+  if (err != cudaSuccess) return err;
+
+  auto kernel = bwd_kernel<Traits, Causal>;
+  constexpr int smem = Traits::kSmemBytes;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  // One CTA per (key block, kv head, batch), or per (dq_accum split, kv head, batch) when
+  // deterministic (the caller sized num_splits with kBwdBlockN): see for_each_key_block.
+  const int kv_heads = p.heads_k * p.batch;
+  const int grid = (p.deterministic ? p.num_splits : ceil_div(p.seqlen_k, Traits::kBlockN)) * kv_heads;
+  kernel<<<grid, Traits::kThreads, smem, stream>>>(p, tma_q, tma_k, tma_v, tma_do);
+  return cudaGetLastError();
+}
+
+}  // namespace fat::sm90
+
+namespace fat {
+
+// Query rows per step: 128 at hd64 (FA3's choice too), 64 at hd128 (the registers of dK, dV).
+template <typename Element, int HeadDim>
+cudaError_t run_bwd_sm90(const BwdParams& p, bool causal, cudaStream_t stream) {
+  using Traits = sm90::BwdTraits<Element, HeadDim, HeadDim == 64 ? 128 : 64>;
+  static_assert(Traits::kBlockN == kBwdBlockN, "flash_api sizes dq_accum splits with kBwdBlockN");
+  return causal ? sm90::launch_bwd<Traits, true>(p, stream) : sm90::launch_bwd<Traits, false>(p, stream);
+}
+
+}  // namespace fat
