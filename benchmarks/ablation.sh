@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Forward ablation of the sm90 kernel's switches (setup.py's FLASH_ATTN_T_* build knobs): builds
-# the extension (sm_90a only) with the default switches, then once per override below, benchmarks
-# the forward of each build, and prints one TFLOP/s table with a column per build.
+# Ablation of the sm90 kernels' switches (setup.py's FLASH_ATTN_T_* build knobs): builds the
+# extension (sm_90a only) with the default switches, then once per override below, benchmarks
+# each build (the forward; PASS=bwd for the backward), and prints one TFLOP/s table with a column
+# per build.
 #   bash benchmarks/ablation.sh [benchmark_attention.py args, e.g. --seqlens 2048 8192]
 #   VARIANTS="PINGPONG=0 LAZY_RESCALE=0" bash benchmarks/ablation.sh ...   (other overrides;
 #   a comma joins overrides of one build: SM90_HD64_WARPGROUPS=3,PINGPONG=0)
@@ -19,7 +20,7 @@ for variant in defaults ${VARIANTS:-SM90_TENSOR_ROW_SUM=1 LAZY_RESCALE=0 PINGPON
   env "${knob[@]}" python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build_$label.log" 2>&1 ||
     { tail -n 30 "$OUT/build_$label.log"; exit 1; }
   echo "== $label (build $(( $(date +%s) - start )) s)"
-  python3 benchmarks/benchmark_attention.py --passes fwd --backends flash_attn_t --variant "$label" \
+  python3 benchmarks/benchmark_attention.py --passes "${PASS:-fwd}" --backends flash_attn_t --variant "$label" \
     --out-dir "$OUT" "$@" > "$OUT/bench_$label.log" 2>&1 || { tail -n 30 "$OUT/bench_$label.log"; exit 1; }
 done
 

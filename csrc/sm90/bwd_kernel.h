@@ -21,6 +21,13 @@
 #include "pipeline.h"
 #include "traits.h"
 
+// Benchmark-only (setup.py, FLASH_ATTN_T_BWD_TIMING_SKIP_ELEMENTWISE=1): a build WITHOUT the
+// per-element work between the GEMMs (P = exp2(...), masks, dS = P (dP - D)), to time how long
+// that work keeps the tensor cores waiting (the FA-T vector interval). Its gradients are wrong.
+#ifndef FAT_BWD_TIMING_SKIP_ELEMENTWISE
+#define FAT_BWD_TIMING_SKIP_ELEMENTWISE 0
+#endif
+
 namespace fat::sm90 {
 
 // The shared-memory carve-up of BwdTraits, from a base aligned up to 1024 bytes.
@@ -77,21 +84,23 @@ struct BwdKeyBlock {
   __device__ __forceinline__ int batch_coord() const { return seq.varlen ? 0 : seq.batch; }
 };
 
-// Which key blocks a CTA owns. Default: one, with the launch ordered heaviest first under causal
-// (key block 0 is seen by every query: all CTAs of block n before those of block n + 1), and key
-// blocks fastest otherwise (CTAs running together share Q and dO in L2). Deterministic: CTA
-// (split, kv head, batch) owns blocks split, split + splits, ... and its own dq_accum split, and
-// walks them in order, so every fp32 slot of dq_accum is added to in a fixed order.
+// Which key blocks a CTA owns. Default: one; key blocks fastest in the launch order, so the CTAs
+// running together are neighbouring key blocks of few heads and share those heads' Q, dO and
+// dq_accum rows in L2 (ordering all heads' block 0 first, heaviest first under causal, measured
+// 0.69-0.74x cuDNN causal against 0.90-1.07x non-causal: every CTA then streamed its own head).
+// Under causal a head's blocks still start heaviest first (block 0 is seen by every query).
+// Deterministic: CTA (split, kv head, batch) owns blocks split, split + splits, ... and its own
+// dq_accum split, and walks them in order, so every fp32 slot of dq_accum is added to in a fixed
+// order.
 template <typename Traits, bool Causal, typename F>
 __device__ __forceinline__ void for_each_key_block(const BwdParams& p, F&& f) {
-  const int n_blocks = ceil_div(p.seqlen_k, Traits::kBlockN), kv_heads = p.heads_k * p.batch;
+  const int n_blocks = ceil_div(p.seqlen_k, Traits::kBlockN);
   if (p.deterministic) {
     const int split = blockIdx.x % p.num_splits, bh = blockIdx.x / p.num_splits;
     for (int n = split; n < n_blocks; n += p.num_splits)
       f(BwdKeyBlock<Traits, Causal>(p, n, bh % p.heads_k, bh / p.heads_k, split));
   } else {
-    const int n = Causal ? blockIdx.x / kv_heads : blockIdx.x % n_blocks;
-    const int bh = Causal ? blockIdx.x % kv_heads : blockIdx.x / n_blocks;
+    const int n = blockIdx.x % n_blocks, bh = blockIdx.x / n_blocks;
     f(BwdKeyBlock<Traits, Causal>(p, n, bh % p.heads_k, bh / p.heads_k, 0));
   }
 }
@@ -361,12 +370,16 @@ struct BwdConsumer {
 
         wgmma_wait<1>();  // S^T done; dP^T may still run
         fence_operand(s);
+#if !FAT_BWD_TIMING_SKIP_ELEMENTWISE
         scores_to_p(s, blk, first_row, stage, p.scale_log2);
+#endif
         wgmma_wait<0>();
         fence_operand(dp);
         // dS before packing either: P^T in fp32 and dP^T die as they are packed, so at most
         // S^T, dP^T and dK, dV are live at once (hd64 at BlockM 128 would spill otherwise).
+#if !FAT_BWD_TIMING_SKIP_ELEMENTWISE
         dp_to_ds(dp, s, stage);
+#endif
         pack(s, p_frag);
         pack(dp, ds_frag);
         // dV += P^T dO and dK += dS^T Q run while dS^T is stored.
