@@ -394,7 +394,9 @@ struct BwdConsumer {
         fence_operand(dq);
         fence_operand(dk);
         fence_operand(dv);
-        warp_release(sm.q_empty(stage));  // Q, dO, lse, D of this step read
+        // Q, dO, lse and D of this step read. Every thread arrives: the lse/D rows are rewritten
+        // by plain stores, which must be ordered after each thread's own reads.
+        mbar_arrive(sm.q_empty(stage));
 
         dq_slot.wait_empty(sm.dq_empty());  // the drain warp has read the last staged block
         store_dq(dq);
@@ -427,7 +429,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     mbar_init(sm.kv_empty(), kConsumerThreads / 32);  // one arrival per consumer warp
     for (int s = 0; s < Traits::kStages; ++s) {
       mbar_init(sm.q_full(s), 1 + 32);  // the TMA thread (with its bytes) and the lse/D warp
-      mbar_init(sm.q_empty(s), kConsumerThreads / 32);
+      mbar_init(sm.q_empty(s), kConsumerThreads);
     }
     mbar_init(sm.dq_full(), kConsumerThreads);  // every consumer thread, after its fence
     mbar_init(sm.dq_empty(), 1);
