@@ -272,11 +272,21 @@ struct BwdConsumer {
 
   // S^T -> P^T = exp2(S^T scale_log2 - lse log2 e), 0 where masked: keys past the end, and keys
   // right of the (bottom-right aligned) causal diagonal. Only blocks that reach past the end or
-  // cross the diagonal test elements.
+  // cross the diagonal test elements: two loops, not one with a per-element test, which ptxas
+  // turned into predicated compares on every element of every block (hd64 causal ran at half
+  // the speed of the same build without element-wise work).
   __device__ __forceinline__ void scores_to_p(float (&s)[kSTiles][4], const BwdKeyBlock<Traits, Causal>& blk,
                                               int first_row, int stage, float scale_log2) const {
-    const int shift = blk.seq.causal_shift(), last_key = blk.first_key + 64 * wg + 63;
-    const bool needs_mask = last_key >= blk.seq.len_k || (Causal && last_key > first_row + shift);
+    const int last_key = blk.first_key + 64 * wg + 63;
+    if (last_key >= blk.seq.len_k || (Causal && last_key > first_row + blk.seq.causal_shift()))
+      exponentiate<true>(s, blk, first_row, stage, scale_log2);
+    else
+      exponentiate<false>(s, blk, first_row, stage, scale_log2);
+  }
+  template <bool Mask>
+  __device__ __forceinline__ void exponentiate(float (&s)[kSTiles][4], const BwdKeyBlock<Traits, Causal>& blk,
+                                               int first_row, int stage, float scale_log2) const {
+    const int shift = blk.seq.causal_shift();
     const float* lse = sm.lse_log2(stage);
 #pragma unroll
     for (int t = 0; t < kSTiles; ++t) {
@@ -284,7 +294,7 @@ struct BwdConsumer {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         float p = fast_exp2(fmaf(s[t][j], scale_log2, -(j % 2 ? l.y : l.x)));
-        if (needs_mask) {
+        if constexpr (Mask) {
           const int key = blk.first_key + key_of(j), query = first_row + col_of(t, j);
           if (key >= blk.seq.len_k || (Causal && key > query + shift)) p = 0.f;
         }
