@@ -392,26 +392,27 @@ struct BwdConsumer {
 #endif
         pack(s, p_frag);
         pack(dp, ds_frag);
-        // dV += P^T dO and dK += dS^T Q run while dS^T is stored.
+        // Tensor-core work queued around the two waits of this warpgroup: dV += P^T dO runs while
+        // dS^T is stored and the other warpgroup's half is awaited, dK += dS^T Q while dQ is staged.
         issue_kv_grad(dv, p_frag, sm.dout(stage));
-        issue_kv_grad(dk, ds_frag, sm.q(stage));
-
         store_ds(ds_frag, ds_buffer);
         fence_proxy_async();  // plain stores, read next by wgmma (async proxy)
         Barriers::bwd_ds_ready().sync();
         issue_dq(dq, ds_buffer);
-        wgmma_wait<0>();
+        issue_kv_grad(dk, ds_frag, sm.q(stage));
+        wgmma_wait<1>();  // dV and dQ done
         fence_operand(dq);
+        dq_slot.wait_empty(sm.dq_empty());  // the drain warp has read the last staged block
+        store_dq(dq);
+        fence_proxy_async();  // read next by the bulk copy engine
+        mbar_arrive(sm.dq_full());
+
+        wgmma_wait<0>();
         fence_operand(dk);
         fence_operand(dv);
         // Q, dO, lse and D of this step read. Every thread arrives: the lse/D rows are rewritten
         // by plain stores, which must be ordered after each thread's own reads.
         mbar_arrive(sm.q_empty(stage));
-
-        dq_slot.wait_empty(sm.dq_empty());  // the drain warp has read the last staged block
-        store_dq(dq);
-        fence_proxy_async();  // read next by the bulk copy engine
-        mbar_arrive(sm.dq_full());
         q = q.plus(1);
         dq_slot = dq_slot.plus(1);
         ds_buffers = ds_buffers.plus(1);
