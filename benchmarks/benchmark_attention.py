@@ -102,7 +102,7 @@ def sdpa_callables(backend, q, k, v, causal):
 
 def forcing_sm80(callables):
     """The same calls with FLASH_ATTN_T_FORCE_SM80=1 set around each: our sm80 kernels on Hopper,
-    to compare them with the sm90 ones in one run (the backward is the sm80 kernel either way)."""
+    to compare them with the sm90 ones in one run, forward and backward."""
 
     def forced(fn):
         def run():
