@@ -220,17 +220,6 @@ struct BwdConsumer {
       for (int j = 0; j < 4; ++j) d[t][j] = 0.f;
   }
 
-  // A 64 x kBlockM accumulator as m16n8k16 A fragments, one per k16 slice of its columns.
-  __device__ __forceinline__ static void pack(const float (&x)[kSTiles][4], uint32_t (&a)[kSlices][4]) {
-#pragma unroll
-    for (int kk = 0; kk < kSlices; ++kk) {
-      a[kk][0] = Ops::pack(x[2 * kk][0], x[2 * kk][1]);
-      a[kk][1] = Ops::pack(x[2 * kk][2], x[2 * kk][3]);
-      a[kk][2] = Ops::pack(x[2 * kk + 1][0], x[2 * kk + 1][1]);
-      a[kk][3] = Ops::pack(x[2 * kk + 1][2], x[2 * kk + 1][3]);
-    }
-  }
-
   // S^T = K Q^T and dP^T = V dO^T, issued as two groups (S first).
   __device__ __forceinline__ void issue_s_dp(float (&s)[kSTiles][4], float (&dp)[kSTiles][4], int stage) const {
     wgmma_fence();
@@ -390,8 +379,8 @@ struct BwdConsumer {
 #if !FAT_BWD_TIMING_SKIP_ELEMENTWISE
         dp_to_ds(dp, s, stage);
 #endif
-        pack(s, p_frag);
-        pack(dp, ds_frag);
+        pack_a_fragments<Element>(s, p_frag);
+        pack_a_fragments<Element>(dp, ds_frag);
         // Tensor-core work queued around the two waits of this warpgroup: dV += P^T dO runs while
         // dS^T is stored and the other warpgroup's half is awaited, dK += dS^T Q while dQ is staged.
         issue_kv_grad(dv, p_frag, sm.dout(stage));

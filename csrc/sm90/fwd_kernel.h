@@ -232,18 +232,6 @@ struct Consumer {
     }
   }
 
-  // P as m16n8k16 A fragments, one per k16 slice of the key block.
-  __device__ __forceinline__ static void pack(const float (&s)[kSTiles][4], uint32_t (&p)[kPSlices][4]) {
-    using Ops = ElementOps<Element>;
-#pragma unroll
-    for (int kk = 0; kk < kPSlices; ++kk) {
-      p[kk][0] = Ops::pack(s[2 * kk][0], s[2 * kk][1]);
-      p[kk][1] = Ops::pack(s[2 * kk][2], s[2 * kk][3]);
-      p[kk][2] = Ops::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      p[kk][3] = Ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
-  }
-
   __device__ __forceinline__ void run(const FwdParams& p) const {
     float o[1][kOTiles][4];
 #pragma unroll
@@ -267,7 +255,7 @@ struct Consumer {
       release(sm.k_empty(stage_of(0)));
       if (blk.n_end == 1) release(sm.q_empty());
       scores_to_p(s, 0, p.scale_log2, softmax, correction);
-      pack(s[0], pfrag);
+      pack_a_fragments<Element>(s[0], pfrag);
 
       // steady state: S(i) and P(i-1) V(i-1) on the tensor cores, then softmax(S(i)) beside P V
       for (int i = 1; i < blk.n_end; ++i) {
@@ -286,7 +274,7 @@ struct Consumer {
           fence_operand(softmax.sum_acc);
         });
         release(sm.v_empty(stage_of(i - 1)));
-        pack(s[0], pfrag);
+        pack_a_fragments<Element>(s[0], pfrag);
       }
 
       // epilogue of the loop: the last P V

@@ -39,16 +39,8 @@ namespace fat::sm90 {
 template <typename Traits, bool Causal>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   using Element = typename Traits::Element;
-  const int batch = p.cu_seqlens_q != nullptr ? 1 : p.batch;  // varlen: (total, heads, dim)
   CUtensorMap tma_q, tma_k, tma_v;
-  cudaError_t err = make_tensor_map<Element>(&tma_q, p.q, p.head_dim, p.rows_q, p.heads, batch, p.q_row_stride,
-                                             p.q_head_stride, p.q_batch_stride, Traits::kBlockM);
-  if (err == cudaSuccess)
-    err = make_tensor_map<Element>(&tma_k, p.k, p.head_dim, p.rows_k, p.heads_k, batch, p.k_row_stride,
-                                   p.k_head_stride, p.k_batch_stride, Traits::kBlockN);
-  if (err == cudaSuccess)
-    err = make_tensor_map<Element>(&tma_v, p.v, p.head_dim, p.rows_k, p.heads_k, batch, p.v_row_stride,
-                                   p.v_head_stride, p.v_batch_stride, Traits::kBlockN);
+  cudaError_t err = make_qkv_maps<Element>(p, Traits::kBlockM, Traits::kBlockN, &tma_q, &tma_k, &tma_v);
   if (err != cudaSuccess) return err;
 
   auto kernel = fwd_kernel<Traits, Causal>;

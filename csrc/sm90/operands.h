@@ -2,6 +2,7 @@
 // stored the way TMA writes it with 128-byte swizzle: per 64-column slab (one swizzle atom wide)
 // its R rows at 128 bytes each, slabs one after the other, every tile 1024-byte aligned.
 #pragma once
+#include "../common/ptx.h"
 #include "../common/sm90_ptx.h"
 
 namespace fat::sm90 {
@@ -30,6 +31,21 @@ __host__ __device__ __forceinline__ constexpr uint32_t swizzled_offset(int tile_
   const int per_slab = 128 / element_bytes, per_chunk = 16 / element_bytes;
   return (col / per_slab) * tile_rows * kSlabRowBytes + row * kSlabRowBytes +
          (((col % per_slab) / per_chunk) ^ (row % 8)) * 16 + (col % per_chunk) * element_bytes;
+}
+
+// A warpgroup accumulator of 64 x 16 Slices fp32 (8-column tiles x[t]) as the m16n8k16 A
+// fragments of a register-sourced wgmma, one per k16 slice of its columns: the accumulator layout
+// of columns 16 kk .. 16 kk + 15 is the A layout of that slice, so this is only rounding.
+template <typename Element, int Slices>
+__device__ __forceinline__ void pack_a_fragments(const float (&x)[2 * Slices][4], uint32_t (&a)[Slices][4]) {
+  using Ops = ElementOps<Element>;
+#pragma unroll
+  for (int kk = 0; kk < Slices; ++kk) {
+    a[kk][0] = Ops::pack(x[2 * kk][0], x[2 * kk][1]);
+    a[kk][1] = Ops::pack(x[2 * kk][2], x[2 * kk][3]);
+    a[kk][2] = Ops::pack(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+    a[kk][3] = Ops::pack(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+  }
 }
 
 }  // namespace fat::sm90

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../params.h"
+
 namespace fat::sm90 {
 
 // cuTensorMapEncodeTiled from the driver, looked up once through the runtime (no -lcuda).
@@ -51,6 +53,21 @@ cudaError_t make_tensor_map(CUtensorMap* map, const void* data, int head_dim, in
                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// The maps of one call's q (boxes of box_m rows), k and v (box_n rows).
+template <typename Element>
+cudaError_t make_qkv_maps(const FwdParams& p, int box_m, int box_n, CUtensorMap* q, CUtensorMap* k, CUtensorMap* v) {
+  const int batch = p.cu_seqlens_q != nullptr ? 1 : p.batch;  // varlen: (total, heads, dim)
+  cudaError_t err = make_tensor_map<Element>(q, p.q, p.head_dim, p.rows_q, p.heads, batch, p.q_row_stride,
+                                             p.q_head_stride, p.q_batch_stride, box_m);
+  if (err == cudaSuccess)
+    err = make_tensor_map<Element>(k, p.k, p.head_dim, p.rows_k, p.heads_k, batch, p.k_row_stride, p.k_head_stride,
+                                   p.k_batch_stride, box_n);
+  if (err == cudaSuccess)
+    err = make_tensor_map<Element>(v, p.v, p.head_dim, p.rows_k, p.heads_k, batch, p.v_row_stride, p.v_head_stride,
+                                   p.v_batch_stride, box_n);
+  return err;
 }
 
 // SM count of the current device (persistent grids are sized by it).
