@@ -66,9 +66,9 @@ struct BwdSmem {
 template <typename Traits, bool Causal>
 struct BwdKeyBlock {
   SeqInfo seq;
-  int n_block, head_k, first_key, m_begin, m_count, steps, dq_split;
+  int head_k, first_key, m_begin, m_count, steps, dq_split;
   __device__ __forceinline__ BwdKeyBlock(const BwdParams& p, int n, int hk, int b, int split)
-      : seq(p, b), n_block(n), head_k(hk), dq_split(split) {
+      : seq(p, b), head_k(hk), dq_split(split) {
     first_key = n * Traits::kBlockN;
     // Query blocks with a row that sees one of these keys: rows >= first_key - shift (causal).
     m_begin = Causal ? max(0, first_key - seq.causal_shift()) / Traits::kBlockM : 0;
@@ -86,9 +86,9 @@ struct BwdKeyBlock {
 
 // Which key blocks a CTA owns. Default: one; key blocks fastest in the launch order, so the CTAs
 // running together are neighbouring key blocks of few heads and share those heads' Q, dO and
-// dq_accum rows in L2 (ordering all heads' block 0 first, heaviest first under causal, measured
-// 0.69-0.74x cuDNN causal against 0.90-1.07x non-causal: every CTA then streamed its own head).
-// Under causal a head's blocks still start heaviest first (block 0 is seen by every query).
+// dq_accum rows in L2; under causal a head's blocks still come heaviest first (block 0 is seen
+// by every query). (All heads' block 0 first instead measured up to 16% slower at hd128 causal
+// 2k: benchmarks/NOTES.md, sm90 backward step 2.)
 // Deterministic: CTA (split, kv head, batch) owns blocks split, split + splits, ... and its own
 // dq_accum split, and walks them in order, so every fp32 slot of dq_accum is added to in a fixed
 // order.
