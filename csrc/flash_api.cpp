@@ -120,10 +120,12 @@ cudaError_t dispatch(at::ScalarType dtype, int head_dim, F&& f) {
   return dtype == at::kBFloat16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});
 }
 
-// The kernels for this GPU: the sm90 ones (TMA + wgmma, forward and backward) on Hopper when the
-// build has sm_90a, unless FLASH_ATTN_T_FORCE_SM80=1 asks for the portable sm80 ones (to compare).
-bool use_sm90_kernels() {
+// The kernels for this call: the sm90 ones (TMA + wgmma, forward and backward) on Hopper when the
+// build has sm_90a, unless FLASH_ATTN_T_FORCE_SM80=1 asks for the portable sm80 ones (to compare),
+// or a tensor has no rows (a TMA map cannot describe it; such all-empty cases take the sm80 ones).
+bool use_sm90_kernels(const FwdParams& p) {
 #ifdef FAT_SM90
+  if (p.rows_q == 0 || p.rows_k == 0) return false;
   const char* force = std::getenv("FLASH_ATTN_T_FORCE_SM80");
   if (force != nullptr && std::string(force) == "1") return false;
   int device = 0, major = 0;  // the current device is q's (callers hold a device guard)
@@ -139,8 +141,7 @@ bool use_sm90_kernels() {
 void launch_fwd(FwdParams& p, const at::Tensor& q, bool causal) {
   if (p.batch == 0 || p.seqlen_q == 0) return;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // A TMA map cannot describe a tensor without rows: those (all-empty) cases take the sm80 kernels.
-  const bool sm90 = use_sm90_kernels() && p.rows_q > 0 && p.rows_k > 0;
+  const bool sm90 = use_sm90_kernels(p);
   // The sm90 kernel's tile scheduler counts from zero in every launch (stream-ordered, so the
   // buffer may be released as soon as the launch is queued).
   const at::Tensor tile_counter = sm90 ? at::zeros({1}, q.options().dtype(at::kInt)) : at::Tensor();
@@ -249,8 +250,7 @@ at::Tensor launch_bwd(BwdParams& p, const at::Tensor& q, const at::Tensor& lse, 
                         }),
                "backward dsum");
   if (p.seqlen_k > 0) {
-    // A TMA map cannot describe a tensor without rows: those cases take the sm80 kernel.
-    const bool sm90 = use_sm90_kernels() && p.rows_q > 0 && p.rows_k > 0;
+    const bool sm90 = use_sm90_kernels(p);
     check_launch(dispatch(q.scalar_type(), p.head_dim,
                           [&](auto element, auto dim) {
                             using Element = decltype(element);
