@@ -29,9 +29,17 @@ from setuptools import find_packages, setup
 if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
     os.environ["CUDA_HOME"] = "/usr/local/cuda"  # before torch.utils.cpp_extension reads it
 
+import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CUDAExtension  # noqa: E402
 
 ROOT = Path(__file__).parent
+VERSION = "0.1.0"
+# The compiled extension loads only with the torch release (major.minor) and CUDA major version it
+# was built against: the wheel says so in its requirement and in a local version tag (as
+# flash_attn's release wheels do), and flash_attn_t/build_info.py checks it at import.
+TORCH_RELEASE = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+CUDA_TAG = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+LOCAL_VERSION = f"{VERSION}+{CUDA_TAG}torch{TORCH_RELEASE}"
 
 
 def kernel_sources():
@@ -69,9 +77,41 @@ nvcc_flags = [
     *sm90_flags,
 ]
 
+
+# Environment variables that change what is built (MAX_JOBS only changes how fast): recorded, so
+# that run.sh rebuilds when one of them differs from the last build's.
+BUILD_KNOBS = ("TORCH_CUDA_ARCH_LIST", "NVCC_THREADS", "CUDA_HOME",
+               *(f"FLASH_ATTN_T_{f.split('=')[0][len('-DFAT_'):]}" for f in nvcc_flags if f.startswith("-DFAT_") and "=" in f))
+
+
+def write_build_config():
+    """flash_attn_t/_build_config.py: what this build is, for build_info.check() and flash_attn_t.info."""
+    switches = {f.split("=")[0][len("-DFAT_"):]: int(f.split("=")[1]) for f in nvcc_flags if f.startswith("-DFAT_")
+                and "=" in f}
+    build = {"version": LOCAL_VERSION, "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+             "archs": arch_list, "sm90_kernels": bool(sm90_flags), "switches": switches,
+             "environment": {knob: os.environ.get(knob) for knob in BUILD_KNOBS}}
+    (ROOT / "flash_attn_t" / "_build_config.py").write_text(
+        f"# Written by setup.py for the build of flash_attn_t._C next to it.\nBUILD = {build!r}\n")
+
+
+class IncrementalBuildExtension(BuildExtension):
+    """Compiles into build/ninja in the source tree, whatever directory pip hands the build (its
+    editable and wheel builds get a new temporary one each time), and always lets ninja decide:
+    it recompiles exactly the files whose source, included headers or flags changed (setuptools'
+    own up-to-date test looks at the .cu files only, not at the headers they include)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = str(ROOT / "build" / "ninja")
+        self.force = True
+
+
+# Before setup(): the wheel's build_py copies the package's .py files before build_ext runs.
+write_build_config()
 setup(
     name="flash-attn-t",
-    version="0.1.0",
+    version=LOCAL_VERSION,
     description="Exact fused attention for PyTorch with tensorized online softmax (FlashAttention-T)",
     packages=find_packages(include=["flash_attn_t", "flash_attn_t.*"]),
     ext_modules=[
@@ -82,7 +122,7 @@ setup(
             py_limited_api=False,
         )
     ],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": IncrementalBuildExtension},
     python_requires=">=3.9",
-    install_requires=["torch"],
+    install_requires=[f"torch=={TORCH_RELEASE}.*"],
 )

@@ -31,7 +31,10 @@ def check_devices(**tensors):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     for name, t in tensors.items():
         if t.device.type != "cuda":
-            raise ValueError(f"{name} must be a CUDA tensor, got {t.device.type}")
+            hint = (" (the kernels run on NVIDIA GPUs only; on the CPU, "
+                    "flash_attn_t.reference.attention_reference computes the same attention exactly)"
+                    if t.device.type == "cpu" else "")
+            raise ValueError(f"{name} must be a CUDA tensor, got {t.device.type}{hint}")
     (first, first_t), *rest = tensors.items()
     for name, t in rest:
         if t.device != first_t.device:

@@ -3,8 +3,13 @@
 csrc/flash_api.cpp defines torch.ops.flash_attn_t.fwd / bwd / varlen_fwd / varlen_bwd and their
 CUDA implementations; importing flash_attn_t._C registers them. Without the extension the package
 still imports (the reference and the argument checks work); calling a kernel raises ImportError.
+An extension built for another torch release makes the import itself fail (build_info.check).
 """
 import torch
+
+from . import build_info
+
+build_info.check()  # a build for another torch: a clear ImportError, not an undefined symbol
 
 try:
     from . import _C  # noqa: F401  (registers the ops)
@@ -21,8 +26,8 @@ def extension_available():
 def require_extension():
     if _EXTENSION_ERROR is not None:
         raise ImportError(
-            "flash_attn_t's CUDA extension (flash_attn_t._C) is not built: build it from the repository root with "
-            f"`pip install --no-build-isolation -e .` (import error: {_EXTENSION_ERROR})")
+            "flash_attn_t's CUDA extension (flash_attn_t._C) is not built: build it in the repository root with "
+            f"`{build_info.REBUILD_COMMAND}` (import error: {_EXTENSION_ERROR})")
 
 
 # Fake implementations: outputs of the right shape, dtype and device, contiguous like the real ones.
