@@ -46,7 +46,7 @@ set_up() {
     local stamp="$VENV/.flash_attn_t_requirements"
     if ! cmp -s requirements-dev.txt "$stamp"; then
       step "installing requirements-dev.txt into $VENV (the first time: a CUDA build of PyTorch and its" \
-           "NVIDIA libraries, about 6 GB of wheels; a few minutes)"
+           "NVIDIA libraries, about 6 GB installed; a few minutes)"
       python -m pip install -q -r requirements-dev.txt
       cp requirements-dev.txt "$stamp"
       took
