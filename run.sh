@@ -21,11 +21,14 @@ step() { echo "== $*"; started=$(date +%s); }
 took() { echo "   ($(( $(date +%s) - started )) s)"; }
 
 # True when flash_attn_t._C in this tree was built after every source file changed, for this
-# environment's torch and with the build knobs set now, and the package is installed here.
+# environment's torch and with the build knobs set now, and the package is installed here. (The
+# build record is written as a build starts: one newer than the extension belongs to a later build
+# elsewhere, a wheel say, whose knobs it would show.)
 extension_up_to_date() {
   local so
   so=$(ls flash_attn_t/_C*.so 2>/dev/null | head -n 1)
-  [ -n "$so" ] && [ -z "$(find csrc setup.py -type f -newer "$so" | head -n 1)" ] || return 1
+  [ -n "$so" ] && [ -z "$(find csrc setup.py flash_attn_t/_build_config.py -type f -newer "$so" | head -n 1)" ] ||
+    return 1
   python - <<'PY' 2>/dev/null
 import importlib.metadata, os, sys
 importlib.metadata.version("flash-attn-t")  # installed in this environment
