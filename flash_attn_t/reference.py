@@ -55,3 +55,32 @@ def attention_reference(q, k, v, softmax_scale=None, causal=False, compute_dtype
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
     return torch.cat(outs, dim=0), torch.cat(lses, dim=1)
+
+
+def attention_backward_reference(dout, q, k, v, out, lse, softmax_scale=None, causal=False,
+                                 compute_dtype=torch.float64):
+    """dq, dk, dv computed the way the kernels' backward does, from the forward's out and lse (b, h,
+    sq): P = exp(q k^T scale - lse), dS = P (dP - D) with D = rowsum(dout * out). Given the out and
+    lse of a softmax over more keys than k holds (k, v one block of a longer sequence), it returns
+    that block's share of the gradients: ring attention adds these up. Layouts (batch, seq, heads,
+    dim); GQA gradients summed over each kv head's group; rows with lse = +inf get zeros."""
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    dout, q, k, v, out = (t.to(compute_dtype).transpose(1, 2) for t in (dout, q, k, v, out))
+    group = q.shape[1] // k.shape[1]
+    k_rep, v_rep = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
+    scores = torch.matmul(q, k_rep.transpose(-1, -2)) * softmax_scale
+    if causal:
+        rows = torch.arange(seqlen_q, device=q.device)[:, None]
+        cols = torch.arange(seqlen_k, device=q.device)[None, :]
+        scores = scores.masked_fill(cols > rows + seqlen_k - seqlen_q, float("-inf"))
+    probs = torch.exp(scores - lse.to(compute_dtype)[..., None])  # 0 where masked or lse = +inf
+    dprobs = torch.matmul(dout, v_rep.transpose(-1, -2))
+    dscores = probs * (dprobs - (dout * out).sum(-1, keepdim=True))
+    dq = torch.matmul(dscores, k_rep) * softmax_scale
+    dk = torch.matmul(dscores.transpose(-1, -2), q) * softmax_scale
+    dv = torch.matmul(probs.transpose(-1, -2), dout)
+    batch, heads_k = k.shape[0], k.shape[1]
+    dk, dv = (t.reshape(batch, heads_k, group, seqlen_k, -1).sum(2) for t in (dk, dv))
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)

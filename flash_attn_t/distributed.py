@@ -1,0 +1,267 @@
+"""Context parallelism: exact ring attention over torch.distributed, for sequences longer than one
+GPU holds.
+
+Each rank of a process group holds a shard of the sequence, (batch, seqlen_local, heads, dim).
+The K/V shards travel around the ring (point-to-point, the next transfer in flight while the
+block in hand is computed); each rank attends its queries to every block in turn and merges the
+partial outputs exactly through their log-sum-exp, in fp32. The backward sends K/V around again,
+with the dK/dV accumulators of each block travelling beside it and returning home at the end; P
+is recomputed from the final lse, so every partial gradient is exact.
+
+Layouts of the shards (shard_sequence / unshard_sequence):
+  contiguous: rank r holds tokens [r s, (r + 1) s);
+  zigzag:     the sequence is cut into 2 W chunks and rank r holds chunks r and 2 W - 1 - r, so
+              under a causal mask every rank does the same work at every step.
+
+On CUDA tensors the local attention is flash-attn-t's kernels (fp16/bf16); on CPU tensors it is
+the exact reference (flash_attn_t.reference), which is how the ring logic is tested anywhere
+(gloo backend).
+"""
+import math
+
+import torch
+import torch.distributed as dist
+
+from . import ops
+from .interface import KERNEL_HEAD_DIMS, check_qkv, check_softmax_scale
+from .reference import attention_backward_reference, attention_reference
+
+LAYOUTS = ("zigzag", "contiguous")
+
+
+# ---------------------------------------------------------------------------------------------
+# the ring
+
+
+def _process_group(group):
+    """A ProcessGroup, None (the default group) or a one-dimensional DeviceMesh."""
+    if group is not None and hasattr(group, "get_group"):  # DeviceMesh
+        if group.ndim != 1:
+            raise ValueError(f"group: a DeviceMesh must be one-dimensional here, got {group.ndim} dimensions "
+                             "(pass mesh[dim_name] for the context-parallel dimension)")
+        return group.get_group()
+    return group
+
+
+class _Ring:
+    """This rank's place in the ring of a process group and the transfer to its neighbours."""
+
+    def __init__(self, group):
+        self.group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        peer = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
+        self.next, self.prev = peer((self.rank + 1) % self.world), peer((self.rank - 1) % self.world)
+
+    def shift(self, tensors):
+        """Starts sending `tensors` to the next rank and receiving the previous rank's; returns a
+        function that waits and gives the received tensors (alone in its ring: the same ones)."""
+        if self.world == 1:
+            return lambda: list(tensors)
+        tensors = [t.contiguous() for t in tensors]
+        received = [torch.empty_like(t) for t in tensors]
+        requests = dist.batch_isend_irecv(
+            [dist.P2POp(dist.isend, t, self.next, self.group) for t in tensors]
+            + [dist.P2POp(dist.irecv, t, self.prev, self.group) for t in received])
+
+        def wait():
+            for request in requests:
+                request.wait()
+            return received
+
+        return wait
+
+
+def _blocks(rank, src, seqlen, causal, layout):
+    """The (query rows, key rows, causal) pieces of this rank's queries against the K/V shard of
+    rank `src` that see any key; rows as slices of the local shards."""
+    every = slice(None)
+    if not causal or src == rank:  # on its own shard the local order is the global order
+        return [(every, every, causal)]
+    if layout == "contiguous":
+        return [(every, every, False)] if src < rank else []
+    # zigzag: src's first chunk lies before both of ours; its second lies after our first and
+    # before our second.
+    half = seqlen // 2
+    return [(every, slice(0, half), False)] if src < rank else [(slice(half, None), every, False)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the local attention: the kernels on CUDA, the exact reference on the CPU
+
+
+def _local_forward(q, k, v, softmax_scale, causal):
+    """(out in fp32 (fp64 for fp64 input), lse) of q against one block of keys."""
+    if q.is_cuda:
+        head_dim = q.shape[-1]
+        target = next(d for d in KERNEL_HEAD_DIMS if d >= head_dim)
+        padded = [torch.nn.functional.pad(t, (0, target - head_dim)) for t in (q, k, v)]
+        out, lse = torch.ops.flash_attn_t.fwd(*padded, softmax_scale, causal)
+        return out[..., :head_dim].float(), lse
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out, lse = attention_reference(q, k, v, softmax_scale, causal, compute_dtype=compute)
+    return out, lse.float() if compute == torch.float32 else lse
+
+
+def _local_backward(dout, q, k, v, out, lse, softmax_scale, causal, deterministic):
+    """This block's share of dq, dk, dv, from the final out and lse."""
+    if q.is_cuda:
+        head_dim = q.shape[-1]
+        target = next(d for d in KERNEL_HEAD_DIMS if d >= head_dim)
+        padded = [torch.nn.functional.pad(t, (0, target - head_dim)).contiguous() for t in (dout, q, k, v, out)]
+        grads = torch.ops.flash_attn_t.bwd(*padded, lse.contiguous(), softmax_scale, causal, deterministic)
+        return [g[..., :head_dim] for g in grads]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return attention_backward_reference(dout, q, k, v, out, lse, softmax_scale, causal, compute_dtype=compute)
+
+
+def _merge(out, lse, rows, block_out, block_lse):
+    """out[:, rows], lse[..., rows] <- the exact softmax merge with a block's partial (in place)."""
+    block_lse = torch.where(block_lse == math.inf, -math.inf, block_lse)  # +inf: the block has no key
+    old = lse[..., rows]
+    new = torch.logaddexp(old, block_lse)
+    safe = torch.where(new == -math.inf, 0.0, new)
+    weight_old, weight_block = (torch.exp(x - safe).transpose(1, 2)[..., None] for x in (old, block_lse))
+    out[:, rows] = out[:, rows] * weight_old + block_out * weight_block
+    lse[..., rows] = new
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, ring, softmax_scale, causal, layout, deterministic):
+        accum = torch.float64 if q.dtype == torch.float64 else torch.float32
+        batch, seqlen, heads, _ = q.shape
+        out = torch.zeros(q.shape, dtype=accum, device=q.device)
+        lse = torch.full((batch, heads, seqlen), -math.inf, dtype=accum, device=q.device)
+        kv = [k, v]
+        for step in range(ring.world):
+            incoming = ring.shift(kv) if step + 1 < ring.world else None  # in flight during the compute
+            for q_rows, kv_rows, causal_block in _blocks(ring.rank, (ring.rank - step) % ring.world, seqlen,
+                                                         causal, layout):
+                block_out, block_lse = _local_forward(q[:, q_rows], kv[0][:, kv_rows], kv[1][:, kv_rows],
+                                                      softmax_scale, causal_block)
+                _merge(out, lse, q_rows, block_out.to(accum), block_lse.to(accum))
+            if incoming is not None:
+                kv = incoming()
+        lse = torch.where(lse == -math.inf, math.inf, lse)  # rows that saw no key: the kernels' convention
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring, ctx.softmax_scale, ctx.causal, ctx.layout, ctx.deterministic = (
+            ring, softmax_scale, causal, layout, deterministic)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        ring, seqlen = ctx.ring, q.shape[1]
+        accum = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dq = torch.zeros(q.shape, dtype=accum, device=q.device)
+        # dK/dV of the block in hand, travelling with it; each returns to its rank after W shifts.
+        dkv = [torch.zeros(k.shape, dtype=accum, device=k.device), torch.zeros(v.shape, dtype=accum, device=v.device)]
+        kv, incoming_dkv = [k, v], None
+        for step in range(ring.world):
+            incoming_kv = ring.shift(kv) if step + 1 < ring.world else None
+            partials = []
+            for q_rows, kv_rows, causal_block in _blocks(ring.rank, (ring.rank - step) % ring.world, seqlen,
+                                                         ctx.causal, ctx.layout):
+                dq_part, dk_part, dv_part = _local_backward(
+                    dout[:, q_rows], q[:, q_rows], kv[0][:, kv_rows], kv[1][:, kv_rows], out[:, q_rows],
+                    lse[..., q_rows], ctx.softmax_scale, causal_block, ctx.deterministic)
+                dq[:, q_rows] += dq_part.to(accum)
+                partials.append((kv_rows, dk_part.to(accum), dv_part.to(accum)))
+            if incoming_dkv is not None:
+                dkv = incoming_dkv()  # the accumulators of the block now in hand
+            for kv_rows, dk_part, dv_part in partials:
+                dkv[0][:, kv_rows] += dk_part
+                dkv[1][:, kv_rows] += dv_part
+            incoming_dkv = ring.shift(dkv)
+            if incoming_kv is not None:
+                kv = incoming_kv()
+        dk, dv = incoming_dkv()  # home again
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+def _check_layout(layout, seqlen, world, name):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    parts = 2 * world if layout == "zigzag" else world
+    if seqlen % parts != 0:
+        raise ValueError(f"{name}: a sequence of {seqlen} tokens does not split into the {parts} equal chunks the "
+                         f"{layout} layout over {world} ranks needs (pad it to a multiple of {parts})")
+
+
+def ring_flash_attn_func(q, k, v, group=None, causal=False, softmax_scale=None, layout="zigzag",
+                         deterministic=False, return_attn_probs=False):
+    """Exact attention over a sequence sharded across the ranks of `group` (a ProcessGroup, None
+    for the default one, or a one-dimensional DeviceMesh).
+
+    q: (batch, seqlen_local, nheads, headdim); k, v: (batch, seqlen_local, nheads_k, headdim):
+    this rank's shard in `layout` ("zigzag" or "contiguous", see shard_sequence), the same length
+    on every rank, nheads a multiple of nheads_k (GQA: k and v are never expanded). causal masks
+    by global position. CUDA tensors run the kernels (fp16/bf16, one GPU per rank, NCCL); CPU
+    tensors the exact reference (any float dtype, gloo). Differentiable; the backward sends K/V and
+    the dK/dV accumulators around the ring. Returns this rank's out (q's shape); with
+    return_attn_probs=True, (out, lse, None) with lse (batch, nheads, seqlen_local) in fp32 (fp64
+    for fp64 input).
+    """
+    group = _process_group(group)
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("ring_flash_attn_func needs torch.distributed initialised (init_process_group)")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be (batch, seqlen_local, nheads, headdim)")
+    if k.shape[1] != q.shape[1] or v.shape != k.shape:
+        raise ValueError(f"k and v must have q's local sequence length and each other's shape, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    ring = _Ring(group)
+    if layout == "zigzag" and q.shape[1] % 2 != 0:
+        raise ValueError(f"q: the zigzag layout holds two equal chunks per rank, so seqlen_local must be even, "
+                         f"got {q.shape[1]}")
+    _check_layout(layout, q.shape[1] * ring.world, ring.world, "q")
+    if q.is_cuda:
+        check_qkv(q, k, v, varlen=False)
+        ops.require_extension()
+    elif q.shape[-2] % k.shape[-2] != 0:
+        raise ValueError(f"nheads ({q.shape[-2]}) must be a multiple of nheads_k ({k.shape[-2]}) (GQA/MQA)")
+    softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
+    out, lse = _RingAttention.apply(q, k, v, ring, softmax_scale, bool(causal), layout, bool(deterministic))
+    return (out, lse, None) if return_attn_probs else out
+
+
+def _chunk_order(world, layout):
+    """The global chunk index of each chunk, in the order the ranks hold them."""
+    if layout == "contiguous":
+        return list(range(world))
+    return [c for r in range(world) for c in (r, 2 * world - 1 - r)]
+
+
+def shard_sequence(x, group=None, layout="zigzag", dim=1):
+    """This rank's shard of a full sequence (the same tensor on every rank) along `dim`."""
+    group = _process_group(group)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    _check_layout(layout, x.shape[dim], world, "x")
+    chunks = x.chunk(len(_chunk_order(world, layout)), dim=dim)
+    per_rank = len(chunks) // world
+    mine = _chunk_order(world, layout)[rank * per_rank:(rank + 1) * per_rank]
+    return torch.cat([chunks[c] for c in mine], dim=dim)
+
+
+def unshard_sequence(x, group=None, layout="zigzag", dim=1):
+    """The full sequence from every rank's shard (an all-gather; not differentiable)."""
+    group = _process_group(group)
+    world = dist.get_world_size(group)
+    gathered = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(gathered, x.contiguous(), group=group)
+    order = _chunk_order(world, layout)
+    chunks = [c for shard in gathered for c in shard.chunk(len(order) // world, dim=dim)]
+    in_place = [None] * len(order)
+    for position, chunk in zip(order, chunks):
+        in_place[position] = chunk
+    return torch.cat(in_place, dim=dim)
