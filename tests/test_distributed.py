@@ -117,17 +117,29 @@ def test_ring_attention_on_two_gpus_matches_the_reference(head_dim):
     _spawn(_gpu_worker, 2, head_dim, torch.bfloat16)
 
 
+def _run_benchmark_script(name, *args):
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", name)
+    if not os.path.exists(script):
+        pytest.skip("benchmarks/ is not beside tests/ (an installed-package test run)")
+    result = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_context_parallel_benchmark_runs_on_cpu():
+    """benchmarks/benchmark_context_parallel.py's logic (on the CPU its timings mean nothing)."""
+    out = _run_benchmark_script("benchmark_context_parallel.py", "--device", "cpu", "--world", "2", "--seqlens", "64",
+                                "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--reps", "1")
+    for name in ("fwd", "bwd", "fwd+bwd"):
+        assert f"      64 {name:>8}" in out, out
+
+
 def test_context_parallel_training_example_matches_one_process_on_cpu():
     """benchmarks/train_context_parallel.py: a small causal transformer trained on one sequence
     split over 2 gloo processes follows the one-process loss curve (its exit status says so)."""
-    import subprocess
-    import sys
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                          "train_context_parallel.py")
-    if not os.path.exists(script):
-        pytest.skip("benchmarks/ is not beside tests/ (an installed-package test run)")
-    result = subprocess.run([sys.executable, script, "--device", "cpu", "--world", "2", "--seq-len", "64", "--steps", "3",
-                             "--warmup-steps", "1", "--dim", "32", "--heads", "4", "--kv-heads", "2", "--layers", "2"],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "largest |loss difference| between 1 and 2 processes" in result.stdout
+    out = _run_benchmark_script("train_context_parallel.py", "--device", "cpu", "--world", "2", "--seq-len", "64",
+                                "--steps", "3", "--warmup-steps", "1", "--dim", "32", "--heads", "4", "--kv-heads", "2",
+                                "--layers", "2")
+    assert "largest |loss difference| between 1 and 2 processes" in out
