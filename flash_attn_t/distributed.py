@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
-from .interface import KERNEL_HEAD_DIMS, check_qkv, check_softmax_scale
+from .interface import _pad_head_dim, check_qkv, check_softmax_scale
 from .reference import attention_backward_reference, attention_reference
 
 LAYOUTS = ("zigzag", "contiguous")
@@ -89,29 +89,27 @@ def _blocks(rank, src, seqlen, causal, layout):
 # the local attention: the kernels on CUDA, the exact reference on the CPU
 
 
+def _accumulation_dtype(t):
+    """Partial results are merged and summed in fp32 (fp64 for fp64 input)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _local_forward(q, k, v, softmax_scale, causal):
-    """(out in fp32 (fp64 for fp64 input), lse) of q against one block of keys."""
+    """(out in the accumulation dtype, lse) of q against one block of keys."""
     if q.is_cuda:
-        head_dim = q.shape[-1]
-        target = next(d for d in KERNEL_HEAD_DIMS if d >= head_dim)
-        padded = [torch.nn.functional.pad(t, (0, target - head_dim)) for t in (q, k, v)]
-        out, lse = torch.ops.flash_attn_t.fwd(*padded, softmax_scale, causal)
-        return out[..., :head_dim].float(), lse
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out, lse = attention_reference(q, k, v, softmax_scale, causal, compute_dtype=compute)
-    return out, lse.float() if compute == torch.float32 else lse
+        out, lse = torch.ops.flash_attn_t.fwd(*_pad_head_dim(q, k, v), softmax_scale, causal)
+        return out[..., :q.shape[-1]].float(), lse
+    return attention_reference(q, k, v, softmax_scale, causal, compute_dtype=_accumulation_dtype(q))
 
 
 def _local_backward(dout, q, k, v, out, lse, softmax_scale, causal, deterministic):
     """This block's share of dq, dk, dv, from the final out and lse."""
     if q.is_cuda:
-        head_dim = q.shape[-1]
-        target = next(d for d in KERNEL_HEAD_DIMS if d >= head_dim)
-        padded = [torch.nn.functional.pad(t, (0, target - head_dim)).contiguous() for t in (dout, q, k, v, out)]
+        padded = [t.contiguous() for t in _pad_head_dim(dout, q, k, v, out)]
         grads = torch.ops.flash_attn_t.bwd(*padded, lse.contiguous(), softmax_scale, causal, deterministic)
-        return [g[..., :head_dim] for g in grads]
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return attention_backward_reference(dout, q, k, v, out, lse, softmax_scale, causal, compute_dtype=compute)
+        return [g[..., :q.shape[-1]] for g in grads]
+    return attention_backward_reference(dout, q, k, v, out, lse, softmax_scale, causal,
+                                        compute_dtype=_accumulation_dtype(q))
 
 
 def _merge(out, lse, rows, block_out, block_lse):
@@ -132,7 +130,7 @@ def _merge(out, lse, rows, block_out, block_lse):
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ring, softmax_scale, causal, layout, deterministic):
-        accum = torch.float64 if q.dtype == torch.float64 else torch.float32
+        accum = _accumulation_dtype(q)
         batch, seqlen, heads, _ = q.shape
         out = torch.zeros(q.shape, dtype=accum, device=q.device)
         lse = torch.full((batch, heads, seqlen), -math.inf, dtype=accum, device=q.device)
@@ -158,7 +156,7 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         ring, seqlen = ctx.ring, q.shape[1]
-        accum = torch.float64 if q.dtype == torch.float64 else torch.float32
+        accum = _accumulation_dtype(q)
         dq = torch.zeros(q.shape, dtype=accum, device=q.device)
         # dK/dV of the block in hand, travelling with it; each returns to its rank after W shifts.
         dkv = [torch.zeros(k.shape, dtype=accum, device=k.device), torch.zeros(v.shape, dtype=accum, device=v.device)]

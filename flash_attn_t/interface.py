@@ -157,13 +157,14 @@ def check_packed_shape(t, name, dim, count, layout):
 # autograd
 
 
-def _pad_head_dim(q, k, v):
-    """q, k, v zero-padded along the head dim to the next kernel head dim (unchanged if equal)."""
-    head_dim = q.shape[-1]
+def _pad_head_dim(*tensors):
+    """The tensors (q, k, v, ...) zero-padded along the head dim to the next kernel head dim
+    (unchanged if equal)."""
+    head_dim = tensors[0].shape[-1]
     target = next(d for d in KERNEL_HEAD_DIMS if d >= head_dim)
     if target == head_dim:
-        return q, k, v
-    return tuple(torch.nn.functional.pad(t, (0, target - head_dim)) for t in (q, k, v))
+        return tensors
+    return tuple(torch.nn.functional.pad(t, (0, target - head_dim)) for t in tensors)
 
 
 def _last_dim_contiguous(t):
