@@ -3,7 +3,7 @@ backward time per sequence length, the speedup over one GPU, the share of the co
 behind compute, and peak memory per GPU.
 
 Per length and process count, in W spawned processes (one GPU each, NCCL): causal attention over
-the whole sequence, zigzag shards, bf16, batch 1, --heads x --head-dim; CUDA events, an L2 flush
+the whole sequence, zigzag shards (one GPU: flash_attn_func over the whole sequence), bf16, batch 1, --heads x --head-dim; CUDA events, an L2 flush
 and a barrier before each rep, the slowest rank's time, median of --reps. The hidden share of the
 forward's communication is (T_compute + T_comm - T_ring) / T_comm, with T_compute the same block
 schedule without transfers (every step attends to the rank's own K/V shard, the same amount of
@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import flash_attn_t
 from flash_attn_t import distributed
 
 
@@ -71,7 +72,7 @@ def worker(rank, world, rendezvous, args, results):
     try:
         dtype = torch.bfloat16 if cuda else torch.float32
         measure = _timer(device, args.reps)
-        ring, idle_ring = distributed._Ring(None), _NoTransferRing(None)
+        ring, idle_ring = distributed._Ring(None, device), _NoTransferRing(None, device)
         scale = args.head_dim ** -0.5
         for seqlen in args.seqlens:
             local = seqlen // world
@@ -85,6 +86,8 @@ def worker(rank, world, rendezvous, args, results):
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
 
             def forward(ring_=ring):
+                if world == 1 and cuda:  # one GPU: what a user runs there
+                    return flash_attn_t.flash_attn_func(*leaves, softmax_scale=scale, causal=True)
                 return distributed._RingAttention.apply(*leaves, ring_, scale, True, "zigzag", False)[0]
 
             out = forward()
@@ -96,8 +99,9 @@ def worker(rank, world, rendezvous, args, results):
                 torch.autograd.grad(forward(), leaves, dout)
 
             times = {"fwd": measure(forward), "bwd": measure(backward), "fwd+bwd": measure(forward_backward)}
-            times["fwd compute"] = measure(lambda: forward(idle_ring))
-            times["fwd comm"] = measure(lambda: [ring.shift([k, v])() for _ in range(world - 1)])
+            if world > 1:
+                times["fwd compute"] = measure(lambda: forward(idle_ring))
+                times["fwd comm"] = measure(lambda: [ring.shift([k, v])() for _ in range(world - 1)])
             memory = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
             if rank == 0:
                 results.put((seqlen, times, memory))

@@ -46,26 +46,35 @@ def _process_group(group):
 class _Ring:
     """This rank's place in the ring of a process group and the transfer to its neighbours."""
 
-    def __init__(self, group):
-        self.group = group
+    def __init__(self, group, device):
+        self.group, self.device = group, device
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        peer = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
-        self.next, self.prev = peer((self.rank + 1) % self.world), peer((self.rank - 1) % self.world)
+        self.next, self.prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world
+
+    def _global(self, rank):
+        return dist.get_global_rank(self.group, rank) if self.group is not None else rank
 
     def shift(self, tensors):
         """Starts sending `tensors` to the next rank and receiving the previous rank's; returns a
         function that waits and gives the received tensors (alone in its ring: the same ones)."""
         if self.world == 1:
             return lambda: list(tensors)
+        return self.exchange(tensors, self.next, [(t.shape, t.dtype) for t in tensors], self.prev)
+
+    def exchange(self, tensors, to, expected, source):
+        """Starts sending `tensors` to rank `to` and receiving tensors of the (shape, dtype)s in
+        `expected` from rank `source` (ranks within the group; either list may be empty); returns a
+        function that waits and gives the received tensors."""
         tensors = [t.contiguous() for t in tensors]
-        received = [torch.empty_like(t) for t in tensors]
-        requests = dist.batch_isend_irecv(
-            [dist.P2POp(dist.isend, t, self.next, self.group) for t in tensors]
-            + [dist.P2POp(dist.irecv, t, self.prev, self.group) for t in received])
+        received = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in expected]
+        ops = ([dist.P2POp(dist.isend, t, self._global(to), self.group) for t in tensors]
+               + [dist.P2POp(dist.irecv, t, self._global(source), self.group) for t in received])
+        requests = dist.batch_isend_irecv(ops) if ops else []
 
         def wait():
             for request in requests:
                 request.wait()
+            del tensors[:]  # sent: the buffers may go
             return received
 
         return wait
@@ -119,7 +128,7 @@ def _merge(out, lse, rows, block_out, block_lse):
     new = torch.logaddexp(old, block_lse)
     safe = torch.where(new == -math.inf, 0.0, new)
     weight_old, weight_block = (torch.exp(x - safe).transpose(1, 2)[..., None] for x in (old, block_lse))
-    out[:, rows] = out[:, rows] * weight_old + block_out * weight_block
+    out[:, rows].mul_(weight_old).add_(block_out * weight_block)
     lse[..., rows] = new
 
 
@@ -131,17 +140,19 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ring, softmax_scale, causal, layout, deterministic):
         accum = _accumulation_dtype(q)
-        batch, seqlen, heads, _ = q.shape
-        out = torch.zeros(q.shape, dtype=accum, device=q.device)
-        lse = torch.full((batch, heads, seqlen), -math.inf, dtype=accum, device=q.device)
-        kv = [k, v]
+        seqlen = q.shape[1]
+        kv, out, lse = [k, v], None, None
         for step in range(ring.world):
             incoming = ring.shift(kv) if step + 1 < ring.world else None  # in flight during the compute
             for q_rows, kv_rows, causal_block in _blocks(ring.rank, (ring.rank - step) % ring.world, seqlen,
                                                          causal, layout):
                 block_out, block_lse = _local_forward(q[:, q_rows], kv[0][:, kv_rows], kv[1][:, kv_rows],
                                                       softmax_scale, causal_block)
-                _merge(out, lse, q_rows, block_out.to(accum), block_lse.to(accum))
+                block_lse = torch.where(block_lse == math.inf, -math.inf, block_lse.to(accum))  # +inf: no key
+                if out is None:  # step 0: the rank's own block, every row
+                    out, lse = block_out.to(accum), block_lse
+                else:
+                    _merge(out, lse, q_rows, block_out, block_lse)
             if incoming is not None:
                 kv = incoming()
         lse = torch.where(lse == -math.inf, math.inf, lse)  # rows that saw no key: the kernels' convention
@@ -157,30 +168,53 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         ring, seqlen = ctx.ring, q.shape[1]
         accum = _accumulation_dtype(q)
-        dq = torch.zeros(q.shape, dtype=accum, device=q.device)
-        # dK/dV of the block in hand, travelling with it; each returns to its rank after W shifts.
-        dkv = [torch.zeros(k.shape, dtype=accum, device=k.device), torch.zeros(v.shape, dtype=accum, device=v.device)]
-        kv, incoming_dkv = [k, v], None
-        for step in range(ring.world):
+
+        def pieces(rank, src):  # (q rows, kv rows, causal) of rank's queries against src's K/V
+            return _blocks(rank, src, seqlen, ctx.causal, ctx.layout)
+
+        def gradients(kv, piece):
+            q_rows, kv_rows, causal_block = piece
+            return _local_backward(dout[:, q_rows], q[:, q_rows], kv[0][:, kv_rows], kv[1][:, kv_rows],
+                                   out[:, q_rows], lse[..., q_rows], ctx.softmax_scale, causal_block,
+                                   ctx.deterministic)
+
+        incoming_kv = ring.shift([k, v]) if ring.world > 1 else None
+        dq, dk, dv = gradients([k, v], pieces(ring.rank, ring.rank)[0])  # step 0: the own block, every row
+        if ring.world == 1:
+            return dq, dk, dv, None, None, None, None, None
+        dq, dkv = dq.to(accum), [dk.to(accum), dv.to(accum)]
+        returning = None
+        for step in range(1, ring.world):
+            kv = incoming_kv()
             incoming_kv = ring.shift(kv) if step + 1 < ring.world else None
             partials = []
-            for q_rows, kv_rows, causal_block in _blocks(ring.rank, (ring.rank - step) % ring.world, seqlen,
-                                                         ctx.causal, ctx.layout):
-                dq_part, dk_part, dv_part = _local_backward(
-                    dout[:, q_rows], q[:, q_rows], kv[0][:, kv_rows], kv[1][:, kv_rows], out[:, q_rows],
-                    lse[..., q_rows], ctx.softmax_scale, causal_block, ctx.deterministic)
-                dq[:, q_rows] += dq_part.to(accum)
-                partials.append((kv_rows, dk_part.to(accum), dv_part.to(accum)))
-            if incoming_dkv is not None:
-                dkv = incoming_dkv()  # the accumulators of the block now in hand
-            for kv_rows, dk_part, dv_part in partials:
-                dkv[0][:, kv_rows] += dk_part
-                dkv[1][:, kv_rows] += dv_part
-            incoming_dkv = ring.shift(dkv)
-            if incoming_kv is not None:
-                kv = incoming_kv()
-        dk, dv = incoming_dkv()  # home again
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+            for piece in pieces(ring.rank, (ring.rank - step) % ring.world):
+                dq_part, dk_part, dv_part = gradients(kv, piece)
+                dq[:, piece[0]] += dq_part
+                partials += [dk_part, dv_part]
+            if returning is not None:
+                _add_partials(dkv, *returning)
+            # The dK/dV partials go home to their block's rank while the next block is computed (in
+            # the kernels' dtype, summed there in fp32); ours come back from the rank `step` ahead.
+            source = (ring.rank + step) % ring.world
+            rows = [kv_rows for _, kv_rows, _ in pieces(source, ring.rank)]
+            expected = [(t[:, r].shape, _partials_dtype(q)) for r in rows for t in (k, v)]
+            returning = ring.exchange(partials, (ring.rank - step) % ring.world, expected, source), rows
+        _add_partials(dkv, *returning)
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+
+
+def _partials_dtype(q):
+    """The dtype of _local_backward's gradients."""
+    return q.dtype if q.is_cuda else _accumulation_dtype(q)
+
+
+def _add_partials(dkv, wait, rows):
+    """dK/dV of this rank's block += the partials received for the key rows `rows`."""
+    received = wait()
+    for i, kv_rows in enumerate(rows):
+        dkv[0][:, kv_rows] += received[2 * i]
+        dkv[1][:, kv_rows] += received[2 * i + 1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +252,7 @@ def ring_flash_attn_func(q, k, v, group=None, causal=False, softmax_scale=None, 
     if k.shape[1] != q.shape[1] or v.shape != k.shape:
         raise ValueError(f"k and v must have q's local sequence length and each other's shape, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    ring = _Ring(group)
+    ring = _Ring(group, q.device)
     if layout == "zigzag" and q.shape[1] % 2 != 0:
         raise ValueError(f"q: the zigzag layout holds two equal chunks per rank, so seqlen_local must be even, "
                          f"got {q.shape[1]}")
