@@ -100,8 +100,7 @@ struct BwdTraits {
   // 24, off the critical path (the ring runs two steps ahead).
   static constexpr int kProducerRegisters = 24;
   static constexpr int kConsumerRegisters = 240;
-  // Each warpgroup adds its own keys' share of dQ = dS K (no wait for the other warpgroup's dS),
-  // as two 64 x 64 pieces: split by rows when BlockM is 128, by columns when it is 64.
+  // dQ = dS K as two 64 x 64 pieces: split by rows when BlockM is 128, by columns when it is 64.
   static constexpr bool kDqSplitRows = kBlockM == 128;
 
   static constexpr int kSlabRowBytes = 128;
@@ -116,12 +115,11 @@ struct BwdTraits {
   static constexpr uint32_t kQOffset = kVOffset + kKVBytes;
   static constexpr uint32_t kDoOffset = kQOffset + kStages * kQBytes;
   static constexpr uint32_t kDsOffset = kDoOffset + kStages * kQBytes;
-  static constexpr uint32_t kDqOffset = kDsOffset + kDsBytes;  // one staged dQ block per warpgroup
-  // Per stage: lse * log2(e), then D.
-  static constexpr uint32_t kLseOffset = kDqOffset + kConsumerWarpgroups * kDqBytes;
+  static constexpr uint32_t kDqOffset = kDsOffset + 2 * kDsBytes;
+  static constexpr uint32_t kLseOffset = kDqOffset + kDqBytes;  // per stage: lse * log2(e), then D
   static constexpr uint32_t kBarrierOffset = kLseOffset + kStages * 2 * kRowStatBytes;
-  // K/V full, K/V empty; per stage Q full, Q empty; per consumer warpgroup dQ full, dQ empty.
-  static constexpr int kBarriers = 2 + 2 * kStages + 2 * kConsumerWarpgroups;
+  // K/V full, K/V empty; per stage Q full, Q empty; dQ full, dQ empty.
+  static constexpr int kBarriers = 2 + 2 * kStages + 2;
   static constexpr int kSmemBytes = kBarrierOffset + kBarriers * 8 + 1024;  // + alignment slack
 
   static_assert(kBlockM * kHeadDim == 2 * 64 * 64, "two 64 x 64 dQ pieces per query block");
