@@ -20,6 +20,8 @@ Build knobs (environment variables):
                         timing the softmax's exposed cost only: its output is wrong
   FLASH_ATTN_T_BWD_TIMING_SKIP_ELEMENTWISE  0 (default); 1 builds an sm90 backward WITHOUT its
                         per-element work (exp2, masks, dS), for timing only: its gradients are wrong
+  FLASH_ATTN_T_BWD_TIMING_SKIP_DQ_REDUCE  0 (default); 1 builds an sm90 backward that never adds
+                        into dQ (the L2 reductions skipped), for timing only: its dQ is wrong
 """
 import os
 from pathlib import Path
@@ -73,7 +75,7 @@ nvcc_flags = [
     *(f"-DFAT_{name}={int(os.environ.get(f'FLASH_ATTN_T_{name}', default))}"
       for name, default in (("TENSOR_ROW_SUM", 1), ("SM90_TENSOR_ROW_SUM", 0), ("LAZY_RESCALE", 1), ("PINGPONG", 1),
                             ("SM90_HD64_WARPGROUPS", 3), ("TIMING_SKIP_SOFTMAX", 0),
-                            ("BWD_TIMING_SKIP_ELEMENTWISE", 0))),
+                            ("BWD_TIMING_SKIP_ELEMENTWISE", 0), ("BWD_TIMING_SKIP_DQ_REDUCE", 0))),
     *sm90_flags,
 ]
 

@@ -27,6 +27,11 @@
 #ifndef FAT_BWD_TIMING_SKIP_ELEMENTWISE
 #define FAT_BWD_TIMING_SKIP_ELEMENTWISE 0
 #endif
+// Benchmark-only, likewise (FLASH_ATTN_T_BWD_TIMING_SKIP_DQ_REDUCE=1): the drain warp skips the
+// bulk reductions into dq_accum (dQ stays zero), to time what the L2 reduction traffic costs.
+#ifndef FAT_BWD_TIMING_SKIP_DQ_REDUCE
+#define FAT_BWD_TIMING_SKIP_DQ_REDUCE 0
+#endif
 
 namespace fat::sm90 {
 
@@ -181,7 +186,8 @@ __device__ __forceinline__ void drain_dq(const BwdParams& p, const BwdSmem<Trait
       const int rows = min(Traits::kBlockM, blk.seq.len_q - first_row);
       dq.wait_full(sm.dq_full());
       // The block's rows are contiguous in dq_accum (heads-major), so one bulk reduction adds them.
-      bulk_reduce_add_f32(dst, smem_addr(sm.dq()), rows * Traits::kHeadDim * 4);
+      if (!FAT_BWD_TIMING_SKIP_DQ_REDUCE)
+        bulk_reduce_add_f32(dst, smem_addr(sm.dq()), rows * Traits::kHeadDim * 4);
       bulk_commit();
       bulk_wait_read();  // the consumers may restage the block
       mbar_arrive(sm.dq_empty());
