@@ -51,7 +51,7 @@ struct BwdSmem {
   __device__ __forceinline__ Element* dout(int stage) const {
     return at(Traits::kDoOffset + stage * Traits::kQBytes);
   }
-  __device__ __forceinline__ Element* ds() const { return at(Traits::kDsOffset); }
+  __device__ __forceinline__ Element* ds(int buffer) const { return at(Traits::kDsOffset + buffer * Traits::kDsBytes); }
   __device__ __forceinline__ float* dq() const { return at<float>(Traits::kDqOffset); }
   // Per stage: the query block's lse * log2(e) (+inf past the sequence end) and D (0 there).
   __device__ __forceinline__ float* lse_log2(int stage) const {
@@ -63,11 +63,8 @@ struct BwdSmem {
   __device__ __forceinline__ uint64_t* kv_empty() const { return barriers() + 1; }
   __device__ __forceinline__ uint64_t* q_full(int stage) const { return barriers() + 2 + stage; }
   __device__ __forceinline__ uint64_t* q_empty(int stage) const { return barriers() + 2 + Traits::kStages + stage; }
-  // dQ staging: warpgroup 0 has stored its share (dq_half), warpgroup 1 has added its own (dq_full),
-  // the drain warp has read the block (dq_empty).
-  __device__ __forceinline__ uint64_t* dq_half() const { return barriers() + 2 + 2 * Traits::kStages; }
-  __device__ __forceinline__ uint64_t* dq_full() const { return dq_half() + 1; }
-  __device__ __forceinline__ uint64_t* dq_empty() const { return dq_half() + 2; }
+  __device__ __forceinline__ uint64_t* dq_full() const { return barriers() + 2 + 2 * Traits::kStages; }
+  __device__ __forceinline__ uint64_t* dq_empty() const { return dq_full() + 1; }
 };
 
 // One key block of one (kv head, batch) and the (q head, query block) steps that visit it.
@@ -254,17 +251,17 @@ struct BwdConsumer {
     wgmma_commit();
   }
 
-  // Piece 0 or 1 (64 x 64) of this warpgroup's keys' share of dQ = dS K: dS^T (keys x queries) as
-  // a transposed A, K as a transposed B, over the warpgroup's 64 keys.
-  __device__ __forceinline__ void issue_dq(float (&dq)[8][4], int piece) const {
+  // This warpgroup's 64 x 64 piece of dQ = dS K: dS^T (keys x queries) as a transposed A, K as a
+  // transposed B, over all 128 keys.
+  __device__ __forceinline__ void issue_dq(float (&dq)[8][4], int ds_buffer) const {
     constexpr uint32_t kSlab = kBlockN * kSlabRowBytes;
-    const Element* a_tile = sm.ds() + (Traits::kDqSplitRows ? piece * kSlab / sizeof(Element) : 0);
-    const Element* b_tile = sm.k() + (Traits::kDqSplitRows ? 0 : piece * kSlab / sizeof(Element));
+    const Element* a_tile = sm.ds(ds_buffer) + (Traits::kDqSplitRows ? wg * kSlab / sizeof(Element) : 0);
+    const Element* b_tile = sm.k() + (Traits::kDqSplitRows ? 0 : wg * kSlab / sizeof(Element));
     wgmma_fence();
 #pragma unroll
-    for (int kk = 4 * wg; kk < 4 * wg + 4; ++kk)
+    for (int kk = 0; kk < kBlockN / 16; ++kk)
       wgmma_ss<Element, 64, true, true>(dq, mn_major_desc(a_tile, kBlockN, kk), mn_major_desc(b_tile, kBlockN, kk),
-                                        kk > 4 * wg);
+                                        kk > 0);
     wgmma_commit();
   }
 
@@ -314,8 +311,8 @@ struct BwdConsumer {
 
   // This warpgroup's rows of dS^T into shared memory in the swizzled slab layout (4-byte stores:
   // each lane's column pair; the 8 rows of a store fall in 8 different 16-byte chunks).
-  __device__ __forceinline__ void store_ds(const uint32_t (&ds)[kSlices][4]) const {
-    char* tile = reinterpret_cast<char*>(sm.ds());
+  __device__ __forceinline__ void store_ds(const uint32_t (&ds)[kSlices][4], int buffer) const {
+    char* tile = reinterpret_cast<char*>(sm.ds(buffer));
 #pragma unroll
     for (int kk = 0; kk < kSlices; ++kk)
 #pragma unroll
@@ -325,25 +322,17 @@ struct BwdConsumer {
       }
   }
 
-  // A dQ piece into the staged fp32 block, in dq_accum's row layout (swizzled columns): stored by
-  // warpgroup 0, added to by warpgroup 1 (a fixed order: deterministic).
-  template <bool Add>
-  __device__ __forceinline__ void stage_dq(const float (&dq)[8][4], int piece) const {
-    const int row0 = Traits::kDqSplitRows ? 64 * piece : 0, col0 = Traits::kDqSplitRows ? 0 : 64 * piece;
+  // The dQ piece into the staged fp32 block, in dq_accum's row layout (swizzled columns).
+  __device__ __forceinline__ void store_dq(const float (&dq)[8][4]) const {
+    const int row0 = Traits::kDqSplitRows ? 64 * wg : 0, col0 = Traits::kDqSplitRows ? 0 : 64 * wg;
     float* block = sm.dq();
 #pragma unroll
     for (int t = 0; t < 8; ++t)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = row0 + warp_row + lane / 4 + 8 * r, col = col0 + col_of(t, 0);
-        float2* slot = reinterpret_cast<float2*>(block + row * kHeadDim + dq_accum_col(row, col));
-        float2 value = make_float2(dq[t][2 * r], dq[t][2 * r + 1]);
-        if constexpr (Add) {
-          const float2 staged = *slot;
-          value.x += staged.x;
-          value.y += staged.y;
-        }
-        *slot = value;
+        *reinterpret_cast<float2*>(block + row * kHeadDim + dq_accum_col(row, col)) =
+            make_float2(dq[t][2 * r], dq[t][2 * r + 1]);
       }
   }
 
@@ -369,7 +358,7 @@ struct BwdConsumer {
   }
 
   __device__ __forceinline__ void run(const BwdParams& p) const {
-    RingPosition<1> kv, dq_slot;
+    RingPosition<1> kv, dq_slot, ds_buffers;
     RingPosition<Traits::kStages> q;
     for_each_key_block<Traits, Causal>(p, [&](const BwdKeyBlock<Traits, Causal>& blk) {
       if (!blk.exists()) return;
@@ -378,7 +367,7 @@ struct BwdConsumer {
       zero(dv);
       if (blk.steps > 0) kv.wait_full(sm.kv_full());
       for (int s_idx = 0; s_idx < blk.steps; ++s_idx) {
-        const int stage = q.stage(), first_row = blk.first_row(s_idx);
+        const int stage = q.stage(), first_row = blk.first_row(s_idx), ds_buffer = ds_buffers.fills % 2;
         float s[kSTiles][4], dp[kSTiles][4], dq[8][4];
         uint32_t p_frag[kSlices][4], ds_frag[kSlices][4];
         q.wait_full(sm.q_full(stage));
@@ -398,44 +387,30 @@ struct BwdConsumer {
 #endif
         pack_a_fragments<Element>(s, p_frag);
         pack_a_fragments<Element>(dp, ds_frag);
-        // Tensor-core work queued around this warpgroup's waits: dV += P^T dO runs while dS^T is
-        // stored, dK += dS^T Q while the first dQ piece is staged. Each warpgroup computes its
-        // own keys' share of dQ, so neither waits for the other's dS^T; the shares are summed in
-        // the staged block (warpgroup 1 adds after warpgroup 0 stored), so warpgroup 1 trails
-        // and one's element-wise work can run under the other's GEMMs.
+        // Tensor-core work queued around the two waits of this warpgroup: dV += P^T dO runs while
+        // dS^T is stored and the other warpgroup's half is awaited, dK += dS^T Q while dQ is staged.
         issue_kv_grad(dv, p_frag, sm.dout(stage));
-        store_ds(ds_frag);
+        store_ds(ds_frag, ds_buffer);
         fence_proxy_async();  // plain stores, read next by wgmma (async proxy)
-        Barriers::bwd_ds_ready(wg).sync();
-        issue_dq(dq, 0);
+        Barriers::bwd_ds_ready().sync();
+        issue_dq(dq, ds_buffer);
         issue_kv_grad(dk, ds_frag, sm.q(stage));
-        wgmma_wait<1>();  // dV and dQ piece 0 done
+        wgmma_wait<1>();  // dV and dQ done
         fence_operand(dq);
-        if (wg == 0) {
-          dq_slot.wait_empty(sm.dq_empty());  // the drain warp has read the last staged block
-          stage_dq<false>(dq, 0);
-        } else {
-          dq_slot.wait_full(sm.dq_half());  // warpgroup 0's share is staged
-          stage_dq<true>(dq, 0);
-        }
-        issue_dq(dq, 1);
-        wgmma_wait<0>();  // dK and dQ piece 1 done
-        fence_operand(dq);
+        dq_slot.wait_empty(sm.dq_empty());  // the drain warp has read the last staged block
+        store_dq(dq);
+        fence_proxy_async();  // read next by the bulk copy engine
+        mbar_arrive(sm.dq_full());
+
+        wgmma_wait<0>();
         fence_operand(dk);
         fence_operand(dv);
-        if (wg == 0) {
-          stage_dq<false>(dq, 1);
-          mbar_arrive(sm.dq_half());
-        } else {
-          stage_dq<true>(dq, 1);
-          fence_proxy_async();  // the block is read next by the bulk copy engine
-          mbar_arrive(sm.dq_full());
-        }
         // Q, dO, lse and D of this step read. Every thread arrives: the lse/D rows are rewritten
         // by plain stores, which must be ordered after each thread's own reads.
         mbar_arrive(sm.q_empty(stage));
         q = q.plus(1);
         dq_slot = dq_slot.plus(1);
+        ds_buffers = ds_buffers.plus(1);
       }
       if (blk.steps > 0) {
         warp_release(sm.kv_empty());
@@ -462,8 +437,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       mbar_init(sm.q_full(s), 1 + 32);  // the TMA thread (with its bytes) and the lse/D warp
       mbar_init(sm.q_empty(s), kConsumerThreads);
     }
-    mbar_init(sm.dq_half(), 128);  // every thread of warpgroup 0, after its stores
-    mbar_init(sm.dq_full(), 128);  // every thread of warpgroup 1, after its fence
+    mbar_init(sm.dq_full(), kConsumerThreads);  // every consumer thread, after its fence
     mbar_init(sm.dq_empty(), 1);
     mbar_init_fence();
   }

@@ -93,15 +93,14 @@ struct BwdTraits {
   static constexpr int kHeadDim = HeadDim_;
   static constexpr int kBlockM = BlockM_;
   static constexpr int kBlockN = 128;
-  static constexpr int kConsumerWarpgroups = 2;  // the dQ staging below assumes two
+  static constexpr int kConsumerWarpgroups = 2;
   static constexpr int kStages = 2;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
   // 24 + 240: the hd128 consumer spills at 232; the producer warps spill a few words per step at
   // 24, off the critical path (the ring runs two steps ahead).
   static constexpr int kProducerRegisters = 24;
   static constexpr int kConsumerRegisters = 240;
-  // Each warpgroup computes its own keys' share of dQ = dS K (no wait for the other warpgroup's
-  // dS), as two 64 x 64 pieces: split by rows when BlockM is 128, by columns when it is 64.
+  // dQ = dS K as two 64 x 64 pieces: split by rows when BlockM is 128, by columns when it is 64.
   static constexpr bool kDqSplitRows = kBlockM == 128;
 
   static constexpr int kSlabRowBytes = 128;
@@ -116,12 +115,11 @@ struct BwdTraits {
   static constexpr uint32_t kQOffset = kVOffset + kKVBytes;
   static constexpr uint32_t kDoOffset = kQOffset + kStages * kQBytes;
   static constexpr uint32_t kDsOffset = kDoOffset + kStages * kQBytes;
-  // dS^T single-buffered: each warpgroup rewrites only its own rows, after its own dQ GEMMs.
-  static constexpr uint32_t kDqOffset = kDsOffset + kDsBytes;
+  static constexpr uint32_t kDqOffset = kDsOffset + 2 * kDsBytes;
   static constexpr uint32_t kLseOffset = kDqOffset + kDqBytes;  // per stage: lse * log2(e), then D
   static constexpr uint32_t kBarrierOffset = kLseOffset + kStages * 2 * kRowStatBytes;
-  // K/V full, K/V empty; per stage Q full, Q empty; dQ half, dQ full, dQ empty.
-  static constexpr int kBarriers = 2 + 2 * kStages + 3;
+  // K/V full, K/V empty; per stage Q full, Q empty; dQ full, dQ empty.
+  static constexpr int kBarriers = 2 + 2 * kStages + 2;
   static constexpr int kSmemBytes = kBarrierOffset + kBarriers * 8 + 1024;  // + alignment slack
 
   static_assert(kBlockM * kHeadDim == 2 * 64 * 64, "two 64 x 64 dQ pieces per query block");
