@@ -4,9 +4,10 @@ GPU holds.
 Each rank of a process group holds a shard of the sequence, (batch, seqlen_local, heads, dim).
 The K/V shards travel around the ring (point-to-point, the next transfer in flight while the
 block in hand is computed); each rank attends its queries to every block in turn and merges the
-partial outputs exactly through their log-sum-exp, in fp32. The backward sends K/V around again,
-with the dK/dV accumulators of each block travelling beside it and returning home at the end; P
-is recomputed from the final lse, so every partial gradient is exact.
+partial outputs exactly through their log-sum-exp, in fp32. The backward sends K/V around again;
+the dK/dV partials a rank computes for another rank's block are sent straight back to that rank
+(in the kernels' dtype, while the next block is computed) and summed there in fp32. P is
+recomputed from the final lse, so every partial gradient is exact.
 
 Layouts of the shards (shard_sequence / unshard_sequence):
   contiguous: rank r holds tokens [r s, (r + 1) s);
@@ -122,8 +123,8 @@ def _local_backward(dout, q, k, v, out, lse, softmax_scale, causal, deterministi
 
 
 def _merge(out, lse, rows, block_out, block_lse):
-    """out[:, rows], lse[..., rows] <- the exact softmax merge with a block's partial (in place)."""
-    block_lse = torch.where(block_lse == math.inf, -math.inf, block_lse)  # +inf: the block has no key
+    """out[:, rows], lse[..., rows] <- the exact softmax merge with a block's partial (in place;
+    block_lse is -inf on rows that saw no key of the block)."""
     old = lse[..., rows]
     new = torch.logaddexp(old, block_lse)
     safe = torch.where(new == -math.inf, 0.0, new)
@@ -187,8 +188,8 @@ class _RingAttention(torch.autograd.Function):
         for step in range(1, ring.world):
             kv = incoming_kv()
             incoming_kv = ring.shift(kv) if step + 1 < ring.world else None
-            partials = []
-            for piece in pieces(ring.rank, (ring.rank - step) % ring.world):
+            src, partials = (ring.rank - step) % ring.world, []
+            for piece in pieces(ring.rank, src):
                 dq_part, dk_part, dv_part = gradients(kv, piece)
                 dq[:, piece[0]] += dq_part
                 partials += [dk_part, dv_part]
@@ -199,7 +200,7 @@ class _RingAttention(torch.autograd.Function):
             source = (ring.rank + step) % ring.world
             rows = [kv_rows for _, kv_rows, _ in pieces(source, ring.rank)]
             expected = [(t[:, r].shape, _partials_dtype(q)) for r in rows for t in (k, v)]
-            returning = ring.exchange(partials, (ring.rank - step) % ring.world, expected, source), rows
+            returning = ring.exchange(partials, src, expected, source), rows
         _add_partials(dkv, *returning)
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
 
