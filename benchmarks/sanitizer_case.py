@@ -1,8 +1,9 @@
 """A small forward + backward through every kernel (both dtypes, both head dims, causal and not,
-GQA, ragged lengths, varlen, deterministic), sized for compute-sanitizer."""
+GQA, ragged lengths, varlen, deterministic) and a KV-cache step (append, cache_batch_idx,
+cache_leftpad, one index value out of range), sized for compute-sanitizer."""
 import torch
 
-from flash_attn_t import flash_attn_func, flash_attn_varlen_func
+from flash_attn_t import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
 torch.manual_seed(0)
 for dtype in (torch.bfloat16, torch.float16):
@@ -21,5 +22,12 @@ for dtype in (torch.bfloat16, torch.float16):
             vv = torch.randn(145, 2, head_dim, device="cuda", dtype=dtype, requires_grad=True)
             out = flash_attn_varlen_func(qv, kv, vv, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal)
             out.sum().backward()
+            k_cache = torch.randn(3, 200, 2, head_dim, device="cuda", dtype=dtype)
+            v_cache = torch.randn_like(k_cache)
+            new_k, new_v = (torch.randn(2, 3, 2, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+            flash_attn_with_kvcache(q[:, :3].detach(), k_cache, v_cache, new_k, new_v, causal=causal,
+                                    cache_seqlens=torch.tensor([0, 150], device="cuda", dtype=torch.int32),
+                                    cache_batch_idx=torch.tensor([2, 7], device="cuda", dtype=torch.int32),
+                                    cache_leftpad=torch.tensor([0, 20], device="cuda", dtype=torch.int32))
 torch.cuda.synchronize()
 print("sanitizer case done")

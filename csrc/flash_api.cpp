@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -167,9 +168,55 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_, const at::Tensor& k
   at::Tensor lse = at::empty({b, h, sq}, q.options().dtype(at::kFloat));
   FwdParams p{};
   fill_fwd(p, q, k, v, out, lse, softmax_scale);
-  p.batch = static_cast<int>(b);
+  p.batch = p.batch_k = static_cast<int>(b);
   p.seqlen_q = static_cast<int>(sq);
   p.seqlen_k = static_cast<int>(k.size(1));
+  launch_fwd(p, q, causal);
+  return {out, lse};
+}
+
+void check_batch_index(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& q) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->is_cuda() && t->device() == q.device(), "flash_attn_t: ", name, " must be on q's device");
+  TORCH_CHECK(t->scalar_type() == at::kInt, "flash_attn_t: ", name, " must be int32");
+  TORCH_CHECK(t->dim() == 1 && t->is_contiguous() && t->size(0) == q.size(0), "flash_attn_t: ", name,
+              " must be a contiguous 1-D tensor of q's batch size");
+}
+
+// Attention of q against a KV cache (batch_k, seqlen_cache, heads_k, dim): query batch b reads
+// cache row kv_batch_idx[b] (b when absent), keys [leftpad_k[b], seqused_k[b]), causal aligned at
+// the end of those keys. The values are clamped into range in the kernels (see params.h).
+std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q_, const at::Tensor& k_cache_,
+                                               const at::Tensor& v_cache_, const at::Tensor& seqused_k,
+                                               const std::optional<at::Tensor>& kv_batch_idx,
+                                               const std::optional<at::Tensor>& leftpad_k, double softmax_scale,
+                                               bool causal) {
+  check_q(q_, 4);
+  check_tensor(k_cache_, "k_cache", 4, q_);
+  check_tensor(v_cache_, "v_cache", 4, q_);
+  TORCH_CHECK(k_cache_.sizes() == v_cache_.sizes(), "flash_attn_t: k_cache and v_cache must have the same shape");
+  TORCH_CHECK(k_cache_.size(-1) == q_.size(-1), "flash_attn_t: k_cache must have q's head dim");
+  TORCH_CHECK(k_cache_.size(-2) > 0 && q_.size(-2) % k_cache_.size(-2) == 0,
+              "flash_attn_t: q's head count must be a multiple of k_cache's");
+  TORCH_CHECK(kv_batch_idx.has_value() ? k_cache_.size(0) > 0 : k_cache_.size(0) == q_.size(0),
+              "flash_attn_t: k_cache must have q's batch size (or kv_batch_idx must select its rows)");
+  check_batch_index(seqused_k, "seqused_k", q_);
+  check_batch_index(kv_batch_idx, "kv_batch_idx", q_);
+  check_batch_index(leftpad_k, "leftpad_k", q_);
+  const c10::cuda::CUDAGuard guard(q_.device());
+  const at::Tensor q = aligned(q_), k = aligned(k_cache_), v = aligned(v_cache_);
+  const int64_t b = q.size(0), sq = q.size(1), h = q.size(2);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({b, h, sq}, q.options().dtype(at::kFloat));
+  FwdParams p{};
+  fill_fwd(p, q, k, v, out, lse, softmax_scale);
+  p.batch = static_cast<int>(b);
+  p.batch_k = static_cast<int>(k.size(0));
+  p.seqlen_q = static_cast<int>(sq);
+  p.seqlen_k = static_cast<int>(k.size(1));
+  p.seqused_k = seqused_k.data_ptr<int>();
+  p.kv_batch_idx = kv_batch_idx.has_value() ? kv_batch_idx->data_ptr<int>() : nullptr;
+  p.leftpad_k = leftpad_k.has_value() ? leftpad_k->data_ptr<int>() : nullptr;
   launch_fwd(p, q, causal);
   return {out, lse};
 }
@@ -307,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
   check_qkv(q, k, v, 4);
   check_bwd_extra(dout, out, q, lse, {q.size(0), q.size(2), q.size(1)});
   return backward(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, [&](BwdParams& p) {
-    p.batch = static_cast<int>(q.size(0));
+    p.batch = p.batch_k = static_cast<int>(q.size(0));
     p.seqlen_q = static_cast<int>(q.size(1));
     p.seqlen_k = static_cast<int>(k.size(1));
   });
@@ -339,6 +386,8 @@ TORCH_LIBRARY(flash_attn_t, m) {
   m.def("fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal) -> (Tensor, Tensor)");
   m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale, "
         "bool causal, bool deterministic) -> (Tensor, Tensor, Tensor)");
+  m.def("fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqused_k, Tensor? kv_batch_idx, "
+        "Tensor? leftpad_k, float softmax_scale, bool causal) -> (Tensor, Tensor)");
   m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor, Tensor)");
   m.def("varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
@@ -349,6 +398,7 @@ TORCH_LIBRARY(flash_attn_t, m) {
 TORCH_LIBRARY_IMPL(flash_attn_t, CUDA, m) {
   m.impl("fwd", &fat::fwd);
   m.impl("bwd", &fat::bwd);
+  m.impl("fwd_kvcache", &fat::fwd_kvcache);
   m.impl("varlen_fwd", &fat::varlen_fwd);
   m.impl("varlen_bwd", &fat::varlen_bwd);
 }

@@ -26,6 +26,15 @@ struct FwdParams {
   const int* cu_seqlens_q;  // null when batched
   const int* cu_seqlens_k;
 
+  // Batched only (a KV cache): k and v have batch_k rows of seqlen_k keys each; query batch b
+  // reads row kv_batch_idx[b] (b when null), keys [leftpad_k[b], seqused_k[b]) of it (from 0, up
+  // to seqlen_k, when null). The kernels clamp these values into range: never an access outside
+  // the tensors, whatever they hold.
+  int batch_k;
+  const int* kv_batch_idx;
+  const int* seqused_k;
+  const int* leftpad_k;
+
   float softmax_scale;
   float scale_log2;  // softmax_scale * log2(e): the exp2 argument is one FFMA away from the score
 

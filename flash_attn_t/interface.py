@@ -8,10 +8,12 @@ NotImplementedError naming the argument.
 """
 import math
 import operator
+import os
 
 import torch
 
 from . import ops
+from .rotary import apply_rotary
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (64, 128)  # the head dims the kernels are compiled for
@@ -62,9 +64,14 @@ def check_shapes(q, k, v, *, varlen):
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if not varlen and k.shape[0] != q.shape[0]:
         raise ValueError(f"k's batch size ({k.shape[0]}) must equal q's ({q.shape[0]})")
+    check_heads(q, k)
+
+
+def check_heads(q, k, k_name="k"):
+    """q's and k's head dims agree and are supported; nheads is a multiple of nheads_k."""
     head_dim = q.shape[-1]
     if k.shape[-1] != head_dim:
-        raise ValueError(f"k's head dim ({k.shape[-1]}) must equal q's ({head_dim})")
+        raise ValueError(f"{k_name}'s head dim ({k.shape[-1]}) must equal q's ({head_dim})")
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim {head_dim} is not supported: head dims must be multiples of 8 up to "
                          f"{KERNEL_HEAD_DIMS[-1]} (kernels for {KERNEL_HEAD_DIMS}, others run zero-padded)")
@@ -73,9 +80,9 @@ def check_shapes(q, k, v, *, varlen):
         raise ValueError(f"nheads ({heads}) must be a multiple of nheads_k ({heads_k}) (GQA/MQA)")
 
 
-def check_strides(q, k, v):
+def check_strides(q, k, v, names=("q", "k", "v")):
     """The kernels read rows of headdim contiguous elements; other strides may be anything."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    for name, t in zip(names, (q, k, v)):
         if t.stride(-1) != 1 and t.numel() > 0:
             raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got stride {t.stride(-1)}")
 
@@ -151,6 +158,114 @@ def check_packed_shape(t, name, dim, count, layout):
     """A packed qkv / kv (after check_devices): its dimension `dim` has `count` entries, 3 or 2."""
     if t.dim() != dim + 3 or t.shape[dim] != count:
         raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
+
+
+def checking_values():
+    """Whether value rules that need a host copy (a sync) run on tensors that the kernels only
+    clamp into range otherwise: FLASH_ATTN_T_CHECK_VALUES=1 (for debugging; off in CUDA graphs)."""
+    return os.environ.get("FLASH_ATTN_T_CHECK_VALUES") == "1" and not torch.compiler.is_compiling()
+
+
+def check_index_tensor(t, name, batch):
+    """A per-sequence int32 index: 1-D of the batch size."""
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != batch:
+        raise ValueError(f"{name} must be 1-D with one entry per sequence ({batch}), got shape {tuple(t.shape)}")
+
+
+def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad):
+    """q (batch, seqlen_q, nheads, headdim); k_cache, v_cache (batch_cache, seqlen_cache, nheads_k,
+    headdim); the new k, v (batch, seqlen_new, nheads_k, headdim); the index tensors int32 (batch,).
+    Returns cache_seqlens as an int32 tensor (batch,) on q's device, or None."""
+    check_dtypes(q, k_cache, v_cache)
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions (batch, seqlen, nheads, headdim), got shape "
+                             f"{tuple(t.shape)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    batch, batch_cache = q.shape[0], k_cache.shape[0]
+    if cache_batch_idx is None and batch_cache != batch:
+        raise ValueError(f"k_cache's batch size ({batch_cache}) must equal q's ({batch}) unless cache_batch_idx "
+                         "selects its rows")
+    if batch_cache == 0 and batch > 0:
+        raise ValueError("k_cache has no rows (batch_cache = 0) for a non-empty batch")
+    check_heads(q, k_cache, "k_cache")
+    check_strides(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
+    seqlen_new = _check_new_kv(q, k_cache, k, v, cache_seqlens)
+    if cache_batch_idx is not None:
+        check_index_tensor(cache_batch_idx, "cache_batch_idx", batch)
+        if checking_values() and batch and not 0 <= cache_batch_idx.min() <= cache_batch_idx.max() < batch_cache:
+            raise ValueError(f"cache_batch_idx values must lie in [0, {batch_cache})")
+    seqlens = _cache_seqlens(cache_seqlens, batch, k_cache.shape[1], seqlen_new, q.device)
+    if cache_leftpad is not None:
+        check_index_tensor(cache_leftpad, "cache_leftpad", batch)
+        if checking_values() and batch and not (0 <= cache_leftpad.min() and
+                                                (seqlens is None or bool((cache_leftpad <= seqlens).all()))):
+            raise ValueError("cache_leftpad values must lie in [0, cache_seqlens]")
+    return seqlens
+
+
+def _check_new_kv(q, k_cache, k, v, cache_seqlens):
+    """The new keys and values (None or both (batch, seqlen_new, nheads_k, headdim)): their seqlen_new."""
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (the new keys and values to append) or both be None")
+    if k is None:
+        return 0
+    check_dtypes(q, k, v)
+    expected = (q.shape[0], k.shape[1] if k.dim() == 4 else -1, *k_cache.shape[2:])
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != 4 or tuple(t.shape) != expected:
+            raise ValueError(f"{name} must have shape (batch, seqlen_new, nheads_k, headdim) = {expected}, got "
+                             f"{tuple(t.shape)}")
+    check_strides(q, k, v)
+    if k.shape[1] > k_cache.shape[1]:
+        raise ValueError(f"k has {k.shape[1]} new tokens but the cache holds only {k_cache.shape[1]}")
+    if cache_seqlens is None:
+        raise ValueError("cache_seqlens is required with k and v: it says where each sequence's new keys go")
+    return k.shape[1]
+
+
+def _cache_seqlens(cache_seqlens, batch, seqlen_cache, seqlen_new, device):
+    """cache_seqlens (None, an int or an int32 tensor) checked, as an int32 tensor (batch,) or None."""
+    if cache_seqlens is None:
+        return None
+    if isinstance(cache_seqlens, torch.Tensor):
+        check_index_tensor(cache_seqlens, "cache_seqlens", batch)
+        if checking_values() and batch and not (0 <= cache_seqlens.min() and
+                                                cache_seqlens.max() + seqlen_new <= seqlen_cache):
+            raise ValueError(f"cache_seqlens values plus seqlen_new ({seqlen_new}) must lie in [0, {seqlen_cache}]")
+        return cache_seqlens
+    try:
+        n = operator.index(cache_seqlens)
+    except TypeError:
+        raise TypeError(f"cache_seqlens must be an int or an int32 tensor, got {type(cache_seqlens).__name__}") from None
+    if not 0 <= n <= seqlen_cache - seqlen_new:
+        raise ValueError(f"cache_seqlens ({n}) plus seqlen_new ({seqlen_new}) must lie in [0, {seqlen_cache}] "
+                         "(the cache's length)")
+    return torch.full((batch,), n, dtype=torch.int32, device=device)
+
+
+def check_rotary(rotary_cos, rotary_sin, head_dim, has_new_keys):
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    if rotary_cos is None:
+        return
+    if not has_new_keys:
+        raise ValueError("rotary_cos / rotary_sin rotate q and the new k: pass k and v with them")
+    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        if not t.is_floating_point() or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D float tensor (seqlen_ro, rotary_dim / 2), got "
+                             f"{t.dtype} {tuple(t.shape)}")
+    if rotary_cos.shape != rotary_sin.shape:
+        raise ValueError(f"rotary_cos and rotary_sin must have the same shape, got {tuple(rotary_cos.shape)} and "
+                         f"{tuple(rotary_sin.shape)}")
+    rotary_dim = 2 * rotary_cos.shape[1]
+    if rotary_dim % 16 != 0 or not 0 < rotary_dim <= head_dim:
+        raise ValueError(f"rotary_dim (2 x rotary_cos.shape[1] = {rotary_dim}) must be a positive multiple of 16 "
+                         f"no larger than the head dim ({head_dim})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,3 +422,69 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                                   return_attn_probs)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """Attention of q against a KV cache, appending new keys and values first (incremental
+    decoding). Inference only: no gradients.
+
+    q: (batch, seqlen_q, nheads, headdim); k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k,
+    headdim). Sequence b uses cache row cache_batch_idx[b] (b when None) and its keys
+    [cache_leftpad[b] (0 when None), cache_seqlens[b] + seqlen_new). With k, v (batch, seqlen_new,
+    nheads_k, headdim), they are written into the caches *in place* at rows cache_seqlens[b] ...
+    cache_seqlens[b] + seqlen_new - 1 before the attention (duplicate cache_batch_idx entries write
+    the same rows: any of them may win). cache_seqlens: an int or int32 tensor (batch,); None means
+    every sequence is the whole cache (then k, v must be None).
+    rotary_cos, rotary_sin (seqlen_ro, rotary_dim / 2): the new k is rotated at positions
+    cache_seqlens[b] + i, and q at the same positions when causal, else all at cache_seqlens[b];
+    rotary_interleaved picks the channel pairing (see flash_attn_t.rotary).
+    causal aligns the mask bottom-right on each sequence's keys. num_splits is accepted for
+    compatibility (the kernels choose their own work split). Returns out (q's shape) or, with
+    return_softmax_lse=True, (out, lse (batch, nheads, seqlen_q) fp32).
+    No host synchronisation: values of the index tensors outside their ranges are clamped by the
+    kernels, never read or written out of bounds; FLASH_ATTN_T_CHECK_VALUES=1 checks them instead.
+    window_size, softcap, alibi_slopes and block_table accept only their defaults for now.
+    """
+    optional = (("k", k), ("v", v), ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin),
+                ("cache_seqlens", cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None),
+                ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad), ("block_table", block_table))
+    check_devices(q=q, k_cache=k_cache, v_cache=v_cache, **{name: t for name, t in optional if t is not None})
+    seqlens = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad)
+    check_unimplemented(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, block_table=block_table)
+    check_rotary(rotary_cos, rotary_sin, q.shape[-1], k is not None)
+    softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
+    try:
+        if operator.index(num_splits) < 0:
+            raise ValueError(f"num_splits must be >= 0 (0 = heuristic), got {num_splits}")
+    except TypeError:
+        raise TypeError(f"num_splits must be an int, got {type(num_splits).__name__}") from None
+    ops.require_extension()
+
+    batch, seqlen_q = q.shape[:2]
+    if seqlens is None:
+        seqlens = torch.full((batch,), k_cache.shape[1], dtype=torch.int32, device=q.device)
+    if k is not None:
+        seqlen_new = k.shape[1]
+        steps = torch.arange(max(seqlen_new, seqlen_q), device=q.device, dtype=torch.int32)
+        if rotary_cos is not None:
+            last = rotary_cos.shape[0] - 1
+            positions = (seqlens[:, None] + steps[None, :seqlen_new]).clamp(0, last)
+            k = apply_rotary(k, rotary_cos, rotary_sin, positions, rotary_interleaved)
+            q_steps = steps[None, :seqlen_q] if causal else torch.zeros_like(steps[None, :seqlen_q])
+            q = apply_rotary(q, rotary_cos, rotary_sin, (seqlens[:, None] + q_steps).clamp(0, last),
+                             rotary_interleaved)
+        rows = (seqlens[:, None] + steps[None, :seqlen_new]).clamp(0, k_cache.shape[1] - 1).long()
+        cache_rows = (cache_batch_idx if cache_batch_idx is not None
+                      else torch.arange(batch, device=q.device)).clamp(0, k_cache.shape[0] - 1).long()[:, None]
+        k_cache[cache_rows, rows] = k
+        v_cache[cache_rows, rows] = v
+        seqlens = seqlens + seqlen_new
+    head_dim = q.shape[-1]
+    q_, k_cache_, v_cache_ = _pad_head_dim(q, k_cache, v_cache)
+    out, lse = torch.ops.flash_attn_t.fwd_kvcache(q_, k_cache_, v_cache_, seqlens, cache_batch_idx, cache_leftpad,
+                                                  softmax_scale, bool(causal))
+    out = out[..., :head_dim]
+    return (out, lse) if return_softmax_lse else out

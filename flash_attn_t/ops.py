@@ -1,7 +1,7 @@
 """The compiled kernels as torch.library ops, with fake (meta) implementations for torch.compile.
 
-csrc/flash_api.cpp defines torch.ops.flash_attn_t.fwd / bwd / varlen_fwd / varlen_bwd and their
-CUDA implementations; importing flash_attn_t._C registers them. Without the extension the package
+csrc/flash_api.cpp defines torch.ops.flash_attn_t.fwd / bwd / fwd_kvcache / varlen_fwd / varlen_bwd and
+their CUDA implementations; importing flash_attn_t._C registers them. Without the extension the package
 still imports (the reference and the argument checks work); calling a kernel raises ImportError.
 An extension built for another torch release makes the import itself fail (build_info.check).
 """
@@ -44,6 +44,11 @@ if extension_available():
 
     @torch.library.register_fake("flash_attn_t::fwd")
     def _fwd_fake(q, k, v, softmax_scale, causal):
+        batch, seqlen_q, heads, _ = q.shape
+        return _out_and_lse(q, (batch, heads, seqlen_q))
+
+    @torch.library.register_fake("flash_attn_t::fwd_kvcache")
+    def _fwd_kvcache_fake(q, k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, softmax_scale, causal):
         batch, seqlen_q, heads, _ = q.shape
         return _out_and_lse(q, (batch, heads, seqlen_q))
 

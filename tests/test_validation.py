@@ -12,6 +12,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import flash_attn_t
+from flash_attn_t import ops
 from flash_attn_t.interface import (check_cu_seqlens, check_devices, check_dtypes, check_packed_shape, check_shapes,
                                     check_softmax_scale, check_strides, check_unimplemented, check_varlen)
 
@@ -296,6 +297,89 @@ def test_max_seqlen():
     with pytest.raises(ValueError, match="max_seqlen_q must be non-negative, got -1"):
         check_cu_seqlens(cu([0]), "cu_seqlens_q", 0, -1, "max_seqlen_q")
     check_varlen(q, k, cu_q, cu_k, torch.tensor(7), 1000)  # larger than needed is fine
+
+
+# --- flash_attn_with_kvcache ------------------------------------------------------------------
+
+def kvcache_inputs(device="cuda", batch=2, seqlen_q=1, new=1, d=64, cache=(2, 32)):
+    q = torch.randn(batch, seqlen_q, 4, d, dtype=torch.bfloat16, device=device)
+    k_cache = torch.randn(*cache, 2, d, dtype=torch.bfloat16, device=device)
+    k = torch.randn(batch, new, 2, d, dtype=torch.bfloat16, device=device)
+    return dict(q=q, k_cache=k_cache, v_cache=torch.randn_like(k_cache), k=k, v=torch.randn_like(k),
+                cache_seqlens=torch.zeros(batch, dtype=torch.int32, device=device))
+
+
+def int32(values, device="cuda"):
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+# each change is built inside the fake mode (no GPU needed)
+@pytest.mark.parametrize("change,error,match", [
+    (lambda: dict(v=None), ValueError, "k and v must be given together"),
+    (lambda: dict(cache_seqlens=None), ValueError, "cache_seqlens is required with k and v"),
+    (lambda: dict(cache_seqlens=torch.zeros(2, device="cuda")), TypeError, "cache_seqlens must be int32"),
+    (lambda: dict(cache_seqlens=int32([0, 0, 0])), ValueError, "cache_seqlens must be 1-D with one entry per"),
+    (lambda: dict(cache_seqlens=32), ValueError, r"cache_seqlens \(32\) plus seqlen_new \(1\) must lie in"),
+    (lambda: dict(cache_seqlens="3"), TypeError, "cache_seqlens must be an int or an int32 tensor"),
+    (lambda: dict(k_cache=torch.zeros(3, 32, 2, 64, dtype=torch.bfloat16, device="cuda")), ValueError,
+     "k_cache and v_cache must have the same shape"),
+    (lambda: dict(k=torch.zeros(2, 1, 4, 64, dtype=torch.bfloat16, device="cuda")), ValueError,
+     "k must have shape"),
+    (lambda: dict(k=torch.zeros(2, 33, 2, 64, dtype=torch.bfloat16, device="cuda"),
+                  v=torch.zeros(2, 33, 2, 64, dtype=torch.bfloat16, device="cuda")), ValueError,
+     "k has 33 new tokens but the cache holds only 32"),
+    (lambda: dict(cache_batch_idx=int32([0])), ValueError, "cache_batch_idx must be 1-D"),
+    (lambda: dict(cache_leftpad=torch.zeros(2, dtype=torch.int64, device="cuda")), TypeError,
+     "cache_leftpad must be int32"),
+    (lambda: dict(rotary_cos=torch.ones(40, 32, device="cuda")), ValueError,
+     "rotary_cos and rotary_sin must be given together"),
+    (lambda: dict(rotary_cos=torch.ones(40, 12, device="cuda"), rotary_sin=torch.ones(40, 12, device="cuda")),
+     ValueError, "rotary_dim"),
+    (lambda: dict(k=None, v=None, rotary_cos=torch.ones(40, 32, device="cuda"),
+                  rotary_sin=torch.ones(40, 32, device="cuda")), ValueError, "rotate q and the new k"),
+    (lambda: dict(num_splits=-1), ValueError, "num_splits must be >= 0"),
+    (lambda: dict(block_table=int32([[0], [1]])), NotImplementedError, "block_table"),
+    (lambda: dict(window_size=(8, 0)), NotImplementedError, "window_size"),
+    (lambda: dict(softcap=5.0), NotImplementedError, "softcap"),
+])
+def test_kvcache_rules(fake_cuda, change, error, match):
+    args = {**kvcache_inputs(), **change()}
+    with pytest.raises(error, match=match):
+        flash_attn_t.flash_attn_with_kvcache(**args)
+
+
+def test_kvcache_needs_a_matching_cache_batch_or_an_index(fake_cuda):
+    args = kvcache_inputs(cache=(3, 32))
+    with pytest.raises(ValueError, match=r"k_cache's batch size \(3\) must equal q's \(2\) unless cache_batch_idx"):
+        flash_attn_t.flash_attn_with_kvcache(**args)
+    if ops.extension_available():
+        out = flash_attn_t.flash_attn_with_kvcache(**args, cache_batch_idx=int32([2, 0]))
+        assert out.shape == args["q"].shape
+
+
+def test_kvcache_rejects_cpu_tensors():
+    with pytest.raises(ValueError, match="q must be a CUDA tensor, got cpu"):
+        flash_attn_t.flash_attn_with_kvcache(**kvcache_inputs(device="cpu"))
+
+
+@pytest.mark.skipif(not ops.extension_available(), reason="flash_attn_t._C is not built")
+def test_kvcache_output_shapes(fake_cuda):
+    args = kvcache_inputs(seqlen_q=3, new=3, d=40)  # 40: zero-padded to a kernel head dim and back
+    out, lse = flash_attn_t.flash_attn_with_kvcache(**args, causal=True, return_softmax_lse=True)
+    assert out.shape == args["q"].shape and out.dtype == args["q"].dtype
+    assert lse.shape == (2, 4, 3) and lse.dtype == torch.float32
+    no_append = {**args, "k": None, "v": None, "cache_seqlens": 7}
+    assert flash_attn_t.flash_attn_with_kvcache(**no_append).shape == args["q"].shape
+
+
+def test_kvcache_signature_matches_flash_attn():
+    params = inspect.signature(flash_attn_t.flash_attn_with_kvcache).parameters
+    expected = dict(q=inspect.Parameter.empty, k_cache=inspect.Parameter.empty, v_cache=inspect.Parameter.empty,
+                    k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None, cache_batch_idx=None,
+                    cache_leftpad=None, block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False)
+    assert {p: params[p].default for p in params} == expected
+    assert list(params) == list(expected)
 
 
 # --- the API surface ---------------------------------------------------------------------------

@@ -9,11 +9,11 @@ namespace fat {
 
 struct SeqInfo {
   int len_q, len_k;
-  int64_t first_q, first_k;  // varlen: first token of the sequence; batched: 0
-  int batch;
+  int64_t first_q, first_k;  // varlen: first token of the sequence; batched: 0 (KV cache: leftpad)
+  int batch, batch_k;        // batched: the q and the k/v batch row
   bool varlen;
 
-  __device__ __forceinline__ SeqInfo(const FwdParams& p, int b) : batch(b) {
+  __device__ __forceinline__ SeqInfo(const FwdParams& p, int b) : batch(b), batch_k(b) {
     varlen = p.cu_seqlens_q != nullptr;
     if (varlen) {
       first_q = p.cu_seqlens_q[b];
@@ -24,6 +24,13 @@ struct SeqInfo {
       first_q = first_k = 0;
       len_q = p.seqlen_q;
       len_k = p.seqlen_k;
+      if (p.kv_batch_idx != nullptr) batch_k = min(max(p.kv_batch_idx[b], 0), p.batch_k - 1);
+      if (p.seqused_k != nullptr) len_k = min(max(p.seqused_k[b], 0), p.seqlen_k);
+      if (p.leftpad_k != nullptr) {
+        const int pad = min(max(p.leftpad_k[b], 0), len_k);
+        first_k = pad;
+        len_k -= pad;
+      }
     }
   }
   // Offset of row 0 of a q-shaped (resp. k-shaped) tensor for this sequence.
@@ -31,7 +38,7 @@ struct SeqInfo {
     return varlen ? first_q * row_stride : batch * batch_stride;
   }
   __device__ __forceinline__ int64_t k_offset(int64_t batch_stride, int64_t row_stride) const {
-    return varlen ? first_k * row_stride : batch * batch_stride;
+    return varlen ? first_k * row_stride : batch_k * batch_stride + first_k * row_stride;
   }
   // Offset of row 0 in the lse-shaped tensors: (batch, heads, seqlen_q) or (heads, total_q).
   __device__ __forceinline__ int64_t lse_offset(const FwdParams& p, int head) const {

@@ -113,6 +113,7 @@ struct FwdBlock {
   __device__ __forceinline__ int q_row(int row) const { return static_cast<int>(seq.first_q) + row; }
   __device__ __forceinline__ int k_row(int row) const { return static_cast<int>(seq.first_k) + row; }
   __device__ __forceinline__ int batch_coord() const { return seq.varlen ? 0 : seq.batch; }
+  __device__ __forceinline__ int kv_batch_coord() const { return seq.varlen ? 0 : seq.batch_k; }
 };
 
 // ---- producer: one thread keeps the ring full, one tile after another.
@@ -121,7 +122,7 @@ __device__ __forceinline__ void produce(const FwdBlock<Traits, Causal>& blk, con
                                         const CUtensorMap* tma_q, const CUtensorMap* tma_k, const CUtensorMap* tma_v,
                                         const FwdSmem<Traits>& sm, const RingCounters<Traits::kStages>& ring) {
   constexpr int kSlabElems = 64;
-  const int head_k = blk.head / (p.heads / p.heads_k), b = blk.batch_coord();
+  const int head_k = blk.head / (p.heads / p.heads_k), b = blk.batch_coord(), b_k = blk.kv_batch_coord();
   ring.q.wait_empty(sm.q_empty());  // consumers done with the last Q
   mbar_arrive_expect_tx(sm.q_full(), Traits::kQBytes);
 #pragma unroll
@@ -138,13 +139,13 @@ __device__ __forceinline__ void produce(const FwdBlock<Traits, Causal>& blk, con
 #pragma unroll
     for (int slab = 0; slab < Traits::kSlabs; ++slab)
       tma_load_4d(sm.k(stage) + slab * Traits::kBlockN * kSlabElems, tma_k, sm.k_full(stage), slab * kSlabElems, row,
-                  head_k, b);
+                  head_k, b_k);
     if (use > 0) mbar_wait(sm.v_empty(stage), (use - 1) & 1);
     mbar_arrive_expect_tx(sm.v_full(stage), Traits::kKVBytes);
 #pragma unroll
     for (int slab = 0; slab < Traits::kSlabs; ++slab)
       tma_load_4d(sm.v(stage) + slab * Traits::kBlockN * kSlabElems, tma_v, sm.v_full(stage), slab * kSlabElems, row,
-                  head_k, b);
+                  head_k, b_k);
   }
 }
 

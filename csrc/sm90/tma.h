@@ -58,15 +58,16 @@ cudaError_t make_tensor_map(CUtensorMap* map, const void* data, int head_dim, in
 // The maps of one call's q (boxes of box_m rows), k and v (box_n rows).
 template <typename Element>
 cudaError_t make_qkv_maps(const FwdParams& p, int box_m, int box_n, CUtensorMap* q, CUtensorMap* k, CUtensorMap* v) {
-  const int batch = p.cu_seqlens_q != nullptr ? 1 : p.batch;  // varlen: (total, heads, dim)
+  const bool varlen = p.cu_seqlens_q != nullptr;  // varlen: (total, heads, dim)
+  const int batch = varlen ? 1 : p.batch, batch_k = varlen ? 1 : p.batch_k;
   cudaError_t err = make_tensor_map<Element>(q, p.q, p.head_dim, p.rows_q, p.heads, batch, p.q_row_stride,
                                              p.q_head_stride, p.q_batch_stride, box_m);
   if (err == cudaSuccess)
-    err = make_tensor_map<Element>(k, p.k, p.head_dim, p.rows_k, p.heads_k, batch, p.k_row_stride, p.k_head_stride,
-                                   p.k_batch_stride, box_n);
+    err = make_tensor_map<Element>(k, p.k, p.head_dim, p.rows_k, p.heads_k, batch_k, p.k_row_stride,
+                                   p.k_head_stride, p.k_batch_stride, box_n);
   if (err == cudaSuccess)
-    err = make_tensor_map<Element>(v, p.v, p.head_dim, p.rows_k, p.heads_k, batch, p.v_row_stride, p.v_head_stride,
-                                   p.v_batch_stride, box_n);
+    err = make_tensor_map<Element>(v, p.v, p.head_dim, p.rows_k, p.heads_k, batch_k, p.v_row_stride,
+                                   p.v_head_stride, p.v_batch_stride, box_n);
   return err;
 }
 

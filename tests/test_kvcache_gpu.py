@@ -1,0 +1,165 @@
+"""GPU: flash_attn_with_kvcache against an independent reference (append, rotary, cache_batch_idx,
+cache_leftpad, GQA, causal), malformed index values, and CUDA-graph capture of a decode step."""
+import pytest
+import torch
+
+from conftest import GPU_EACH_FAMILY, assert_close_to_ref, poison_allocator
+from flash_attn_t import flash_attn_with_kvcache
+from flash_attn_t.reference import attention_reference
+
+pytestmark = GPU_EACH_FAMILY
+
+
+def rotate_reference(x, cos, sin, positions, interleaved):
+    """Rotary embedding in fp64 as complex products, rounded once to x's dtype."""
+    half = cos.shape[1]
+    rot = x[..., :2 * half].double()
+    if interleaved:
+        pairs = rot.unflatten(-1, (half, 2))
+        z = torch.complex(pairs[..., 0], pairs[..., 1])
+    else:
+        z = torch.complex(rot[..., :half], rot[..., half:])
+    z = z * torch.complex(cos.double()[positions], sin.double()[positions])[:, :, None, :]
+    rotated = torch.stack((z.real, z.imag), -1).flatten(-2) if interleaved else torch.cat((z.real, z.imag), -1)
+    return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), -1)
+
+
+def expected_step(q, k_cache, v_cache, k, v, seqlens, batch_idx, leftpad, rotary, causal):
+    """The caches after the append and, per sequence, (q as the kernels see it, keys, values)."""
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    batch, seqlen_q = q.shape[:2]
+    new = 0 if k is None else k.shape[1]
+    steps = torch.arange(max(new, seqlen_q), device=q.device)
+    if rotary is not None:
+        cos, sin, interleaved = rotary
+        k = rotate_reference(k, cos, sin, seqlens[:, None].long() + steps[None, :new], interleaved)
+        q_pos = seqlens[:, None].long() + (steps[None, :seqlen_q] if causal else 0 * steps[None, :seqlen_q])
+        q = rotate_reference(q, cos, sin, q_pos, interleaved)
+    sequences = []
+    for b in range(batch):
+        row, start, end = int(batch_idx[b]), int(leftpad[b]), int(seqlens[b]) + new
+        if new:
+            k_cache[row, end - new:end], v_cache[row, end - new:end] = k[b], v[b]
+        sequences.append((q[b:b + 1], k_cache[row:row + 1, start:end], v_cache[row:row + 1, start:end]))
+    return k_cache, v_cache, sequences
+
+
+CASES = [
+    # (seqlen_q, seqlen_new, feature)
+    (1, 1, "plain"), (1, 0, "plain"), (5, 5, "plain"), (40, 40, "plain"), (3, 0, "plain"),
+    (1, 1, "int_seqlens"), (1, 1, "batch_idx"), (4, 4, "leftpad"),
+    (1, 1, "rotary_interleaved"), (6, 6, "rotary_neox"), (6, 6, "rotary_interleaved_partial"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128, 80])  # 80 runs zero-padded to 128
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seqlen_q,seqlen_new,feature", CASES)
+def test_kvcache_against_reference(dtype, head_dim, causal, seqlen_q, seqlen_new, feature):
+    batch, heads, heads_k, seqlen_cache = 3, 8, 2, 300
+    torch.manual_seed(seqlen_q * 131 + seqlen_new * 7 + head_dim + causal)
+    q = torch.randn(batch, seqlen_q, heads, head_dim, device="cuda", dtype=dtype)
+    batch_cache = 5 if feature == "batch_idx" else batch
+    k_cache = torch.randn(batch_cache, seqlen_cache, heads_k, head_dim, device="cuda", dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    k = v = None
+    if seqlen_new:
+        k = torch.randn(batch, seqlen_new, heads_k, head_dim, device="cuda", dtype=dtype)
+        v = torch.randn_like(k)
+    seqlens = torch.tensor([0, 137, seqlen_cache - seqlen_new], dtype=torch.int32, device="cuda")
+    batch_idx = torch.tensor([4, 0, 2], dtype=torch.int32, device="cuda") if feature == "batch_idx" else None
+    leftpad = torch.tensor([0, 30, 129], dtype=torch.int32, device="cuda") if feature == "leftpad" else None
+    rotary = None
+    if feature.startswith("rotary"):
+        rotary_dim = 32 if feature.endswith("partial") else head_dim - head_dim % 16
+        angles = torch.rand(seqlen_cache + 64, rotary_dim // 2, device="cuda") * 6.28
+        rotary = (angles.cos().to(dtype), angles.sin().to(dtype), "interleaved" in feature)
+    if feature == "int_seqlens":
+        seqlens = torch.full((batch,), 200, dtype=torch.int32, device="cuda")
+    expected_k, expected_v, sequences = expected_step(
+        q, k_cache, v_cache, k, v, seqlens, batch_idx if batch_idx is not None else range(batch),
+        leftpad if leftpad is not None else [0] * batch, rotary, causal)
+
+    poison_allocator()
+    out, lse = flash_attn_with_kvcache(
+        q, k_cache, v_cache, k, v, rotary_cos=rotary[0] if rotary else None,
+        rotary_sin=rotary[1] if rotary else None, cache_seqlens=200 if feature == "int_seqlens" else seqlens,
+        cache_batch_idx=batch_idx, cache_leftpad=leftpad, causal=causal,
+        rotary_interleaved=rotary[2] if rotary else True, return_softmax_lse=True)
+
+    # the append: new rows as the reference wrote them (rotary: within one rounding), the rest untouched
+    tol = {"rtol": 0, "atol": 0} if rotary is None else {"rtol": 2 ** -7, "atol": 1e-3}
+    torch.testing.assert_close(k_cache, expected_k, **tol)
+    assert torch.equal(v_cache, expected_v)
+    assert out.shape == q.shape and lse.shape == (batch, heads, seqlen_q)
+    for b, (q_b, k_b, v_b) in enumerate(sequences):
+        ref_out, ref_lse = attention_reference(q_b.double(), k_b.double(), v_b.double(), causal=causal,
+                                               compute_dtype=torch.float64)
+        pt_out, _ = attention_reference(q_b, k_b, v_b, causal=causal, compute_dtype=dtype)
+        assert_close_to_ref(out[b:b + 1], ref_out, pt_out, f"out[{b}] {feature}")
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isinf(lse[b:b + 1]), ~finite)
+        if finite.any():
+            assert (lse[b:b + 1][finite].double() - ref_lse[finite]).abs().max().item() < 2e-2
+
+
+def test_kvcache_malformed_index_values_never_fault(monkeypatch):
+    """Out-of-range cache_seqlens / cache_batch_idx / cache_leftpad are clamped by the kernels (no
+    host sync to check them); FLASH_ATTN_T_CHECK_VALUES=1 turns them into clear errors."""
+    q = torch.randn(3, 1, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k_cache = torch.randn(2, 64, 4, 64, device="cuda", dtype=torch.bfloat16)
+    v_cache, k = torch.randn_like(k_cache), torch.randn(3, 1, 4, 64, device="cuda", dtype=torch.bfloat16)
+    bad = {
+        "cache_seqlens": torch.tensor([-7, 10 ** 6, 5], dtype=torch.int32, device="cuda"),
+        "cache_batch_idx": torch.tensor([5, -1, 1], dtype=torch.int32, device="cuda"),
+        "cache_leftpad": torch.tensor([-3, 100, 2], dtype=torch.int32, device="cuda"),
+    }
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k, k.clone(), causal=True, **bad)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    monkeypatch.setenv("FLASH_ATTN_T_CHECK_VALUES", "1")
+    for name in bad:
+        good = {"cache_seqlens": torch.tensor([0, 3, 5], dtype=torch.int32, device="cuda"),
+                "cache_batch_idx": torch.tensor([0, 1, 1], dtype=torch.int32, device="cuda"),
+                "cache_leftpad": torch.tensor([0, 1, 2], dtype=torch.int32, device="cuda")}
+        good[name] = bad[name]
+        with pytest.raises(ValueError, match=name):
+            flash_attn_with_kvcache(q, k_cache, v_cache, k, k.clone(), **good)
+
+
+def test_kvcache_decode_step_replays_in_a_cuda_graph():
+    """A decode step (append one token, attend) captured once and replayed with new q, k, v and
+    cache_seqlens values gives what an eager call on the same inputs gives."""
+    batch, heads, heads_k, head_dim, seqlen_cache = 2, 8, 2, 128, 512
+    k_cache = torch.randn(batch, seqlen_cache, heads_k, head_dim, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(batch, 1, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, 1, heads_k, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    seqlens = torch.tensor([10, 300], dtype=torch.int32, device="cuda")
+    angles = torch.rand(seqlen_cache, head_dim // 2, device="cuda") * 6.28
+    cos, sin = angles.cos(), angles.sin()
+
+    def step(k_cache, v_cache):
+        return flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin,
+                                       cache_seqlens=seqlens, causal=True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(k_cache, v_cache)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(k_cache, v_cache)
+
+    for new_lengths in ([0, 511], [257, 42]):
+        q.normal_(), k.normal_(), v.normal_()
+        seqlens.copy_(torch.tensor(new_lengths, dtype=torch.int32))
+        eager_k, eager_v = k_cache.clone(), v_cache.clone()
+        expected = step(eager_k, eager_v)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)
+        assert torch.equal(k_cache, eager_k) and torch.equal(v_cache, eager_v)
