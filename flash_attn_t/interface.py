@@ -120,8 +120,10 @@ def check_softmax_scale(softmax_scale, head_dim):
 
 def check_cu_seqlens(cu_seqlens, name, total, max_seqlen, max_name):
     """cu_seqlens: int32, 1-D, batch + 1 offsets starting at 0, non-decreasing, ending at total (the
-    token count of its tensor); max_seqlen >= every length. The value rules need one small host
-    copy; they are skipped while torch.compile traces, when the values are not known."""
+    token count of its tensor); max_seqlen >= every length. The value rules read the offsets on
+    the host: free for a CPU tensor, a synchronisation for a GPU one, so there they run only when
+    checking_values() (the kernels clamp every offset into its tensor, so malformed values never
+    make them read or write out of bounds; the varlen calls stay capturable in CUDA graphs)."""
     if cu_seqlens.dtype != torch.int32:
         raise TypeError(f"{name} must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
@@ -132,7 +134,7 @@ def check_cu_seqlens(cu_seqlens, name, total, max_seqlen, max_name):
         raise TypeError(f"{max_name} must be an int, got {type(max_seqlen).__name__}") from None
     if max_seqlen < 0:
         raise ValueError(f"{max_name} must be non-negative, got {max_seqlen}")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (cu_seqlens.device.type != "cpu" and not checking_values()):
         return
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0:

@@ -84,10 +84,56 @@ def test_varlen_nothing_to_attend(total_q, total_k):
     assert torch.equal(k.grad, torch.zeros_like(k.grad))
 
 
-def test_varlen_bad_cu_seqlens_on_gpu():
-    q = torch.randn(10, 4, 64, device="cuda", dtype=torch.float16)
+def test_varlen_malformed_cu_seqlens_never_fault(monkeypatch):
+    """GPU cu_seqlens values are not read on the host by default (no sync): the kernels clamp
+    them, so malformed ones never read or write out of bounds; FLASH_ATTN_T_CHECK_VALUES=1 checks
+    them and raises. Shape and dtype rules always apply."""
+    q = torch.randn(10, 4, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+    for offsets in ([0, 4, 9], [0, 40, 3], [-5, 2, 1000]):
+        cu = torch.tensor(offsets, dtype=torch.int32, device="cuda")
+        out = flash_attn_varlen_func(q, q, q, cu, cu, 5, 5, causal=True)
+        out.sum().backward()
+        torch.cuda.synchronize()
+    monkeypatch.setenv("FLASH_ATTN_T_CHECK_VALUES", "1")
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device="cuda")
     with pytest.raises(ValueError, match=r"cu_seqlens_q\[-1\] \(9\) must equal the number of tokens"):
         flash_attn_varlen_func(q, q, q, cu, cu, 5, 5)
     with pytest.raises(ValueError, match="cu_seqlens_q must be a CUDA tensor, got cpu"):
         flash_attn_varlen_func(q, q, q, cu.cpu(), cu, 5, 5)
+
+
+def test_varlen_forward_and_backward_replay_in_a_cuda_graph():
+    """No host synchronisation in the varlen path: a forward + backward captured once replays
+    with new values in q, k, v, dout and cu_seqlens (same shapes) and matches eager calls
+    bitwise (deterministic mode: a fixed dQ summation order in both)."""
+    lens = [[3, 0, 70, 55], [64, 1, 0, 63]]
+    heads, heads_k, head_dim, total = 4, 2, 128, 128
+    q = torch.randn(total, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(total, heads_k, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    dout = torch.randn_like(q)
+    cu = cu_seqlens(lens[0])
+
+    def step():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = flash_attn_varlen_func(*leaves, cu, cu, 70, 70, causal=True, deterministic=True)
+        return (out, *torch.autograd.grad(out, leaves, dout))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+
+    for lengths in lens[::-1]:
+        for t in (q, k, v, dout):
+            t.normal_()
+        cu.copy_(cu_seqlens(lengths))
+        expected = step()
+        graph.replay()
+        torch.cuda.synchronize()
+        for name, got, want in zip(("out", "dq", "dk", "dv"), captured, expected):
+            assert torch.equal(got, want), name

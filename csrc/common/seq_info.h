@@ -16,10 +16,13 @@ struct SeqInfo {
   __device__ __forceinline__ SeqInfo(const FwdParams& p, int b) : batch(b), batch_k(b) {
     varlen = p.cu_seqlens_q != nullptr;
     if (varlen) {
-      first_q = p.cu_seqlens_q[b];
-      first_k = p.cu_seqlens_k[b];
-      len_q = p.cu_seqlens_q[b + 1] - static_cast<int>(first_q);
-      len_k = p.cu_seqlens_k[b + 1] - static_cast<int>(first_k);
+      // Offsets clamped into their tensors (they are not checked on the host by default).
+      const int end_q = min(max(p.cu_seqlens_q[b + 1], 0), p.rows_q);
+      const int end_k = min(max(p.cu_seqlens_k[b + 1], 0), p.rows_k);
+      first_q = min(max(p.cu_seqlens_q[b], 0), end_q);
+      first_k = min(max(p.cu_seqlens_k[b], 0), end_k);
+      len_q = end_q - static_cast<int>(first_q);
+      len_k = end_k - static_cast<int>(first_k);
     } else {
       first_q = first_k = 0;
       len_q = p.seqlen_q;
