@@ -30,8 +30,14 @@ def gemma2_config():
                                      max_position_embeddings=256, sliding_window=16, attn_logit_softcapping=50.0)
 
 
+def qwen2_config():
+    """Qwen2: biased q/k/v projections; MQA (2 query heads over 1 kv head), head dim 64."""
+    return transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+
+
 MODEL_CLASSES = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-                 "gemma2": transformers.Gemma2ForCausalLM}
+                 "gemma2": transformers.Gemma2ForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}
 
 
 def build(kind, config, attn_implementation, state_dict=None, seed=0):

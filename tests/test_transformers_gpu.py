@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import GPU
-from hf_models import VOCAB, build, gemma2_config, llama_config, mistral_config
+from hf_models import VOCAB, build, gemma2_config, llama_config, mistral_config, qwen2_config
 
 from flash_attn_t.integrations import transformers as integration
 from flash_attn_t.integrations.transformers import ATTN_IMPLEMENTATION
@@ -102,6 +102,32 @@ def test_packed_sequences_match_separate_ones(kernels_only):
     expected, eager_separate = separate(ref), separate(eager)
     for got, what in ((by_position_ids, "position_ids"), (by_cu_seqlens, "cu_seq_lens"), (separate(ours), "separate")):
         assert_within_bound(got, eager_separate, expected, what)
+
+
+@pytest.mark.parametrize("kind, config", [("llama", llama_config()), ("qwen2", qwen2_config())])
+@pytest.mark.parametrize("padded", [False, True])
+def test_greedy_generation_runs_on_the_kernels_within_the_bound_at_every_step(kernels_only, kind, config, padded):
+    """model.generate (DynamicCache: a prefill, then one-token steps against the cache) on the
+    kernels: at each of 64 steps our logits are within the bound of the fp32 eager model's on the
+    same tokens (teacher-forced: a bf16 near-tie may pick another token than eager would, so the
+    tokens themselves are compared only through the logits that chose them)."""
+    ref, eager, ours = models(kind, config)
+    prompt_len, new = 20, 64
+    ids = torch.randint(0, VOCAB, (2, prompt_len), device="cuda")
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :7] = 0  # left padding, as batched generation uses
+    out = ours.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                        return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    assert out.sequences.shape == (2, prompt_len + new)
+    steps = torch.stack(out.logits, dim=1)  # (batch, new, vocab)
+    assert torch.equal(out.sequences[:, prompt_len:], steps.argmax(-1))
+    full_mask = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype, device="cuda")], dim=1)
+    window = slice(prompt_len - 1, prompt_len - 1 + new)  # the positions whose logits chose each new token
+    expected = ref(out.sequences, attention_mask=full_mask).logits[:, window]
+    eager_steps = eager(out.sequences, attention_mask=full_mask).logits[:, window]
+    for t in range(new):
+        assert_within_bound(steps[:, t], eager_steps[:, t], expected[:, t], f"step {t}")
 
 
 def test_mistral_window_longer_than_the_keys_runs_on_the_kernels(kernels_only):

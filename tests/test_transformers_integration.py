@@ -250,3 +250,20 @@ def test_kernel_path_gradients_with_gradient_checkpointing_match_eager(reference
         model(ids, attention_mask=mask, labels=labels).loss.backward()
     for (name, p_eager), (_, p_ours) in zip(eager.named_parameters(), ours.named_parameters()):
         torch.testing.assert_close(p_ours.grad, p_eager.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_generation_benchmark_runs_on_cpu():
+    """benchmarks/generate_hf.py's logic with eager and SDPA on the CPU (its timings mean nothing there)."""
+    import os
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "generate_hf.py")
+    if not os.path.exists(script):
+        pytest.skip("benchmarks/ is not beside tests/ (an installed-package test run)")
+    result = subprocess.run([sys.executable, script, "--device", "cpu", "--backends", "eager", "sdpa", "--layers", "1",
+                             "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--intermediate",
+                             "128", "--vocab", "128", "--prompt", "16", "--new-tokens", "4", "--batch", "2", "--reps",
+                             "1"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["2"]]
+    assert [row[1] for row in rows] == ["eager", "sdpa"] and all(row[-1].endswith("%") for row in rows)
