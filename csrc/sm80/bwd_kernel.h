@@ -6,6 +6,7 @@
 #pragma once
 #include <cmath>
 
+#include "../common/mask.h"
 #include "../common/ptx.h"
 #include "../common/seq_info.h"
 #include "../common/smem_tile.h"
@@ -131,13 +132,12 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
   const int kv_key = (warp % Traits::kKvWarpsN) * kKM * 16, kv_col = (warp / Traits::kKvWarpsN) * kKN * 8;
   const int dq_row = (warp % Traits::kDqWarpsM) * kQM * 16, dq_col = (warp / Traits::kDqWarpsM) * kQN * 8;
 
-  const int shift = seq.causal_shift();
+  const KeyMask<Causal> mask(seq);
   const int first_key = n_block * kBlockN;
   const int valid_keys = min(kBlockN, seq.len_k - first_key);
   const int group = p.heads / p.heads_k;
 
-  // Query blocks that see at least one of these keys: rows >= first_key - shift under causal.
-  const int m_begin = Causal ? max(0, first_key - shift) / kBlockM : 0;
+  const int m_begin = mask.m_begin(first_key, kBlockM);
   const int m_count = max(0, ceil_div(seq.len_q, kBlockM) - m_begin);
   const int steps = group * m_count;
 
@@ -255,15 +255,14 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
     }
 
     // ---- P = exp2(S * scale_log2 - lse * log2 e), dS = P (dP - D), both to shared memory.
-    const bool needs_mask =
-        first_key + kBlockN > seq.len_k || (Causal && first_key + kBlockN - 1 > first_row + shift);
+    const bool needs_mask = mask.block_needs_mask(first_row, first_key, kBlockN);
 #pragma unroll
     for (int mt = 0; mt < kSM; ++mt)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = sdp_row + mt * 16 + lane / 4 + 8 * r;
         const float lse_log2 = sm.lse_rows(stage)[row] * 1.4426950409f, dsum = sm.dsum_rows(stage)[row];
-        const int col_limit = (Causal ? min(seq.len_k, first_row + row + shift + 1) : seq.len_k) - first_key;
+        const int col_limit = mask.key_end(first_row + row) - first_key;
 #pragma unroll
         for (int nt = 0; nt < kSN; ++nt) {
           float pr[2], dsr[2];

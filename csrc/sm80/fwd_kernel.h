@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int head_k = head / (p.heads / p.heads_k);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_row = warp * Traits::kRowsPerWarp;  // first row of this warp inside the block
-  const int shift = seq.causal_shift();
+  const KeyMask<Causal> mask(seq);
   const int first_row = m_block * kBlockM;
   const int valid_rows = min(kBlockM, seq.len_q - first_row);
 
@@ -123,9 +123,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
                  head * p.out_head_stride + first_row * p.out_row_stride;
   float* lse = p.lse + seq.lse_offset(p, head) + first_row;
 
-  // Key blocks [0, n_end): under causal only those left of this block's last row's diagonal.
-  int n_end = ceil_div(seq.len_k, kBlockN);
-  if (Causal) n_end = min(n_end, max(0, ceil_div(first_row + kBlockM + shift, kBlockN)));
+  const int n_end = mask.n_end(first_row, kBlockM, kBlockN);
 
   extern __shared__ __align__(1024) char smem[];
   Element* sQ = reinterpret_cast<Element*>(smem);
@@ -164,10 +162,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     float s[kMTiles][kSTiles][4];
     qk_scores<Traits>(s, q_a, k_b, warp_row);
 
-    const bool needs_mask =
-        first_col + kBlockN > seq.len_k || (Causal && first_col + kBlockN - 1 > first_row + shift);
-    if (needs_mask)
-      mask_scores<Causal>(s, first_row + warp_row, first_col, seq.len_k, shift);
+    if (mask.block_needs_mask(first_row, first_col, kBlockN)) mask_scores(s, mask, first_row + warp_row, first_col);
 
     cp_async_wait<0>();
     __syncthreads();  // V[n] visible to all; every warp is done with K[n]

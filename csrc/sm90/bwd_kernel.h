@@ -13,6 +13,7 @@
 
 #include <cmath>
 
+#include "../common/mask.h"
 #include "../common/ptx.h"
 #include "../common/seq_info.h"
 #include "../common/sm90_ptx.h"
@@ -75,8 +76,7 @@ struct BwdKeyBlock {
   __device__ __forceinline__ BwdKeyBlock(const BwdParams& p, int n, int hk, int b, int split)
       : seq(p, b), head_k(hk), dq_split(split) {
     first_key = n * Traits::kBlockN;
-    // Query blocks with a row that sees one of these keys: rows >= first_key - shift (causal).
-    m_begin = Causal ? max(0, first_key - seq.causal_shift()) / Traits::kBlockM : 0;
+    m_begin = KeyMask<Causal>(seq).m_begin(first_key, Traits::kBlockM);
     m_count = max(0, ceil_div(seq.len_q, Traits::kBlockM) - m_begin);
     steps = exists() ? p.heads / p.heads_k * m_count : 0;
   }
@@ -272,8 +272,7 @@ struct BwdConsumer {
   // the speed of the same build without element-wise work).
   __device__ __forceinline__ void scores_to_p(float (&s)[kSTiles][4], const BwdKeyBlock<Traits, Causal>& blk,
                                               int first_row, int stage, float scale_log2) const {
-    const int last_key = blk.first_key + 64 * wg + 63;
-    if (last_key >= blk.seq.len_k || (Causal && last_key > first_row + blk.seq.causal_shift()))
+    if (KeyMask<Causal>(blk.seq).block_needs_mask(first_row, blk.first_key + 64 * wg, 64))
       exponentiate<true>(s, blk, first_row, stage, scale_log2);
     else
       exponentiate<false>(s, blk, first_row, stage, scale_log2);
@@ -281,7 +280,7 @@ struct BwdConsumer {
   template <bool Mask>
   __device__ __forceinline__ void exponentiate(float (&s)[kSTiles][4], const BwdKeyBlock<Traits, Causal>& blk,
                                                int first_row, int stage, float scale_log2) const {
-    const int shift = blk.seq.causal_shift();
+    const KeyMask<Causal> key_mask(blk.seq);
     const float* lse = sm.lse_log2(stage);
 #pragma unroll
     for (int t = 0; t < kSTiles; ++t) {
@@ -290,8 +289,7 @@ struct BwdConsumer {
       for (int j = 0; j < 4; ++j) {
         float p = fast_exp2(fmaf(s[t][j], scale_log2, -(j % 2 ? l.y : l.x)));
         if constexpr (Mask) {
-          const int key = blk.first_key + key_of(j), query = first_row + col_of(t, j);
-          if (key >= blk.seq.len_k || (Causal && key > query + shift)) p = 0.f;
+          if (key_mask.masked(first_row + col_of(t, j), blk.first_key + key_of(j))) p = 0.f;
         }
         s[t][j] = p;
       }

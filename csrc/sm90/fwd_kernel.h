@@ -102,8 +102,7 @@ struct FwdBlock {
     m_block = Causal ? grid.m_blocks - 1 - m : m;
     head = tile / grid.m_blocks % p.heads;
     first_row = m_block * Traits::kBlockM;
-    n_end = ceil_div(seq.len_k, Traits::kBlockN);
-    if (Causal) n_end = min(n_end, max(0, ceil_div(first_row + Traits::kBlockM + seq.causal_shift(), Traits::kBlockN)));
+    n_end = KeyMask<Causal>(seq).n_end(first_row, Traits::kBlockM, Traits::kBlockN);
   }
   // Nothing to load or compute: past the sequence's end (varlen), or no visible key (the
   // consumers still write zeros and lse = +inf for such a block's rows).
@@ -213,11 +212,11 @@ struct Consumer {
   __device__ __forceinline__ static void release(uint64_t* empty) { warp_release(empty); }
 
   __device__ __forceinline__ void mask(float (&s)[kSTiles][4], int i) const {
-    const int first_col = block_of(i) * Traits::kBlockN, shift = blk.seq.causal_shift();
-    const bool needs_mask = first_col + Traits::kBlockN > blk.seq.len_k ||
-                            (Causal && first_col + Traits::kBlockN - 1 > blk.first_row + wg_row + shift);
+    const int first_col = block_of(i) * Traits::kBlockN;
+    const KeyMask<Causal> key_mask(blk.seq);
+    const bool needs_mask = key_mask.block_needs_mask(blk.first_row + wg_row, first_col, Traits::kBlockN);
     float(&s3)[1][kSTiles][4] = reinterpret_cast<float(&)[1][kSTiles][4]>(s);
-    if (needs_mask) mask_scores<Causal>(s3, warp_first_row, first_col, blk.seq.len_k, shift);
+    if (needs_mask) mask_scores(s3, key_mask, warp_first_row, first_col);
   }
 
   // The vector work of a step: mask S(i) and turn it into P. A timing build
