@@ -140,6 +140,7 @@ bool use_sm90_kernels(const FwdParams& p) {
 }
 
 void launch_fwd(FwdParams& p, const at::Tensor& q, bool causal) {
+  p.causal = causal;
   if (p.batch == 0 || p.seqlen_q == 0) return;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool sm90 = use_sm90_kernels(p);
@@ -152,8 +153,7 @@ void launch_fwd(FwdParams& p, const at::Tensor& q, bool causal) {
                         [&](auto element, auto dim) {
                           using Element = decltype(element);
                           constexpr int kDim = decltype(dim)::value;
-                          return sm90 ? run_fwd_sm90<Element, kDim>(p, causal, stream)
-                                      : run_fwd_sm80<Element, kDim>(p, causal, stream);
+                          return sm90 ? run_fwd_sm90<Element, kDim>(p, stream) : run_fwd_sm80<Element, kDim>(p, stream);
                         }),
                "forward");
 }
@@ -262,6 +262,7 @@ void fill_bwd(BwdParams& p, const at::Tensor& dout, const at::Tensor& q, const a
 // then dq = (sum over splits) * softmax_scale in q's dtype.
 at::Tensor launch_bwd(BwdParams& p, const at::Tensor& q, const at::Tensor& lse, bool causal,
                       bool deterministic) {
+  p.causal = causal;
   if (p.batch == 0 || p.seqlen_q == 0 || q.numel() == 0) return at::zeros(q.sizes(), q.options());
   int splits = 1;
   if (deterministic) {
@@ -302,8 +303,8 @@ at::Tensor launch_bwd(BwdParams& p, const at::Tensor& q, const at::Tensor& lse, 
                           [&](auto element, auto dim) {
                             using Element = decltype(element);
                             constexpr int kDim = decltype(dim)::value;
-                            return sm90 ? run_bwd_sm90<Element, kDim>(p, causal, stream)
-                                        : run_bwd_sm80<Element, kDim>(p, causal, stream);
+                            return sm90 ? run_bwd_sm90<Element, kDim>(p, stream)
+                                        : run_bwd_sm80<Element, kDim>(p, stream);
                           }),
                  "backward");
   }

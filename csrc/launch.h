@@ -4,24 +4,25 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common/switch.h"
 #include "params.h"
 
 namespace fat {
 
 // Element: __half or __nv_bfloat16. Each returns the launch error, if any.
 template <typename Element, int HeadDim>
-cudaError_t run_fwd_sm80(const FwdParams& params, bool causal, cudaStream_t stream);
+cudaError_t run_fwd_sm80(const FwdParams& params, cudaStream_t stream);
 
 // Hopper (sm_90a build only): TMA + wgmma, warp-specialized.
 template <typename Element, int HeadDim>
-cudaError_t run_fwd_sm90(const FwdParams& params, bool causal, cudaStream_t stream);
+cudaError_t run_fwd_sm90(const FwdParams& params, cudaStream_t stream);
 
 template <typename Element, int HeadDim>
-cudaError_t run_bwd_sm80(const BwdParams& params, bool causal, cudaStream_t stream);
+cudaError_t run_bwd_sm80(const BwdParams& params, cudaStream_t stream);
 
 // Hopper (sm_90a build only): the main backward kernel, TMA + wgmma, warp-specialized.
 template <typename Element, int HeadDim>
-cudaError_t run_bwd_sm90(const BwdParams& params, bool causal, cudaStream_t stream);
+cudaError_t run_bwd_sm90(const BwdParams& params, cudaStream_t stream);
 
 // The backward's first pass: dsum = rowsum(dout * out) over the head dim; clears dq_accum.
 template <typename Element, int HeadDim>

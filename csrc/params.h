@@ -35,6 +35,10 @@ struct FwdParams {
   const int* seqused_k;
   const int* leftpad_k;
 
+  // The attention variant (csrc/common/mask.h): the launchers turn these flags into template
+  // parameters with bool_switch (csrc/common/switch.h).
+  bool causal;
+
   float softmax_scale;
   float scale_log2;  // softmax_scale * log2(e): the exp2 argument is one FFMA away from the score
 

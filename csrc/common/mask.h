@@ -17,7 +17,9 @@ struct KeyMask {
 
   // One past the last key query row `row` sees.
   __device__ __forceinline__ int key_end(int row) const { return Causal ? min(len_k, row + shift + 1) : len_k; }
-  __device__ __forceinline__ bool masked(int row, int key) const { return key >= len_k || (Causal && key > row + shift); }
+  __device__ __forceinline__ bool masked(int row, int key) const {
+    return key >= len_k || (Causal && key > row + shift);
+  }
 
   // Forward: the key blocks [0, n_end) of block_n keys that rows [first_row, first_row + rows) see.
   __device__ __forceinline__ int n_end(int first_row, int rows, int block_n) const {

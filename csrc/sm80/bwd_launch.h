@@ -4,6 +4,30 @@
 #include "bwd_kernel.h"
 #include "traits.h"
 
+namespace fat::sm80 {
+
+template <typename Traits, bool Causal>
+cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
+  auto kernel = bwd_kernel<Traits, Causal>;
+  // The sm90 build of the kernel stages dQ in shared memory (kBulkDq): size it by the device,
+  // which picks that build.
+  int device = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) return err;
+  const int smem = major == 9 ? Traits::kSmemBytesBulkDq : Traits::kSmemBytes;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  // Non-deterministic: one CTA per key block, all adding into one dq_accum. Deterministic: the
+  // caller chose dq_accum_split_stride's count of splits and passes it as num_splits.
+  const int blocks = p.deterministic ? p.num_splits : ceil_div(p.seqlen_k, Traits::kBlockN);
+  const dim3 grid(blocks, p.heads_k, p.batch);
+  kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace fat::sm80
+
 namespace fat {
 
 template <typename Element, int HeadDim>
@@ -25,25 +49,10 @@ cudaError_t run_bwd_dq_convert(const BwdParams& p, void* dq, int64_t batch_strid
 }
 
 template <typename Element, int HeadDim>
-cudaError_t run_bwd_sm80(const BwdParams& p, bool causal, cudaStream_t stream) {
+cudaError_t run_bwd_sm80(const BwdParams& p, cudaStream_t stream) {
   using Traits = typename sm80::BwdConfig<Element, HeadDim>::Traits;
   static_assert(Traits::kBlockN == kBwdBlockN, "flash_api sizes dq_accum splits with kBwdBlockN");
-  auto kernel = causal ? sm80::bwd_kernel<Traits, true> : sm80::bwd_kernel<Traits, false>;
-  // The sm90 build of the kernel stages dQ in shared memory (sm80::kBulkDq): size it by the
-  // device, which picks that build.
-  int device = 0, major = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err != cudaSuccess) return err;
-  const int smem = major == 9 ? Traits::kSmemBytesBulkDq : Traits::kSmemBytes;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  // Non-deterministic: one CTA per key block, all adding into one dq_accum. Deterministic: the
-  // caller chose dq_accum_split_stride's count of splits and passes it as num_splits.
-  const int blocks = p.deterministic ? p.num_splits : ceil_div(p.seqlen_k, Traits::kBlockN);
-  const dim3 grid(blocks, p.heads_k, p.batch);
-  kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return bool_switch(p.causal, [&](auto causal) { return sm80::launch_bwd<Traits, causal>(p, stream); });
 }
 
 }  // namespace fat

@@ -28,9 +28,9 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
 namespace fat {
 
 template <typename Element, int HeadDim>
-cudaError_t run_fwd_sm80(const FwdParams& p, bool causal, cudaStream_t stream) {
+cudaError_t run_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
   using Traits = typename sm80::FwdConfig<Element, HeadDim, FAT_TENSOR_ROW_SUM>::Traits;
-  return causal ? sm80::launch_fwd<Traits, true>(p, stream) : sm80::launch_fwd<Traits, false>(p, stream);
+  return bool_switch(p.causal, [&](auto causal) { return sm80::launch_fwd<Traits, causal>(p, stream); });
 }
 
 }  // namespace fat

@@ -36,10 +36,10 @@ namespace fat {
 
 // Query rows per step: 128 at hd64 (FA3's choice too), 64 at hd128 (the registers of dK, dV).
 template <typename Element, int HeadDim>
-cudaError_t run_bwd_sm90(const BwdParams& p, bool causal, cudaStream_t stream) {
+cudaError_t run_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
   using Traits = sm90::BwdTraits<Element, HeadDim, HeadDim == 64 ? 128 : 64>;
   static_assert(Traits::kBlockN == kBwdBlockN, "flash_api sizes dq_accum splits with kBwdBlockN");
-  return causal ? sm90::launch_bwd<Traits, true>(p, stream) : sm90::launch_bwd<Traits, false>(p, stream);
+  return bool_switch(p.causal, [&](auto causal) { return sm90::launch_bwd<Traits, causal>(p, stream); });
 }
 
 }  // namespace fat

@@ -63,11 +63,11 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
 namespace fat {
 
 template <typename Element, int HeadDim>
-cudaError_t run_fwd_sm90(const FwdParams& p, bool causal, cudaStream_t stream) {
+cudaError_t run_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   constexpr int warpgroups = HeadDim == 64 ? FAT_SM90_HD64_WARPGROUPS : 2;
   using Traits = sm90::FwdTraits<Element, HeadDim, warpgroups, FAT_SM90_TENSOR_ROW_SUM, FAT_LAZY_RESCALE,
                                   FAT_PINGPONG, FAT_TIMING_SKIP_SOFTMAX>;
-  return causal ? sm90::launch_fwd<Traits, true>(p, stream) : sm90::launch_fwd<Traits, false>(p, stream);
+  return bool_switch(p.causal, [&](auto causal) { return sm90::launch_fwd<Traits, causal>(p, stream); });
 }
 
 }  // namespace fat
