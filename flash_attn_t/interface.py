@@ -94,18 +94,31 @@ def check_qkv(q, k, v, *, varlen):
     check_strides(q, k, v)
 
 
+# What the kernels implement beyond plain (causal or not) attention: the one table that the
+# argument checks below and the transformers integration's fallback decision both read. A feature
+# lands by adding its kernels and tests and turning its entry on.
+KERNEL_FEATURES = {
+    "dropout": False,     # dropout_p > 0
+    "window": False,      # window_size != (-1, -1); transformers' sliding_window
+    "softcap": False,     # softcap > 0
+    "alibi": False,       # alibi_slopes
+    "paged_kv": False,    # block_table
+    "sinks": False,       # learnable sink logits (transformers' s_aux)
+}
+
+
 def check_unimplemented(dropout_p=0.0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, block_table=None):
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"dropout_p={dropout_p}: dropout is not implemented yet (use dropout_p=0.0)")
-    if tuple(window_size) != (-1, -1):
-        raise NotImplementedError(
-            f"window_size={tuple(window_size)}: sliding-window attention is not implemented yet (use (-1, -1))")
-    if softcap != 0.0:
-        raise NotImplementedError(f"softcap={softcap}: logit soft-capping is not implemented yet (use 0.0)")
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: ALiBi is not implemented yet (pass None)")
-    if block_table is not None:
-        raise NotImplementedError("block_table: a paged KV cache is not implemented yet (pass None)")
+    asked = {
+        "dropout": (dropout_p != 0.0, f"dropout_p={dropout_p}: dropout is not implemented yet (use dropout_p=0.0)"),
+        "window": (tuple(window_size) != (-1, -1), f"window_size={tuple(window_size)}: sliding-window attention is "
+                   "not implemented yet (use (-1, -1))"),
+        "softcap": (softcap != 0.0, f"softcap={softcap}: logit soft-capping is not implemented yet (use 0.0)"),
+        "alibi": (alibi_slopes is not None, "alibi_slopes: ALiBi is not implemented yet (pass None)"),
+        "paged_kv": (block_table is not None, "block_table: a paged KV cache is not implemented yet (pass None)"),
+    }
+    for feature, (wanted, message) in asked.items():
+        if wanted and not KERNEL_FEATURES[feature]:
+            raise NotImplementedError(message)
 
 
 def check_softmax_scale(softmax_scale, head_dim):
@@ -243,7 +256,8 @@ def _cache_seqlens(cache_seqlens, batch, seqlen_cache, seqlen_new, device):
     try:
         n = operator.index(cache_seqlens)
     except TypeError:
-        raise TypeError(f"cache_seqlens must be an int or an int32 tensor, got {type(cache_seqlens).__name__}") from None
+        raise TypeError("cache_seqlens must be an int or an int32 tensor, got "
+                        f"{type(cache_seqlens).__name__}") from None
     if not 0 <= n <= seqlen_cache - seqlen_new:
         raise ValueError(f"cache_seqlens ({n}) plus seqlen_new ({seqlen_new}) must lie in [0, {seqlen_cache}] "
                          "(the cache's length)")

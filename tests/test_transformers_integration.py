@@ -178,6 +178,29 @@ def test_unsupported_reason_names_the_feature(call, words):
     assert words in reason
 
 
+@pytest.mark.parametrize("feature, call, check_kwargs", [
+    ("softcap", dict(softcap=30.0), dict(softcap=30.0)),
+    ("window", dict(sliding_window=8), dict(window_size=(8, 0))),
+    ("dropout", dict(dropout=0.1), dict(dropout_p=0.1)),
+])
+def test_one_feature_table_decides_for_the_api_and_the_integration(monkeypatch, feature, call, check_kwargs):
+    """interface.KERNEL_FEATURES is what both the argument checks and the fallback decision read:
+    turning an entry on lets the call through both (the CPU inputs then name the device instead)."""
+    from flash_attn_t import interface
+    q, k = torch.randn(1, 8, 16, 64, dtype=torch.bfloat16), torch.randn(1, 2, 16, 64, dtype=torch.bfloat16)
+
+    def reason():
+        return integration.unsupported_reason(q, k, None, call.get("dropout", 0.0), call.get("sliding_window"),
+                                              call.get("softcap"), {})
+
+    with pytest.raises(NotImplementedError):
+        interface.check_unimplemented(**check_kwargs)
+    assert "not implemented in the kernels" in reason()
+    monkeypatch.setitem(interface.KERNEL_FEATURES, feature, True)
+    interface.check_unimplemented(**check_kwargs)
+    assert "cpu" in reason()
+
+
 def test_sliding_window_as_long_as_the_keys_is_no_window():
     q, k = torch.randn(1, 8, 16, 64), torch.randn(1, 2, 16, 64)
     reason = integration.unsupported_reason(q, k, None, 0.0, 16, None, {})

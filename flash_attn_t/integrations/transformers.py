@@ -25,7 +25,7 @@ import warnings
 import torch
 
 from .. import ops
-from ..interface import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, flash_attn_func, flash_attn_varlen_func
+from ..interface import KERNEL_FEATURES, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, flash_attn_func, flash_attn_varlen_func
 
 ATTN_IMPLEMENTATION = "fa_t"
 # What patch_transformers() switches models to us from; an explicit "eager" stays eager.
@@ -174,16 +174,20 @@ def _warn_once(reason):
 def unsupported_reason(query, key, attention_mask, dropout, sliding_window, softcap, kwargs):
     """Why the kernels cannot run this call exactly, or None if they can: first the features the
     call asks for, then what the inputs are."""
-    if dropout:
-        return "attention dropout > 0 (not implemented in the kernels)"
-    if softcap:
-        return "softcap (not implemented in the kernels)"
-    if sliding_window is not None and sliding_window < key.shape[2]:
-        return "a sliding window shorter than the keys (not implemented in the kernels)"
+    asked = {
+        "dropout": (bool(dropout), "attention dropout > 0"),
+        "softcap": (bool(softcap), "softcap"),
+        "window": (sliding_window is not None and sliding_window < key.shape[2],
+                   "a sliding window shorter than the keys"),
+        "sinks": (kwargs.get("s_aux") is not None, "attention sinks"),
+    }
+    for feature, (wanted, what) in asked.items():
+        if wanted and not KERNEL_FEATURES[feature]:
+            return f"{what} (not implemented in the kernels)"
     if kwargs.get("output_attentions"):
         return "output_attentions=True (the kernels never form the attention matrix)"
-    if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
-        return "attention sinks or a position bias (not implemented in the kernels)"
+    if kwargs.get("position_bias") is not None:
+        return "a position bias (not implemented in the kernels)"
     if attention_mask is not None and attention_mask.dim() != 2:
         return f"a {attention_mask.dim()}-d attention mask (the kernels read only padding masks)"
     if query.shape[-1] not in SUPPORTED_HEAD_DIMS or key.shape[-1] != query.shape[-1]:
