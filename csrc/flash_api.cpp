@@ -158,9 +158,11 @@ void launch_fwd(FwdParams& p, const at::Tensor& q, bool causal) {
                "forward");
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                                       double softmax_scale, bool causal) {
-  check_qkv(q_, k_, v_, 4);
+// The batched forward once the arguments are checked: outputs, Params, launch. set_cache fills
+// the KV-cache fields (fwd_kvcache) before the launch.
+template <typename SetCache>
+std::tuple<at::Tensor, at::Tensor> batched_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+                                               double softmax_scale, bool causal, SetCache&& set_cache) {
   const c10::cuda::CUDAGuard guard(q_.device());
   const at::Tensor q = aligned(q_), k = aligned(k_), v = aligned(v_);
   const int64_t b = q.size(0), sq = q.size(1), h = q.size(2);
@@ -168,11 +170,19 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_, const at::Tensor& k
   at::Tensor lse = at::empty({b, h, sq}, q.options().dtype(at::kFloat));
   FwdParams p{};
   fill_fwd(p, q, k, v, out, lse, softmax_scale);
-  p.batch = p.batch_k = static_cast<int>(b);
+  p.batch = static_cast<int>(b);
+  p.batch_k = static_cast<int>(k.size(0));
   p.seqlen_q = static_cast<int>(sq);
   p.seqlen_k = static_cast<int>(k.size(1));
+  set_cache(p);
   launch_fwd(p, q, causal);
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       double softmax_scale, bool causal) {
+  check_qkv(q, k, v, 4);
+  return batched_fwd(q, k, v, softmax_scale, causal, [](FwdParams&) {});
 }
 
 void check_batch_index(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& q) {
@@ -186,39 +196,28 @@ void check_batch_index(const std::optional<at::Tensor>& t, const char* name, con
 // Attention of q against a KV cache (batch_k, seqlen_cache, heads_k, dim): query batch b reads
 // cache row kv_batch_idx[b] (b when absent), keys [leftpad_k[b], seqused_k[b]), causal aligned at
 // the end of those keys. The values are clamped into range in the kernels (see params.h).
-std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q_, const at::Tensor& k_cache_,
-                                               const at::Tensor& v_cache_, const at::Tensor& seqused_k,
+std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Tensor& k_cache,
+                                               const at::Tensor& v_cache, const at::Tensor& seqused_k,
                                                const std::optional<at::Tensor>& kv_batch_idx,
                                                const std::optional<at::Tensor>& leftpad_k, double softmax_scale,
                                                bool causal) {
-  check_q(q_, 4);
-  check_tensor(k_cache_, "k_cache", 4, q_);
-  check_tensor(v_cache_, "v_cache", 4, q_);
-  TORCH_CHECK(k_cache_.sizes() == v_cache_.sizes(), "flash_attn_t: k_cache and v_cache must have the same shape");
-  TORCH_CHECK(k_cache_.size(-1) == q_.size(-1), "flash_attn_t: k_cache must have q's head dim");
-  TORCH_CHECK(k_cache_.size(-2) > 0 && q_.size(-2) % k_cache_.size(-2) == 0,
+  check_q(q, 4);
+  check_tensor(k_cache, "k_cache", 4, q);
+  check_tensor(v_cache, "v_cache", 4, q);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "flash_attn_t: k_cache and v_cache must have the same shape");
+  TORCH_CHECK(k_cache.size(-1) == q.size(-1), "flash_attn_t: k_cache must have q's head dim");
+  TORCH_CHECK(k_cache.size(-2) > 0 && q.size(-2) % k_cache.size(-2) == 0,
               "flash_attn_t: q's head count must be a multiple of k_cache's");
-  TORCH_CHECK(kv_batch_idx.has_value() ? k_cache_.size(0) > 0 : k_cache_.size(0) == q_.size(0),
+  TORCH_CHECK(kv_batch_idx.has_value() ? k_cache.size(0) > 0 : k_cache.size(0) == q.size(0),
               "flash_attn_t: k_cache must have q's batch size (or kv_batch_idx must select its rows)");
-  check_batch_index(seqused_k, "seqused_k", q_);
-  check_batch_index(kv_batch_idx, "kv_batch_idx", q_);
-  check_batch_index(leftpad_k, "leftpad_k", q_);
-  const c10::cuda::CUDAGuard guard(q_.device());
-  const at::Tensor q = aligned(q_), k = aligned(k_cache_), v = aligned(v_cache_);
-  const int64_t b = q.size(0), sq = q.size(1), h = q.size(2);
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({b, h, sq}, q.options().dtype(at::kFloat));
-  FwdParams p{};
-  fill_fwd(p, q, k, v, out, lse, softmax_scale);
-  p.batch = static_cast<int>(b);
-  p.batch_k = static_cast<int>(k.size(0));
-  p.seqlen_q = static_cast<int>(sq);
-  p.seqlen_k = static_cast<int>(k.size(1));
-  p.seqused_k = seqused_k.data_ptr<int>();
-  p.kv_batch_idx = kv_batch_idx.has_value() ? kv_batch_idx->data_ptr<int>() : nullptr;
-  p.leftpad_k = leftpad_k.has_value() ? leftpad_k->data_ptr<int>() : nullptr;
-  launch_fwd(p, q, causal);
-  return {out, lse};
+  check_batch_index(seqused_k, "seqused_k", q);
+  check_batch_index(kv_batch_idx, "kv_batch_idx", q);
+  check_batch_index(leftpad_k, "leftpad_k", q);
+  return batched_fwd(q, k_cache, v_cache, softmax_scale, causal, [&](FwdParams& p) {
+    p.seqused_k = seqused_k.data_ptr<int>();
+    p.kv_batch_idx = kv_batch_idx.has_value() ? kv_batch_idx->data_ptr<int>() : nullptr;
+    p.leftpad_k = leftpad_k.has_value() ? leftpad_k->data_ptr<int>() : nullptr;
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,

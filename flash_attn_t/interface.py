@@ -264,6 +264,14 @@ def _cache_seqlens(cache_seqlens, batch, seqlen_cache, seqlen_new, device):
     return torch.full((batch,), n, dtype=torch.int32, device=device)
 
 
+def check_num_splits(num_splits):
+    try:
+        if operator.index(num_splits) < 0:
+            raise ValueError(f"num_splits must be >= 0 (0 = heuristic), got {num_splits}")
+    except TypeError:
+        raise TypeError(f"num_splits must be an int, got {type(num_splits).__name__}") from None
+
+
 def check_rotary(rotary_cos, rotary_sin, head_dim, has_new_keys):
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos and rotary_sin must be given together")
@@ -440,6 +448,27 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                   return_attn_probs)
 
 
+def _append_to_cache(q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, rotary, causal):
+    """Writes k, v into the caches at rows seqlens[b] + i of cache row cache_batch_idx[b] (indices
+    clamped into the caches: no host check), rotary-embedded first when rotary = (cos, sin,
+    interleaved) is given; returns q, rotated likewise (flash_attn_with_kvcache's positions)."""
+    batch, seqlen_q = q.shape[:2]
+    seqlen_new = k.shape[1]
+    steps = torch.arange(max(seqlen_new, seqlen_q), device=q.device, dtype=torch.int32)
+    if rotary is not None:
+        cos, sin, interleaved = rotary
+        last = cos.shape[0] - 1
+        k = apply_rotary(k, cos, sin, (seqlens[:, None] + steps[None, :seqlen_new]).clamp(0, last), interleaved)
+        q_steps = steps[None, :seqlen_q] if causal else torch.zeros_like(steps[None, :seqlen_q])
+        q = apply_rotary(q, cos, sin, (seqlens[:, None] + q_steps).clamp(0, last), interleaved)
+    rows = (seqlens[:, None] + steps[None, :seqlen_new]).clamp(0, k_cache.shape[1] - 1).long()
+    cache_rows = (cache_batch_idx if cache_batch_idx is not None
+                  else torch.arange(batch, device=q.device)).clamp(0, k_cache.shape[0] - 1).long()[:, None]
+    k_cache[cache_rows, rows] = k
+    v_cache[cache_rows, rows] = v
+    return q
+
+
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -472,32 +501,15 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     check_unimplemented(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, block_table=block_table)
     check_rotary(rotary_cos, rotary_sin, q.shape[-1], k is not None)
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
-    try:
-        if operator.index(num_splits) < 0:
-            raise ValueError(f"num_splits must be >= 0 (0 = heuristic), got {num_splits}")
-    except TypeError:
-        raise TypeError(f"num_splits must be an int, got {type(num_splits).__name__}") from None
+    check_num_splits(num_splits)
     ops.require_extension()
 
-    batch, seqlen_q = q.shape[:2]
     if seqlens is None:
-        seqlens = torch.full((batch,), k_cache.shape[1], dtype=torch.int32, device=q.device)
+        seqlens = torch.full((q.shape[0],), k_cache.shape[1], dtype=torch.int32, device=q.device)
     if k is not None:
-        seqlen_new = k.shape[1]
-        steps = torch.arange(max(seqlen_new, seqlen_q), device=q.device, dtype=torch.int32)
-        if rotary_cos is not None:
-            last = rotary_cos.shape[0] - 1
-            positions = (seqlens[:, None] + steps[None, :seqlen_new]).clamp(0, last)
-            k = apply_rotary(k, rotary_cos, rotary_sin, positions, rotary_interleaved)
-            q_steps = steps[None, :seqlen_q] if causal else torch.zeros_like(steps[None, :seqlen_q])
-            q = apply_rotary(q, rotary_cos, rotary_sin, (seqlens[:, None] + q_steps).clamp(0, last),
-                             rotary_interleaved)
-        rows = (seqlens[:, None] + steps[None, :seqlen_new]).clamp(0, k_cache.shape[1] - 1).long()
-        cache_rows = (cache_batch_idx if cache_batch_idx is not None
-                      else torch.arange(batch, device=q.device)).clamp(0, k_cache.shape[0] - 1).long()[:, None]
-        k_cache[cache_rows, rows] = k
-        v_cache[cache_rows, rows] = v
-        seqlens = seqlens + seqlen_new
+        rotary = (rotary_cos, rotary_sin, rotary_interleaved) if rotary_cos is not None else None
+        q = _append_to_cache(q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, rotary, causal)
+        seqlens = seqlens + k.shape[1]
     head_dim = q.shape[-1]
     q_, k_cache_, v_cache_ = _pad_head_dim(q, k_cache, v_cache)
     out, lse = torch.ops.flash_attn_t.fwd_kvcache(q_, k_cache_, v_cache_, seqlens, cache_batch_idx, cache_leftpad,
