@@ -10,7 +10,37 @@ import math
 import torch
 
 
-def _attention_bhsd(q, k, v, softmax_scale, causal):
+def visible_keys(seqlen_q, seqlen_k, causal, window_size=(-1, -1), device=None):
+    """(seqlen_q, seqlen_k) bool: which keys each query row sees. Row i sits at key position
+    i + seqlen_k - seqlen_q (bottom-right alignment); causal hides keys right of it; window_size
+    (left, right) keeps keys in [pos - left, pos + right], -1 meaning unbounded (causal sets
+    right to 0), as flash_attn defines them."""
+    rows = torch.arange(seqlen_q, device=device)[:, None] + seqlen_k - seqlen_q
+    cols = torch.arange(seqlen_k, device=device)[None, :]
+    left, right = window_size
+    right = 0 if causal else right
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if right >= 0:
+        visible &= cols <= rows + right
+    if left >= 0:
+        visible &= cols >= rows - left
+    return visible
+
+
+def alibi_bias(slopes, seqlen_q, seqlen_k, causal):
+    """(batch or 1, heads, seqlen_q, seqlen_k) additive bias of ALiBi slopes ((heads,) or (batch,
+    heads)) as flash_attn applies it: -slope * |i + seqlen_k - seqlen_q - j|, and under causal the
+    row-constant-shifted form slope * j (the same softmax; the lse differs by that constant)."""
+    slopes = slopes.reshape(-1, slopes.shape[-1])[:, :, None, None]
+    cols = torch.arange(seqlen_k, device=slopes.device, dtype=slopes.dtype)
+    if causal:
+        return slopes * cols
+    rows = torch.arange(seqlen_q, device=slopes.device, dtype=slopes.dtype)[:, None] + seqlen_k - seqlen_q
+    return -slopes * (rows - cols).abs()
+
+
+def _attention_bhsd(q, k, v, softmax_scale, causal, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                    sinks=None):
     """q: (b, h, sq, d); k, v: (b, h_k, sk, d), already in the compute dtype. Returns out, lse (b, h, sq)."""
     heads, heads_k = q.shape[1], k.shape[1]
     if heads != heads_k:
@@ -18,32 +48,43 @@ def _attention_bhsd(q, k, v, softmax_scale, causal):
         v = v.repeat_interleave(heads // heads_k, dim=1)
     seqlen_q, seqlen_k = q.shape[2], k.shape[2]
     scores = torch.matmul(q, k.transpose(-1, -2)) * softmax_scale
-    rows = torch.arange(seqlen_q, device=q.device)[:, None]
-    cols = torch.arange(seqlen_k, device=q.device)[None, :]
-    visible = cols <= rows + seqlen_k - seqlen_q  # (sq, sk)
-    if not causal:
-        visible = torch.ones_like(visible)
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes.to(scores.dtype), seqlen_q, seqlen_k, causal)
+    visible = visible_keys(seqlen_q, seqlen_k, causal, window_size, q.device)
     has_key = visible.any(dim=-1, keepdim=True)  # (sq, 1)
     # Rows without keys take finite placeholder scores, so logsumexp and its gradient stay finite;
     # their probabilities are zeroed below.
     neg_inf, zero = scores.new_tensor(float("-inf")), scores.new_tensor(0.0)
     scores = torch.where(visible, scores, torch.where(has_key, neg_inf, zero))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    if sinks is not None:  # a per-head logit in the normaliser that carries no value
+        sink = sinks.to(scores.dtype)[None, :, None, None].expand_as(lse)
+        lse = torch.where(has_key, torch.logaddexp(lse, sink), sink)
     probs = torch.where(visible & has_key, torch.exp(scores - lse), zero)
     out = torch.matmul(probs, v)
-    lse = torch.where(has_key, lse, float("inf")).squeeze(-1)
-    return out, lse
+    if sinks is None:
+        lse = torch.where(has_key, lse, float("inf"))
+    return out, lse.squeeze(-1)
 
 
 def attention_reference(q, k, v, softmax_scale=None, causal=False, compute_dtype=torch.float64, cu_seqlens_q=None,
-                        cu_seqlens_k=None):
+                        cu_seqlens_k=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None):
     """Returns (out, lse) computed in compute_dtype (the caller casts): out shaped like q; lse
-    (batch, heads, seqlen_q), or (heads, total_q) for varlen input (cu_seqlens_q and cu_seqlens_k given)."""
+    (batch, heads, seqlen_q), or (heads, total_q) for varlen input (cu_seqlens_q and cu_seqlens_k
+    given). The attention variants follow flash_attn: window_size (left, right) (see
+    visible_keys), softcap (scores -> softcap * tanh(scores / softcap), after the scale),
+    alibi_slopes (heads,) or (batch, heads) (see alibi_bias), and sinks (heads,): a logit per head
+    that joins the softmax normaliser and carries no value (a row then has lse >= its sink and
+    never +inf). Differentiable in q, k, v and sinks."""
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     q, k, v = (t.to(compute_dtype) for t in (q, k, v))
+    variant = dict(window_size=tuple(window_size), softcap=softcap, sinks=sinks)
     if cu_seqlens_q is None:
-        out, lse = _attention_bhsd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale, causal)
+        out, lse = _attention_bhsd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale, causal,
+                                   alibi_slopes=alibi_slopes, **variant)
         return out.transpose(1, 2), lse
     starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs, lses = [q[:0]], [q.new_empty(q.shape[1], 0)]  # so that an empty batch concatenates too
@@ -51,7 +92,8 @@ def attention_reference(q, k, v, softmax_scale=None, causal=False, compute_dtype
         qi = q[starts_q[i]:starts_q[i + 1]].transpose(0, 1)[None]
         ki = k[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
         vi = v[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
-        out, lse = _attention_bhsd(qi, ki, vi, softmax_scale, causal)
+        slopes = None if alibi_slopes is None else alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[i]
+        out, lse = _attention_bhsd(qi, ki, vi, softmax_scale, causal, alibi_slopes=slopes, **variant)
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
     return torch.cat(outs, dim=0), torch.cat(lses, dim=1)

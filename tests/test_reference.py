@@ -125,3 +125,103 @@ def test_custom_scale_and_large_inputs():
     ref_out, ref_lse = naive_attention(q, k, v, 0.7, causal=True)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
+
+
+def naive_variant_attention(q, k, v, scale, causal, window, softcap, slopes, sinks):
+    """One row at a time, straight from flash_attn's definitions: row i at key position
+    p = i + sk - sq sees keys j with (not causal or j <= p), j >= p - left (left >= 0),
+    j <= p + right (right >= 0, non-causal); score = softcap * tanh(q.k scale / softcap) (softcap
+    > 0), plus -slope |p - j| (non-causal) or slope j (causal); a sink logit joins the normaliser."""
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    out = torch.zeros(b, sq, h, d, dtype=torch.float64)
+    lse = torch.full((b, h, sq), float("inf"), dtype=torch.float64)
+    left, right = window
+    for bi in range(b):
+        for hi in range(h):
+            kh = hi // (h // hk)
+            for i in range(sq):
+                p = i + sk - sq
+                keys = [j for j in range(sk) if (not causal or j <= p) and (left < 0 or j >= p - left)
+                        and (causal or right < 0 or j <= p + right)]
+                logits = []
+                for j in keys:
+                    s = float(q[bi, i, hi].double() @ k[bi, j, kh].double()) * scale
+                    if softcap > 0:
+                        s = softcap * math.tanh(s / softcap)
+                    if slopes is not None:
+                        slope = float(slopes[hi] if slopes.dim() == 1 else slopes[bi, hi])
+                        s += slope * j if causal else -slope * abs(p - j)
+                    logits.append(s)
+                everything = logits + ([float(sinks[hi])] if sinks is not None else [])
+                if not everything:
+                    continue
+                m = max(everything)
+                total = sum(math.exp(x - m) for x in everything)
+                lse[bi, hi, i] = m + math.log(total)
+                for j, s in zip(keys, logits):
+                    out[bi, i, hi] += math.exp(s - lse[bi, hi, i]) * v[bi, j, kh].double()
+    return out, lse
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(6, 6), (4, 9), (9, 4), (5, 0)])
+@pytest.mark.parametrize("window", [(-1, -1), (2, 0), (0, 3), (3, -1), (-1, 1)])
+@pytest.mark.parametrize("softcap", [0.0, 1.5])
+@pytest.mark.parametrize("alibi", [None, "heads", "batch_heads"])
+@pytest.mark.parametrize("sink", [False, True])
+def test_variants_match_their_definitions(causal, sq, sk, window, softcap, alibi, sink):
+    torch.manual_seed(sq * 7 + sk)
+    q, k, v = torch.randn(2, sq, 4, 8), torch.randn(2, sk, 2, 8), torch.randn(2, sk, 2, 8)
+    slopes = {None: None, "heads": torch.rand(4), "batch_heads": torch.rand(2, 4)}[alibi]
+    sinks = torch.randn(4) if sink else None
+    out, lse = attention_reference(q, k, v, 0.4, causal, window_size=window, softcap=softcap,
+                                   alibi_slopes=slopes, sinks=sinks)
+    ref_out, ref_lse = naive_variant_attention(q, k, v, 0.4, causal, window, softcap, slopes, sinks)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], rtol=1e-10, atol=1e-10)
+
+
+def test_causal_alibi_forms_give_the_same_output():
+    """flash_attn's causal ALiBi (slope j) is the abs form (-slope |p - j|) shifted by a constant
+    per row: the same attention output; only the lse moves."""
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 5, 2, 8), torch.randn(1, 7, 2, 8), torch.randn(1, 7, 2, 8)
+    slopes = torch.rand(2)
+    out, _ = attention_reference(q, k, v, causal=True, alibi_slopes=slopes)
+    abs_out, _ = naive_variant_attention(q, k, v, 1 / math.sqrt(8), False, (-1, 0), 0.0, slopes, None)
+    torch.testing.assert_close(out, abs_out, rtol=1e-10, atol=1e-10)
+
+
+def test_sink_gradient_matches_finite_differences():
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(1, 4, 2, 8, dtype=torch.float64) for _ in range(3))
+    sinks = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(attention_reference(q, k, v, causal=True, sinks=sinks)[0].sum(), sinks)
+    eps = 1e-6
+    for h in range(2):
+        bump = torch.zeros(2, dtype=torch.float64)
+        bump[h] = eps
+        plus = attention_reference(q, k, v, causal=True, sinks=sinks.detach() + bump)[0].sum()
+        minus = attention_reference(q, k, v, causal=True, sinks=sinks.detach() - bump)[0].sum()
+        assert abs(grad[h].item() - (plus - minus).item() / (2 * eps)) < 1e-6
+
+
+def test_varlen_reference_takes_the_variants():
+    torch.manual_seed(5)
+    lens = [3, 0, 6]
+    cu = torch.tensor([0, 3, 3, 9], dtype=torch.int32)
+    q, k, v = torch.randn(9, 4, 8), torch.randn(9, 2, 8), torch.randn(9, 2, 8)
+    slopes, sinks = torch.rand(3, 4), torch.randn(4)
+    out, lse = attention_reference(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, window_size=(2, 0),
+                                   softcap=2.0, alibi_slopes=slopes, sinks=sinks)
+    start = 0
+    for i, n in enumerate(lens):
+        part = slice(start, start + n)
+        one, one_lse = attention_reference(q[part][None], k[part][None], v[part][None], causal=True,
+                                           window_size=(2, 0), softcap=2.0, alibi_slopes=slopes[i], sinks=sinks)
+        torch.testing.assert_close(out[part], one[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lse[:, part], one_lse[0], rtol=1e-12, atol=1e-12)
+        start += n
