@@ -11,6 +11,7 @@ namespace fat {
 
 template <bool Causal>
 struct KeyMask {
+  static constexpr bool kCausal = Causal;
   int len_k, shift;  // shift: len_k - len_q, the diagonal's offset
 
   __device__ __forceinline__ explicit KeyMask(const SeqInfo& seq) : len_k(seq.len_k), shift(seq.causal_shift()) {}
@@ -40,8 +41,8 @@ struct KeyMask {
 // Sets masked scores of a warp's tiles to -inf (m16n8 accumulator layout: a lane holds rows
 // lane/4 and lane/4 + 8 of each 16-row tile, columns 2*(lane%4) and +1 of each 8-column tile).
 // first_row / first_col: the tiles' first query row / key.
-template <bool Causal, int MTiles, int NTiles>
-__device__ __forceinline__ void mask_scores(float (&s)[MTiles][NTiles][4], const KeyMask<Causal>& mask,
+template <typename Mask, int MTiles, int NTiles>
+__device__ __forceinline__ void mask_scores(float (&s)[MTiles][NTiles][4], const Mask& mask,
                                             int first_row, int first_col) {
   const int lane = threadIdx.x % 32;
 #pragma unroll

@@ -112,7 +112,7 @@ constexpr bool kBulkDq = false;
 #endif
 
 // One key block: everything between loading K, V and writing dK, dV.
-template <typename Traits, bool Causal>
+template <typename Traits, typename Mask>
 __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo& seq, int head_k,
                                               int n_block, float* dq_accum, const BwdSmem<Traits>& sm) {
   using Element = typename Traits::Element;
@@ -132,7 +132,7 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
   const int kv_key = (warp % Traits::kKvWarpsN) * kKM * 16, kv_col = (warp / Traits::kKvWarpsN) * kKN * 8;
   const int dq_row = (warp % Traits::kDqWarpsM) * kQM * 16, dq_col = (warp / Traits::kDqWarpsM) * kQN * 8;
 
-  const KeyMask<Causal> mask(seq);
+  const Mask mask(seq);
   const int first_key = n_block * kBlockN;
   const int valid_keys = min(kBlockN, seq.len_k - first_key);
   const int group = p.heads / p.heads_k;
@@ -399,7 +399,7 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
   __syncthreads();  // the next key block of this CTA reuses the shared memory
 }
 
-template <typename Traits, bool Causal>
+template <typename Traits, typename Mask>
 __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_constant__ BwdParams p) {
   extern __shared__ __align__(1024) char smem[];
   const BwdSmem<Traits> sm(smem);
@@ -407,7 +407,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_c
   const int num_blocks = ceil_div(seq.len_k, Traits::kBlockN);
   float* dq_accum = p.dq_accum + (p.deterministic ? blockIdx.x * p.dq_accum_split_stride : 0);
   for (int n = blockIdx.x; n < num_blocks; n += gridDim.x)
-    bwd_key_block<Traits, Causal>(p, seq, blockIdx.y, n, dq_accum, sm);
+    bwd_key_block<Traits, Mask>(p, seq, blockIdx.y, n, dq_accum, sm);
 }
 
 }  // namespace fat::sm80

@@ -6,9 +6,9 @@
 
 namespace fat::sm80 {
 
-template <typename Traits, bool Causal>
+template <typename Traits, typename Mask>
 cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
-  auto kernel = bwd_kernel<Traits, Causal>;
+  auto kernel = bwd_kernel<Traits, Mask>;
   // The sm90 build of the kernel stages dQ in shared memory (kBulkDq): size it by the device,
   // which picks that build.
   int device = 0, major = 0;
@@ -52,7 +52,7 @@ template <typename Element, int HeadDim>
 cudaError_t run_bwd_sm80(const BwdParams& p, cudaStream_t stream) {
   using Traits = typename sm80::BwdConfig<Element, HeadDim>::Traits;
   static_assert(Traits::kBlockN == kBwdBlockN, "flash_api sizes dq_accum splits with kBwdBlockN");
-  return bool_switch(p.causal, [&](auto causal) { return sm80::launch_bwd<Traits, causal>(p, stream); });
+  return bool_switch(p.causal, [&](auto causal) { return sm80::launch_bwd<Traits, KeyMask<causal>>(p, stream); });
 }
 
 }  // namespace fat

@@ -91,7 +91,7 @@ __device__ __forceinline__ void pv_accumulate(float (&o)[Traits::kMTiles][Traits
   }
 }
 
-template <typename Traits, bool Causal>
+template <typename Traits, typename Mask>
 __global__ void __launch_bounds__(Traits::kThreads)
     fwd_kernel(const __grid_constant__ FwdParams p) {
   using Element = typename Traits::Element;
@@ -103,13 +103,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   // Under causal the last query blocks see the most keys: launch them first so the short ones
   // fill the tail of the grid.
-  const int m_block = Causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x, head = blockIdx.y;
+  const int m_block = Mask::kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x, head = blockIdx.y;
   const SeqInfo seq(p, blockIdx.z);
   if (m_block * kBlockM >= seq.len_q) return;
   const int head_k = head / (p.heads / p.heads_k);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_row = warp * Traits::kRowsPerWarp;  // first row of this warp inside the block
-  const KeyMask<Causal> mask(seq);
+  const Mask mask(seq);
   const int first_row = m_block * kBlockM;
   const int valid_rows = min(kBlockM, seq.len_q - first_row);
 

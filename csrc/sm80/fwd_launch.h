@@ -10,9 +10,9 @@
 
 namespace fat::sm80 {
 
-template <typename Traits, bool Causal>
+template <typename Traits, typename Mask>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  auto kernel = fwd_kernel<Traits, Causal>;
+  auto kernel = fwd_kernel<Traits, Mask>;
   constexpr int smem = Traits::kSmemBytes;
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -30,7 +30,7 @@ namespace fat {
 template <typename Element, int HeadDim>
 cudaError_t run_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
   using Traits = typename sm80::FwdConfig<Element, HeadDim, FAT_TENSOR_ROW_SUM>::Traits;
-  return bool_switch(p.causal, [&](auto causal) { return sm80::launch_fwd<Traits, causal>(p, stream); });
+  return bool_switch(p.causal, [&](auto causal) { return sm80::launch_fwd<Traits, KeyMask<causal>>(p, stream); });
 }
 
 }  // namespace fat

@@ -69,14 +69,14 @@ struct BwdSmem {
 };
 
 // One key block of one (kv head, batch) and the (q head, query block) steps that visit it.
-template <typename Traits, bool Causal>
+template <typename Traits, typename Mask>
 struct BwdKeyBlock {
   SeqInfo seq;
   int head_k, first_key, m_begin, m_count, steps, dq_split;
   __device__ __forceinline__ BwdKeyBlock(const BwdParams& p, int n, int hk, int b, int split)
       : seq(p, b), head_k(hk), dq_split(split) {
     first_key = n * Traits::kBlockN;
-    m_begin = KeyMask<Causal>(seq).m_begin(first_key, Traits::kBlockM);
+    m_begin = Mask(seq).m_begin(first_key, Traits::kBlockM);
     m_count = max(0, ceil_div(seq.len_q, Traits::kBlockM) - m_begin);
     steps = exists() ? p.heads / p.heads_k * m_count : 0;
   }
@@ -97,21 +97,21 @@ struct BwdKeyBlock {
 // Deterministic: CTA (split, kv head, batch) owns blocks split, split + splits, ... and its own
 // dq_accum split, and walks them in order, so every fp32 slot of dq_accum is added to in a fixed
 // order.
-template <typename Traits, bool Causal, typename F>
+template <typename Traits, typename Mask, typename F>
 __device__ __forceinline__ void for_each_key_block(const BwdParams& p, F&& f) {
   const int n_blocks = ceil_div(p.seqlen_k, Traits::kBlockN);
   if (p.deterministic) {
     const int split = blockIdx.x % p.num_splits, bh = blockIdx.x / p.num_splits;
     for (int n = split; n < n_blocks; n += p.num_splits)
-      f(BwdKeyBlock<Traits, Causal>(p, n, bh % p.heads_k, bh / p.heads_k, split));
+      f(BwdKeyBlock<Traits, Mask>(p, n, bh % p.heads_k, bh / p.heads_k, split));
   } else {
     const int n = blockIdx.x % n_blocks, bh = blockIdx.x / n_blocks;
-    f(BwdKeyBlock<Traits, Causal>(p, n, bh % p.heads_k, bh / p.heads_k, 0));
+    f(BwdKeyBlock<Traits, Mask>(p, n, bh % p.heads_k, bh / p.heads_k, 0));
   }
 }
 
 // ---- producer warp 0, one thread: K and V once per key block, Q and dO per step.
-template <typename Traits, bool Causal>
+template <typename Traits, typename Mask>
 __device__ __forceinline__ void load_tiles(const BwdParams& p, const CUtensorMap* tma_q, const CUtensorMap* tma_k,
                                            const CUtensorMap* tma_v, const CUtensorMap* tma_do,
                                            const BwdSmem<Traits>& sm) {
@@ -119,7 +119,7 @@ __device__ __forceinline__ void load_tiles(const BwdParams& p, const CUtensorMap
   RingPosition<1> kv;
   RingPosition<Traits::kStages> q;
   const int group = p.heads / p.heads_k;
-  for_each_key_block<Traits, Causal>(p, [&](const BwdKeyBlock<Traits, Causal>& blk) {
+  for_each_key_block<Traits, Mask>(p, [&](const BwdKeyBlock<Traits, Mask>& blk) {
     if (blk.steps == 0) return;
     const int b = blk.batch_coord(), key_row = static_cast<int>(blk.seq.first_k) + blk.first_key;
     kv.wait_empty(sm.kv_empty());
@@ -151,12 +151,12 @@ __device__ __forceinline__ void load_tiles(const BwdParams& p, const CUtensorMap
 // ---- producer warp 1: each step's lse (times log2 e) and D rows, into the same ring slot as its
 // Q and dO. Rows past the sequence end get lse = +inf and D = 0, so their P and dS are exactly 0
 // whatever TMA brought for them (zeros, or the next sequence's rows when varlen).
-template <typename Traits, bool Causal>
+template <typename Traits, typename Mask>
 __device__ __forceinline__ void load_row_stats(const BwdParams& p, const BwdSmem<Traits>& sm) {
   constexpr float kLog2e = 1.4426950408889634f;
   RingPosition<Traits::kStages> q;
   const int lane = threadIdx.x % 32, group = p.heads / p.heads_k;
-  for_each_key_block<Traits, Causal>(p, [&](const BwdKeyBlock<Traits, Causal>& blk) {
+  for_each_key_block<Traits, Mask>(p, [&](const BwdKeyBlock<Traits, Mask>& blk) {
     for (int s = 0; s < blk.steps; ++s, q = q.plus(1)) {
       const int stage = q.stage(), first_row = blk.first_row(s);
       const int64_t offset = blk.seq.lse_offset(p, blk.head(s, group)) + first_row;
@@ -173,11 +173,11 @@ __device__ __forceinline__ void load_row_stats(const BwdParams& p, const BwdSmem
 }
 
 // ---- producer warp 2, one thread: adds each staged fp32 dQ block into dq_accum.
-template <typename Traits, bool Causal>
+template <typename Traits, typename Mask>
 __device__ __forceinline__ void drain_dq(const BwdParams& p, const BwdSmem<Traits>& sm) {
   RingPosition<1> dq;
   const int group = p.heads / p.heads_k;
-  for_each_key_block<Traits, Causal>(p, [&](const BwdKeyBlock<Traits, Causal>& blk) {
+  for_each_key_block<Traits, Mask>(p, [&](const BwdKeyBlock<Traits, Mask>& blk) {
     for (int s = 0; s < blk.steps; ++s, dq = dq.plus(1)) {
       const int first_row = blk.first_row(s);
       float* dst = p.dq_accum + blk.dq_split * p.dq_accum_split_stride +
@@ -199,7 +199,7 @@ __device__ __forceinline__ void drain_dq(const BwdParams& p, const BwdSmem<Trait
 }
 
 // ---- consumer: one warpgroup, 64 keys of the block.
-template <typename Traits, bool Causal>
+template <typename Traits, typename Mask>
 struct BwdConsumer {
   using Element = typename Traits::Element;
   using Ops = ElementOps<Element>;
@@ -270,17 +270,17 @@ struct BwdConsumer {
   // cross the diagonal test elements: two loops, not one with a per-element test, which ptxas
   // turned into predicated compares on every element of every block (hd64 causal ran at half
   // the speed of the same build without element-wise work).
-  __device__ __forceinline__ void scores_to_p(float (&s)[kSTiles][4], const BwdKeyBlock<Traits, Causal>& blk,
+  __device__ __forceinline__ void scores_to_p(float (&s)[kSTiles][4], const BwdKeyBlock<Traits, Mask>& blk,
                                               int first_row, int stage, float scale_log2) const {
-    if (KeyMask<Causal>(blk.seq).block_needs_mask(first_row, blk.first_key + 64 * wg, 64))
+    if (Mask(blk.seq).block_needs_mask(first_row, blk.first_key + 64 * wg, 64))
       exponentiate<true>(s, blk, first_row, stage, scale_log2);
     else
       exponentiate<false>(s, blk, first_row, stage, scale_log2);
   }
-  template <bool Mask>
-  __device__ __forceinline__ void exponentiate(float (&s)[kSTiles][4], const BwdKeyBlock<Traits, Causal>& blk,
+  template <bool MaskElements>
+  __device__ __forceinline__ void exponentiate(float (&s)[kSTiles][4], const BwdKeyBlock<Traits, Mask>& blk,
                                                int first_row, int stage, float scale_log2) const {
-    const KeyMask<Causal> key_mask(blk.seq);
+    const Mask key_mask(blk.seq);
     const float* lse = sm.lse_log2(stage);
 #pragma unroll
     for (int t = 0; t < kSTiles; ++t) {
@@ -288,7 +288,7 @@ struct BwdConsumer {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         float p = fast_exp2(fmaf(s[t][j], scale_log2, -(j % 2 ? l.y : l.x)));
-        if constexpr (Mask) {
+        if constexpr (MaskElements) {
           if (key_mask.masked(first_row + col_of(t, j), blk.first_key + key_of(j))) p = 0.f;
         }
         s[t][j] = p;
@@ -334,7 +334,7 @@ struct BwdConsumer {
       }
   }
 
-  __device__ __forceinline__ void store_kv_grads(const BwdParams& p, const BwdKeyBlock<Traits, Causal>& blk,
+  __device__ __forceinline__ void store_kv_grads(const BwdParams& p, const BwdKeyBlock<Traits, Mask>& blk,
                                                  const float (&dk)[kKvTiles][4], const float (&dv)[kKvTiles][4]) const {
     Element* dk_out = static_cast<Element*>(p.dk) + blk.seq.k_offset(p.dk_batch_stride, p.dk_row_stride) +
                       blk.head_k * p.dk_head_stride + blk.first_key * p.dk_row_stride;
@@ -358,7 +358,7 @@ struct BwdConsumer {
   __device__ __forceinline__ void run(const BwdParams& p) const {
     RingPosition<1> kv, dq_slot, ds_buffers;
     RingPosition<Traits::kStages> q;
-    for_each_key_block<Traits, Causal>(p, [&](const BwdKeyBlock<Traits, Causal>& blk) {
+    for_each_key_block<Traits, Mask>(p, [&](const BwdKeyBlock<Traits, Mask>& blk) {
       if (!blk.exists()) return;
       float dk[kKvTiles][4], dv[kKvTiles][4];
       zero(dk);
@@ -419,7 +419,7 @@ struct BwdConsumer {
   }
 };
 
-template <typename Traits, bool Causal>
+template <typename Traits, typename Mask>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     bwd_kernel(const __grid_constant__ BwdParams p, const __grid_constant__ CUtensorMap tma_q,
                const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v,
@@ -444,12 +444,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32;
   if (warpgroup == 0) {
     regs_decrease<Traits::kProducerRegisters>();
-    if (warp == 0 && threadIdx.x == 0) load_tiles<Traits, Causal>(p, &tma_q, &tma_k, &tma_v, &tma_do, sm);
-    if (warp == 1) load_row_stats<Traits, Causal>(p, sm);
-    if (warp == 2 && threadIdx.x == 64) drain_dq<Traits, Causal>(p, sm);
+    if (warp == 0 && threadIdx.x == 0) load_tiles<Traits, Mask>(p, &tma_q, &tma_k, &tma_v, &tma_do, sm);
+    if (warp == 1) load_row_stats<Traits, Mask>(p, sm);
+    if (warp == 2 && threadIdx.x == 64) drain_dq<Traits, Mask>(p, sm);
   } else {
     regs_increase<Traits::kConsumerRegisters>();
-    BwdConsumer<Traits, Causal>(sm, warpgroup - 1).run(p);
+    BwdConsumer<Traits, Mask>(sm, warpgroup - 1).run(p);
   }
 #endif
 }

@@ -8,7 +8,7 @@
 
 namespace fat::sm90 {
 
-template <typename Traits, bool Causal>
+template <typename Traits, typename Mask>
 cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   using Element = typename Traits::Element;
   CUtensorMap tma_q, tma_k, tma_v, tma_do;
@@ -18,7 +18,7 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
                                    p.dout_row_stride, p.dout_head_stride, p.dout_batch_stride, Traits::kBlockM);
   if (err != cudaSuccess) return err;
 
-  auto kernel = bwd_kernel<Traits, Causal>;
+  auto kernel = bwd_kernel<Traits, Mask>;
   constexpr int smem = Traits::kSmemBytes;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
@@ -39,7 +39,7 @@ template <typename Element, int HeadDim>
 cudaError_t run_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
   using Traits = sm90::BwdTraits<Element, HeadDim, HeadDim == 64 ? 128 : 64>;
   static_assert(Traits::kBlockN == kBwdBlockN, "flash_api sizes dq_accum splits with kBwdBlockN");
-  return bool_switch(p.causal, [&](auto causal) { return sm90::launch_bwd<Traits, causal>(p, stream); });
+  return bool_switch(p.causal, [&](auto causal) { return sm90::launch_bwd<Traits, KeyMask<causal>>(p, stream); });
 }
 
 }  // namespace fat

@@ -92,17 +92,17 @@ struct TileGrid {
 };
 
 // Which query block of which sequence a tile is, and the key blocks it visits.
-template <typename Traits, bool Causal>
+template <typename Traits, typename Mask>
 struct FwdBlock {
   SeqInfo seq;
   int m_block, head, first_row, n_end;
   __device__ __forceinline__ FwdBlock(const FwdParams& p, const TileGrid& grid, int tile)
       : seq(p, tile / (grid.m_blocks * p.heads)) {
     const int m = tile % grid.m_blocks;
-    m_block = Causal ? grid.m_blocks - 1 - m : m;
+    m_block = Mask::kCausal ? grid.m_blocks - 1 - m : m;
     head = tile / grid.m_blocks % p.heads;
     first_row = m_block * Traits::kBlockM;
-    n_end = KeyMask<Causal>(seq).n_end(first_row, Traits::kBlockM, Traits::kBlockN);
+    n_end = Mask(seq).n_end(first_row, Traits::kBlockM, Traits::kBlockN);
   }
   // Nothing to load or compute: past the sequence's end (varlen), or no visible key (the
   // consumers still write zeros and lse = +inf for such a block's rows).
@@ -116,8 +116,8 @@ struct FwdBlock {
 };
 
 // ---- producer: one thread keeps the ring full, one tile after another.
-template <typename Traits, bool Causal>
-__device__ __forceinline__ void produce(const FwdBlock<Traits, Causal>& blk, const FwdParams& p,
+template <typename Traits, typename Mask>
+__device__ __forceinline__ void produce(const FwdBlock<Traits, Mask>& blk, const FwdParams& p,
                                         const CUtensorMap* tma_q, const CUtensorMap* tma_k, const CUtensorMap* tma_v,
                                         const FwdSmem<Traits>& sm, const RingCounters<Traits::kStages>& ring) {
   constexpr int kSlabElems = 64;
@@ -149,19 +149,19 @@ __device__ __forceinline__ void produce(const FwdBlock<Traits, Causal>& blk, con
 }
 
 // ---- consumer: one warpgroup, 64 query rows.
-template <typename Traits, bool Causal>
+template <typename Traits, typename Mask>
 struct Consumer {
   using Element = typename Traits::Element;
   static constexpr int kSTiles = Traits::kSTiles, kOTiles = Traits::kOTiles, kPSlices = Traits::kBlockN / 16;
 
   using Softmax = OnlineSoftmax<1, Traits::kTensorRowSum, Traits::kLazyRescale>;
 
-  const FwdBlock<Traits, Causal>& blk;
+  const FwdBlock<Traits, Mask>& blk;
   const FwdSmem<Traits>& sm;
   const RingCounters<Traits::kStages>& ring;
   int warpgroup, wg_row, warp_first_row, lane;
 
-  __device__ __forceinline__ Consumer(const FwdBlock<Traits, Causal>& blk_, const FwdSmem<Traits>& sm_,
+  __device__ __forceinline__ Consumer(const FwdBlock<Traits, Mask>& blk_, const FwdSmem<Traits>& sm_,
                                       const RingCounters<Traits::kStages>& ring_, int wg)
       : blk(blk_), sm(sm_), ring(ring_), warpgroup(wg), wg_row(wg * 64), lane(threadIdx.x % 32) {
     warp_first_row = blk.first_row + wg_row + threadIdx.x / 32 % 4 * 16;  // in the sequence
@@ -213,7 +213,7 @@ struct Consumer {
 
   __device__ __forceinline__ void mask(float (&s)[kSTiles][4], int i) const {
     const int first_col = block_of(i) * Traits::kBlockN;
-    const KeyMask<Causal> key_mask(blk.seq);
+    const Mask key_mask(blk.seq);
     const bool needs_mask = key_mask.block_needs_mask(blk.first_row + wg_row, first_col, Traits::kBlockN);
     float(&s3)[1][kSTiles][4] = reinterpret_cast<float(&)[1][kSTiles][4]>(s);
     if (needs_mask) mask_scores(s3, key_mask, warp_first_row, first_col);
@@ -325,7 +325,7 @@ struct Consumer {
   }
 };
 
-template <typename Traits, bool Causal>
+template <typename Traits, typename Mask>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     fwd_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ CUtensorMap tma_q,
                const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v) {
@@ -363,7 +363,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     for (int tile = blockIdx.x;; tile = queue.next(p.tile_counter)) {
       queue.push(tile);
       if (tile >= tiles.count) break;
-      const FwdBlock<Traits, Causal> blk(p, tiles, tile);
+      const FwdBlock<Traits, Mask> blk(p, tiles, tile);
       if (!blk.has_keys()) continue;
       produce(blk, p, &tma_q, &tma_k, &tma_v, sm, ring);
       ring.advance(blk.n_end);
@@ -373,9 +373,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if (Traits::kPingPong && warpgroup == Traits::kConsumerWarpgroups)  // the last one gives the first turn
       Barriers::fwd_turn(0).arrive();
     for (int tile = queue.pop(); tile < tiles.count; tile = queue.pop()) {
-      const FwdBlock<Traits, Causal> blk(p, tiles, tile);
+      const FwdBlock<Traits, Mask> blk(p, tiles, tile);
       if (blk.empty()) continue;
-      Consumer<Traits, Causal>(blk, sm, ring, warpgroup - 1).run(p);
+      Consumer<Traits, Mask>(blk, sm, ring, warpgroup - 1).run(p);
       if (blk.has_keys()) ring.advance(blk.n_end);
     }
   }

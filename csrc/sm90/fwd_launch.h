@@ -36,14 +36,14 @@
 
 namespace fat::sm90 {
 
-template <typename Traits, bool Causal>
+template <typename Traits, typename Mask>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   using Element = typename Traits::Element;
   CUtensorMap tma_q, tma_k, tma_v;
   cudaError_t err = make_qkv_maps<Element>(p, Traits::kBlockM, Traits::kBlockN, &tma_q, &tma_k, &tma_v);
   if (err != cudaSuccess) return err;
 
-  auto kernel = fwd_kernel<Traits, Causal>;
+  auto kernel = fwd_kernel<Traits, Mask>;
   constexpr int smem = Traits::kSmemBytes;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
@@ -67,7 +67,7 @@ cudaError_t run_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   constexpr int warpgroups = HeadDim == 64 ? FAT_SM90_HD64_WARPGROUPS : 2;
   using Traits = sm90::FwdTraits<Element, HeadDim, warpgroups, FAT_SM90_TENSOR_ROW_SUM, FAT_LAZY_RESCALE,
                                   FAT_PINGPONG, FAT_TIMING_SKIP_SOFTMAX>;
-  return bool_switch(p.causal, [&](auto causal) { return sm90::launch_fwd<Traits, causal>(p, stream); });
+  return bool_switch(p.causal, [&](auto causal) { return sm90::launch_fwd<Traits, KeyMask<causal>>(p, stream); });
 }
 
 }  // namespace fat
