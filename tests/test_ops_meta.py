@@ -47,6 +47,7 @@ def test_ops_are_registered_with_the_contract_schemas():
     arguments = {
         "fwd": ["q", "k", "v", "softmax_scale", "causal"],
         "bwd": ["dout", "q", "k", "v", "out", "lse", "softmax_scale", "causal", "deterministic"],
+        "fwd_kvcache": ["q", "k_cache", "v_cache", "seqused_k", "kv_batch_idx", "leftpad_k", "softmax_scale", "causal"],
         "varlen_fwd": ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
                        "softmax_scale", "causal"],
         "varlen_bwd": ["dout", "q", "k", "v", "out", "lse", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
@@ -56,7 +57,7 @@ def test_ops_are_registered_with_the_contract_schemas():
         schema = getattr(torch.ops.flash_attn_t, name).default._schema
         assert schema.name == f"flash_attn_t::{name}"
         assert [a.name for a in schema.arguments] == args
-        assert len(schema.returns) == (2 if name.endswith("fwd") else 3)
+        assert len(schema.returns) == (3 if name.endswith("bwd") else 2)
 
 
 @requires_extension
