@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One full check on a GPU machine: build (all cores), the test suite, compute-sanitizer on a
-# small forward + backward, then the benchmark. Everything it writes goes to $OUT (or ./gpu_check_out).
+# small forward + backward, then the benchmark and the decode benchmark. Everything it writes
+# goes to $OUT (or ./gpu_check_out).
 #   bash benchmarks/gpu_check.sh [--quick]      (--quick: seqlen 2k and 8k in the benchmark)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,4 +30,6 @@ done
 
 echo "== benchmark"
 python3 benchmarks/benchmark_attention.py --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/benchmark.log" | tail -n 60
+echo "== decode benchmark"
+python3 benchmarks/benchmark_decode.py --rounds 3 2>&1 | tee "$OUT/decode.log" | tail -n 20
 exit $status
