@@ -14,18 +14,18 @@ work) and T_comm the W - 1 K/V transfers alone.
         --head-dim 16 --reps 2        # the script's logic only (gloo, the reference)
 """
 import argparse
-import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import flash_attn_t
 from flash_attn_t import distributed
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from train_context_parallel import spawn  # noqa: E402
 
 
 class _NoTransferRing(distributed._Ring):
@@ -113,9 +113,7 @@ def worker(rank, world, rendezvous, args, results):
 
 
 def run(world, args):
-    results = mp.get_context("spawn").SimpleQueue()
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker, args=(world, os.path.join(tmp, "rendezvous"), args, results), nprocs=world, join=True)
+    results = spawn(worker, world, args)
     rows = {}
     while (item := results.get()) is not None:
         seqlen, times, memory = item

@@ -110,11 +110,17 @@ def train(rank, world, rendezvous, args, results):
         dist.destroy_process_group()
 
 
-def run(world, args):
+def spawn(fn, world, args):
+    """Runs fn(rank, world, rendezvous_file, args, results) in `world` processes and returns the
+    results queue (what rank 0 put there) once all have finished."""
     results = mp.get_context("spawn").SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(train, args=(world, os.path.join(tmp, "rendezvous"), args, results), nprocs=world, join=True)
-    return results.get()
+        mp.spawn(fn, args=(world, os.path.join(tmp, "rendezvous"), args, results), nprocs=world, join=True)
+    return results
+
+
+def run(world, args):
+    return spawn(train, world, args).get()
 
 
 def main(argv=None):
