@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from . import ops
+from . import decode, ops
 from .rotary import apply_rotary
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -310,10 +310,21 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _forward(q, k, v, softmax_scale, causal):
+    """The forward kernels for batched q, k, v: split-KV with the query heads of a kv head packed
+    into rows when the queries are few and the keys many (decode.plan), the plain kernel otherwise.
+    Either way (out, lse), which is all the backward needs."""
+    splits = decode.plan(q, k, causal)
+    if splits:
+        seqused = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
+        return decode.split_kv_attention(q, k, v, seqused, None, None, softmax_scale, splits)
+    return torch.ops.flash_attn_t.fwd(q, k, v, softmax_scale, causal)
+
+
 class FlashAttnFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, softmax_scale, causal, deterministic):
-        out, lse = torch.ops.flash_attn_t.fwd(q, k, v, softmax_scale, causal)
+        out, lse = _forward(q, k, v, softmax_scale, causal)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.softmax_scale, ctx.causal, ctx.deterministic = softmax_scale, causal, deterministic
         ctx.mark_non_differentiable(lse)
@@ -486,8 +497,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     rotary_cos, rotary_sin (seqlen_ro, rotary_dim / 2): the new k is rotated at positions
     cache_seqlens[b] + i, and q at the same positions when causal, else all at cache_seqlens[b];
     rotary_interleaved picks the channel pairing (see flash_attn_t.rotary).
-    causal aligns the mask bottom-right on each sequence's keys. num_splits is accepted for
-    compatibility (the kernels choose their own work split). Returns out (q's shape) or, with
+    causal aligns the mask bottom-right on each sequence's keys. Few query rows against long caches
+    run split-KV (flash_attn_t.decode): num_splits = 0 picks the split count from the SM count,
+    1 splits nothing, n > 1 cuts each sequence's keys into n. Returns out (q's shape) or, with
     return_softmax_lse=True, (out, lse (batch, nheads, seqlen_q) fp32).
     No host synchronisation: values of the index tensors outside their ranges are clamped by the
     kernels, never read or written out of bounds; FLASH_ATTN_T_CHECK_VALUES=1 checks them instead.
@@ -512,7 +524,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         seqlens = seqlens + k.shape[1]
     head_dim = q.shape[-1]
     q_, k_cache_, v_cache_ = _pad_head_dim(q, k_cache, v_cache)
-    out, lse = torch.ops.flash_attn_t.fwd_kvcache(q_, k_cache_, v_cache_, seqlens, cache_batch_idx, cache_leftpad,
-                                                  softmax_scale, bool(causal))
+    splits = decode.plan(q_, k_cache_, causal, operator.index(num_splits))
+    if splits:
+        out, lse = decode.split_kv_attention(q_, k_cache_, v_cache_, seqlens, cache_batch_idx, cache_leftpad,
+                                             softmax_scale, splits)
+    else:
+        out, lse = torch.ops.flash_attn_t.fwd_kvcache(q_, k_cache_, v_cache_, seqlens, cache_batch_idx,
+                                                      cache_leftpad, softmax_scale, bool(causal))
     out = out[..., :head_dim]
     return (out, lse) if return_softmax_lse else out

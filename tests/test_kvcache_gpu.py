@@ -163,3 +163,61 @@ def test_kvcache_decode_step_replays_in_a_cuda_graph():
         torch.cuda.synchronize()
         assert torch.equal(out, expected)
         assert torch.equal(k_cache, eager_k) and torch.equal(v_cache, eager_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("seqlen_q,causal", [(1, True), (1, False), (3, False)])
+@pytest.mark.parametrize("heads,heads_k", [(8, 2), (4, 4)])
+@pytest.mark.parametrize("num_splits", [0, 1, 7])
+def test_split_kv_decode_against_reference(dtype, head_dim, seqlen_q, causal, heads, heads_k, num_splits):
+    """Few query rows against long caches: the split-KV path (packed query heads, keys cut into
+    splits, merged through lse) with lengths 0, 1 and odd, cache_batch_idx and cache_leftpad."""
+    from flash_attn_t import decode
+    batch, seqlen_cache = 4, 3000
+    torch.manual_seed(seqlen_q + head_dim + num_splits)
+    q = torch.randn(batch, seqlen_q, heads, head_dim, device="cuda", dtype=dtype)
+    k_cache = torch.randn(5, seqlen_cache, heads_k, head_dim, device="cuda", dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    seqlens = torch.tensor([0, 1, 1234, seqlen_cache], dtype=torch.int32, device="cuda")
+    batch_idx = torch.tensor([4, 0, 2, 1], dtype=torch.int32, device="cuda")
+    leftpad = torch.tensor([0, 0, 17, 2999], dtype=torch.int32, device="cuda")
+    assert decode.plan(q, k_cache, causal, num_splits) or (num_splits == 1 and heads == heads_k)
+    poison_allocator()
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, cache_batch_idx=batch_idx,
+                                       cache_leftpad=leftpad, causal=causal, num_splits=num_splits,
+                                       return_softmax_lse=True)
+    for b in range(batch):
+        row, keys = int(batch_idx[b]), slice(int(leftpad[b]), int(seqlens[b]))
+        k_b, v_b = k_cache[row:row + 1, keys], v_cache[row:row + 1, keys]
+        ref_out, ref_lse = attention_reference(q[b:b + 1].double(), k_b.double(), v_b.double(), causal=causal)
+        pt_out, _ = attention_reference(q[b:b + 1], k_b, v_b, causal=causal, compute_dtype=dtype)
+        assert_close_to_ref(out[b:b + 1], ref_out, pt_out, f"out[{b}]")
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isinf(lse[b:b + 1]), ~finite)
+        if finite.any():
+            assert (lse[b:b + 1][finite].double() - ref_lse[finite]).abs().max().item() < 2e-2
+
+
+@pytest.mark.parametrize("heads,heads_k", [(8, 2), (8, 8)])
+def test_flash_attn_func_one_query_row_against_many_keys(heads, heads_k):
+    """flash_attn_func with one query row per sequence and a long key sequence takes the split-KV
+    forward; its out and lse feed the usual backward."""
+    from flash_attn_t import decode, flash_attn_func
+    q = torch.randn(2, 1, heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 5000, heads_k, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    assert decode.plan(q, k, True)
+    out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    results = []
+    for compute in (torch.float64, torch.bfloat16):
+        leaves = [t.detach().to(compute).requires_grad_() for t in (q, k, v)]
+        ref_out, ref_lse = attention_reference(*leaves, causal=True, compute_dtype=compute)
+        results.append((ref_out, ref_lse, torch.autograd.grad(ref_out, leaves, dout.to(compute))))
+    (ref_out, ref_lse, ref_grads), (pt_out, _, pt_grads) = results
+    assert_close_to_ref(out, ref_out, pt_out, "out")
+    assert (lse.double() - ref_lse).abs().max().item() < 2e-2
+    for name, g, ref_g, pt_g in zip(("dq", "dk", "dv"), grads, ref_grads, pt_grads):
+        assert_close_to_ref(g, ref_g, pt_g, name)

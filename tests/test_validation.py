@@ -370,6 +370,9 @@ def test_kvcache_output_shapes(fake_cuda):
     assert lse.shape == (2, 4, 3) and lse.dtype == torch.float32
     no_append = {**args, "k": None, "v": None, "cache_seqlens": 7}
     assert flash_attn_t.flash_attn_with_kvcache(**no_append).shape == args["q"].shape
+    split = {**args, "causal": False, "num_splits": 3, "return_softmax_lse": True}  # the split-KV path
+    out, lse = flash_attn_t.flash_attn_with_kvcache(**split)
+    assert out.shape == args["q"].shape and out.dtype == args["q"].dtype and lse.shape == (2, 4, 3)
 
 
 def test_kvcache_signature_matches_flash_attn():

@@ -1,0 +1,103 @@
+"""Split-KV attention for few queries against many keys (decoding): the keys of each sequence are
+cut into splits that run as separate CTAs, and the query heads sharing a kv head are packed into
+one block of rows, so each K/V tile is read once for its whole group; the partial outputs are then
+merged exactly through their log-sum-exp.
+
+Both halves ride on the KV-cache form of the forward kernel (torch.ops.flash_attn_t.fwd_kvcache:
+per-sequence k/v batch row, first key and key count): split s of sequence b is a virtual sequence
+of the batch with the same cache row and keys [bound_s, bound_{s+1}), where the bounds cut b's keys
+[leftpad_b, seqused_b) into equal parts on the device (no host synchronisation, so a decode step
+stays capturable in a CUDA graph). Packing turns the group's heads into rows, which changes what a
+row's position is, so it is used when the mask does not depend on positions: one query row, or no
+causal mask.
+"""
+import functools
+import math
+
+import torch
+
+# A split should hold at least this many keys (a few key blocks): shorter ones cost more in
+# launch width and merging than they add in parallelism.
+MIN_KEYS_PER_SPLIT = 256
+MAX_SPLITS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessor_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_splits(batch, kv_heads, rows, max_keys, sms, block_rows=64):
+    """How many splits per sequence fill the GPU: 1 when the (batch, kv head, row block) CTAs
+    already make most of a wave; otherwise enough to fill one, each with at least
+    MIN_KEYS_PER_SPLIT keys of the longest possible sequence."""
+    ctas = batch * kv_heads * math.ceil(rows / block_rows)
+    if ctas == 0 or ctas >= 0.8 * sms:
+        return 1
+    return max(1, min(MAX_SPLITS, math.ceil(sms / ctas), max_keys // MIN_KEYS_PER_SPLIT))
+
+
+# Packed rows at most: beyond one block of rows the prefill kernels' own tiling serves as well.
+MAX_PACKED_ROWS = 64
+
+
+def _sms(device):
+    # (no GPU: shape-only fake tensors, any count will do)
+    return multiprocessor_count(device.index or 0) if torch.cuda.is_available() else 1
+
+
+def plan(q, k, causal, num_splits=0):
+    """The number of splits for split_kv_attention, or 0 when the plain kernel path is the better
+    one: more than MAX_PACKED_ROWS packed rows, a position-dependent mask over several query rows
+    (causal with seqlen_q > 1: packing would move rows off their positions), too few keys to
+    split when the count is left to us, or nothing to gain (no group to pack and one split).
+    num_splits: 0 = choose from the SM count."""
+    batch, seqlen_q, heads, _ = q.shape
+    kv_heads, max_keys = k.shape[2], k.shape[1]
+    rows = seqlen_q * (heads // kv_heads)
+    if rows > MAX_PACKED_ROWS or (causal and seqlen_q > 1) or (not num_splits and max_keys < 2 * MIN_KEYS_PER_SPLIT):
+        return 0
+    splits = num_splits or choose_splits(batch, kv_heads, rows, max_keys, _sms(q.device))
+    return 0 if splits == 1 and heads == kv_heads else splits
+
+
+def split_kv_attention(q, k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, softmax_scale, num_splits,
+                       attend=None):
+    """Non-causal attention of q (batch, seqlen_q, nheads, d) against cache rows kv_batch_idx[b]
+    (b when None), keys [leftpad_k[b] (0 when None), seqused_k[b]) of k_cache / v_cache
+    (batch_cache, seqlen_cache, nheads_k, d), through num_splits splits per sequence with the
+    query heads of each kv head packed into rows. Returns (out like q, lse (batch, nheads,
+    seqlen_q) fp32, +inf for rows that see no key). `attend` computes one fwd_kvcache call (the
+    kernel by default; the CPU tests pass an exact emulation)."""
+    attend = attend or (lambda *args: torch.ops.flash_attn_t.fwd_kvcache(*args, False))
+    batch, seqlen_q, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group, rows, splits = heads // kv_heads, seqlen_q * heads // kv_heads, num_splits
+    # rows ordered (query, head in group): packed[b, s * group + g, j] = q[b, s, j * group + g]
+    packed = q.view(batch, seqlen_q, kv_heads, group, head_dim).transpose(2, 3).reshape(batch, rows, kv_heads,
+                                                                                        head_dim)
+    device = q.device
+    index = lambda t, default: (t if t is not None else default).to(torch.int64)  # noqa: E731
+    lo = index(leftpad_k, torch.zeros(batch, dtype=torch.int32, device=device))
+    hi = torch.maximum(index(seqused_k, None), lo)
+    cuts = lo[:, None] + (hi - lo)[:, None] * torch.arange(splits + 1, device=device) // splits  # (batch, splits + 1)
+    rows_of = index(kv_batch_idx, torch.arange(batch, device=device)).repeat_interleave(splits)
+    out, lse = attend(packed.repeat_interleave(splits, dim=0), k_cache, v_cache,
+                      cuts[:, 1:].reshape(-1).to(torch.int32), rows_of.to(torch.int32),
+                      cuts[:, :-1].reshape(-1).to(torch.int32), softmax_scale)
+    out, lse = merge_splits(out.view(batch, splits, rows, kv_heads, head_dim), lse.view(batch, splits, kv_heads, rows))
+    out = out.view(batch, seqlen_q, group, kv_heads, head_dim).transpose(2, 3).reshape(q.shape).to(q.dtype)
+    lse = lse.view(batch, kv_heads, seqlen_q, group).transpose(2, 3).reshape(batch, heads, seqlen_q)
+    return out, lse
+
+
+def merge_splits(out, lse):
+    """out (batch, splits, rows, heads, d), lse (batch, splits, heads, rows) with +inf for splits
+    that saw no key: the exact softmax merge over the splits, in fp32 (fp64 for fp64 input).
+    Returns out (batch, rows, heads, d) and lse (batch, heads, rows), +inf where no split saw a key."""
+    accum = torch.float64 if lse.dtype == torch.float64 else torch.float32
+    lse = torch.where(lse == math.inf, -math.inf, lse.to(accum))
+    total = torch.logsumexp(lse, dim=1)  # (batch, heads, rows)
+    weights = torch.exp(lse - torch.where(total == -math.inf, 0.0, total)[:, None])  # (batch, splits, heads, rows)
+    merged = (out.to(accum) * weights.transpose(2, 3)[..., None]).sum(dim=1)
+    return merged, torch.where(total == -math.inf, math.inf, total)
