@@ -11,7 +11,6 @@ stays capturable in a CUDA graph). Packing turns the group's heads into rows, wh
 row's position is, so it is used when the mask does not depend on positions: one query row, or no
 causal mask.
 """
-import functools
 import math
 
 import torch
@@ -20,11 +19,6 @@ import torch
 # launch width and merging than they add in parallelism.
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 64
-
-
-@functools.lru_cache(maxsize=None)
-def multiprocessor_count(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def choose_splits(batch, kv_heads, rows, max_keys, sms, block_rows=64):
@@ -42,8 +36,8 @@ MAX_PACKED_ROWS = 64
 
 
 def _sms(device):
-    # (no GPU: shape-only fake tensors, any count will do)
-    return multiprocessor_count(device.index or 0) if torch.cuda.is_available() else 1
+    # (torch caches the device properties; no GPU: shape-only fake tensors, any count will do)
+    return torch.cuda.get_device_properties(device.index or 0).multi_processor_count if torch.cuda.is_available() else 1
 
 
 def plan(q, k, causal, num_splits=0):
