@@ -139,8 +139,28 @@ bool use_sm90_kernels(const FwdParams& p) {
 #endif
 }
 
-void launch_fwd(FwdParams& p, const at::Tensor& q, bool causal) {
-  p.causal = causal;
+// The attention variant an op asks for: causal, and flash_attn's window_size (left, right).
+struct Variant {
+  bool causal;
+  int64_t window_left, window_right;
+};
+
+// Into p, with flash_attn's conventions (p.seqlen_k set): an edge of seqlen_k keys or more is
+// unbounded (-1); causal is the window (-1, 0), so a causal call with a left edge is local with
+// right = 0, and a non-causal (-1, 0) window is causal.
+void set_variant(FwdParams& p, const Variant& v) {
+  TORCH_CHECK(v.window_left >= -1 && v.window_right >= -1, "flash_attn_t: window_size entries must be >= -1, got (",
+              v.window_left, ", ", v.window_right, ")");
+  int64_t left = v.window_left >= p.seqlen_k ? -1 : v.window_left;
+  int64_t right = v.causal ? 0 : v.window_right >= p.seqlen_k ? -1 : v.window_right;
+  p.causal = left < 0 && right == 0;
+  p.local = !p.causal && (left >= 0 || right >= 0);
+  p.window_left = static_cast<int>(left);
+  p.window_right = static_cast<int>(right);
+}
+
+void launch_fwd(FwdParams& p, const at::Tensor& q, const Variant& variant) {
+  set_variant(p, variant);
   if (p.batch == 0 || p.seqlen_q == 0) return;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool sm90 = use_sm90_kernels(p);
@@ -162,7 +182,8 @@ void launch_fwd(FwdParams& p, const at::Tensor& q, bool causal) {
 // the KV-cache fields (fwd_kvcache) before the launch.
 template <typename SetCache>
 std::tuple<at::Tensor, at::Tensor> batched_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                                               double softmax_scale, bool causal, SetCache&& set_cache) {
+                                               double softmax_scale, const Variant& variant,
+                                               SetCache&& set_cache) {
   const c10::cuda::CUDAGuard guard(q_.device());
   const at::Tensor q = aligned(q_), k = aligned(k_), v = aligned(v_);
   const int64_t b = q.size(0), sq = q.size(1), h = q.size(2);
@@ -175,14 +196,14 @@ std::tuple<at::Tensor, at::Tensor> batched_fwd(const at::Tensor& q_, const at::T
   p.seqlen_q = static_cast<int>(sq);
   p.seqlen_k = static_cast<int>(k.size(1));
   set_cache(p);
-  launch_fwd(p, q, causal);
+  launch_fwd(p, q, variant);
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       double softmax_scale, bool causal) {
+                                       double softmax_scale, bool causal, int64_t window_left, int64_t window_right) {
   check_qkv(q, k, v, 4);
-  return batched_fwd(q, k, v, softmax_scale, causal, [](FwdParams&) {});
+  return batched_fwd(q, k, v, softmax_scale, {causal, window_left, window_right}, [](FwdParams&) {});
 }
 
 void check_batch_index(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& q) {
@@ -200,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
                                                const at::Tensor& v_cache, const at::Tensor& seqused_k,
                                                const std::optional<at::Tensor>& kv_batch_idx,
                                                const std::optional<at::Tensor>& leftpad_k, double softmax_scale,
-                                               bool causal) {
+                                               bool causal, int64_t window_left, int64_t window_right) {
   check_q(q, 4);
   check_tensor(k_cache, "k_cache", 4, q);
   check_tensor(v_cache, "v_cache", 4, q);
@@ -213,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
   check_batch_index(seqused_k, "seqused_k", q);
   check_batch_index(kv_batch_idx, "kv_batch_idx", q);
   check_batch_index(leftpad_k, "leftpad_k", q);
-  return batched_fwd(q, k_cache, v_cache, softmax_scale, causal, [&](FwdParams& p) {
+  return batched_fwd(q, k_cache, v_cache, softmax_scale, {causal, window_left, window_right}, [&](FwdParams& p) {
     p.seqused_k = seqused_k.data_ptr<int>();
     p.kv_batch_idx = kv_batch_idx.has_value() ? kv_batch_idx->data_ptr<int>() : nullptr;
     p.leftpad_k = leftpad_k.has_value() ? leftpad_k->data_ptr<int>() : nullptr;
@@ -223,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
 std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                                               const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                               int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
-                                              bool causal) {
+                                              bool causal, int64_t window_left, int64_t window_right) {
   check_qkv(q_, k_, v_, 3);
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q_);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q_);
@@ -240,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q_, const at::Te
   p.seqlen_k = static_cast<int>(max_seqlen_k);
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
   p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
-  if (q.size(0) > 0) launch_fwd(p, q, causal);
+  if (q.size(0) > 0) launch_fwd(p, q, {causal, window_left, window_right});
   return {out, lse};
 }
 
@@ -259,9 +280,9 @@ void fill_bwd(BwdParams& p, const at::Tensor& dout, const at::Tensor& q, const a
 // Shared by the batched and varlen backward, once p holds the tensors: an fp32 dq_accum of q's
 // sizes with a leading split dimension (cleared by the dsum pass), the dsum pass, the main kernel,
 // then dq = (sum over splits) * softmax_scale in q's dtype.
-at::Tensor launch_bwd(BwdParams& p, const at::Tensor& q, const at::Tensor& lse, bool causal,
+at::Tensor launch_bwd(BwdParams& p, const at::Tensor& q, const at::Tensor& lse, const Variant& variant,
                       bool deterministic) {
-  p.causal = causal;
+  set_variant(p, variant);
   if (p.batch == 0 || p.seqlen_q == 0 || q.numel() == 0) return at::zeros(q.sizes(), q.options());
   int splits = 1;
   if (deterministic) {
@@ -333,7 +354,8 @@ template <typename SetLengths>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout_, const at::Tensor& q_,
                                                         const at::Tensor& k_, const at::Tensor& v_,
                                                         const at::Tensor& out_, const at::Tensor& lse_,
-                                                        double softmax_scale, bool causal, bool deterministic,
+                                                        double softmax_scale, const Variant& variant,
+                                                        bool deterministic,
                                                         SetLengths&& set_lengths) {
   const c10::cuda::CUDAGuard guard(q_.device());
   const at::Tensor q = aligned(q_), k = aligned(k_), v = aligned(v_), out = aligned(out_),
@@ -342,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout_,
   BwdParams p{};
   fill_bwd(p, dout, q, k, v, out, lse, dk, dv, softmax_scale);
   set_lengths(p);
-  at::Tensor dq = launch_bwd(p, q, lse, causal, deterministic);
+  at::Tensor dq = launch_bwd(p, q, lse, variant, deterministic);
   if (p.seqlen_q == 0 || q.numel() == 0) dk.zero_(), dv.zero_();  // no query: the kernel never ran
   return {dq, dk, dv};
 }
@@ -350,10 +372,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout_,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q,
                                                    const at::Tensor& k, const at::Tensor& v,
                                                    const at::Tensor& out, const at::Tensor& lse,
-                                                   double softmax_scale, bool causal, bool deterministic) {
+                                                   double softmax_scale, bool causal, bool deterministic,
+                                                   int64_t window_left, int64_t window_right) {
   check_qkv(q, k, v, 4);
   check_bwd_extra(dout, out, q, lse, {q.size(0), q.size(2), q.size(1)});
-  return backward(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, [&](BwdParams& p) {
+  return backward(dout, q, k, v, out, lse, softmax_scale, {causal, window_left, window_right}, deterministic,
+                  [&](BwdParams& p) {
     p.batch = p.batch_k = static_cast<int>(q.size(0));
     p.seqlen_q = static_cast<int>(q.size(1));
     p.seqlen_k = static_cast<int>(k.size(1));
@@ -363,14 +387,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, double softmax_scale, bool causal, bool deterministic) {
+    int64_t max_seqlen_k, double softmax_scale, bool causal, bool deterministic, int64_t window_left,
+    int64_t window_right) {
   check_qkv(q, k, v, 3);
   check_bwd_extra(dout, out, q, lse, {q.size(1), q.size(0)});
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
   TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel(),
               "flash_attn_t: cu_seqlens_q and cu_seqlens_k must have the same length");
-  return backward(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, [&](BwdParams& p) {
+  return backward(dout, q, k, v, out, lse, softmax_scale, {causal, window_left, window_right}, deterministic,
+                  [&](BwdParams& p) {
     p.batch = static_cast<int>(cu_seqlens_q.numel() - 1);
     p.seqlen_q = static_cast<int>(max_seqlen_q);
     p.seqlen_k = static_cast<int>(max_seqlen_k);
@@ -383,16 +409,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
 }  // namespace fat
 
 TORCH_LIBRARY(flash_attn_t, m) {
-  m.def("fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal) -> (Tensor, Tensor)");
+  // window_left / window_right: flash_attn's window_size, -1 for an unbounded edge.
+  m.def("fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, int window_left=-1, "
+        "int window_right=-1) -> (Tensor, Tensor)");
   m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale, "
-        "bool causal, bool deterministic) -> (Tensor, Tensor, Tensor)");
+        "bool causal, bool deterministic, int window_left=-1, int window_right=-1) -> (Tensor, Tensor, Tensor)");
   m.def("fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqused_k, Tensor? kv_batch_idx, "
-        "Tensor? leftpad_k, float softmax_scale, bool causal) -> (Tensor, Tensor)");
+        "Tensor? leftpad_k, float softmax_scale, bool causal, int window_left=-1, int window_right=-1) "
+        "-> (Tensor, Tensor)");
   m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-        "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor, Tensor)");
+        "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left=-1, "
+        "int window_right=-1) -> (Tensor, Tensor)");
   m.def("varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
-        "float softmax_scale, bool causal, bool deterministic) -> (Tensor, Tensor, Tensor)");
+        "float softmax_scale, bool causal, bool deterministic, int window_left=-1, int window_right=-1) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(flash_attn_t, CUDA, m) {

@@ -36,8 +36,10 @@ struct FwdParams {
   const int* leftpad_k;
 
   // The attention variant (csrc/common/mask.h): the launchers turn these flags into template
-  // parameters with bool_switch (csrc/common/switch.h).
-  bool causal;
+  // parameters (mask_switch). causal: the window (-1, 0); local: any other bounded window
+  // [position - window_left, position + window_right], -1 an unbounded edge.
+  bool causal, local;
+  int window_left, window_right;
 
   float softmax_scale;
   float scale_log2;  // softmax_scale * log2(e): the exp2 argument is one FFMA away from the score

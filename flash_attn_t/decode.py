@@ -40,16 +40,18 @@ def _sms(device):
     return torch.cuda.get_device_properties(device.index or 0).multi_processor_count if torch.cuda.is_available() else 1
 
 
-def plan(q, k, causal, num_splits=0):
+def plan(q, k, causal, window=(-1, -1), num_splits=0):
     """The number of splits for split_kv_attention, or 0 when the plain kernel path is the better
     one: more than MAX_PACKED_ROWS packed rows, a position-dependent mask over several query rows
-    (causal with seqlen_q > 1: packing would move rows off their positions), too few keys to
-    split when the count is left to us, or nothing to gain (no group to pack and one split).
-    num_splits: 0 = choose from the SM count."""
+    (causal with seqlen_q > 1: packing would move rows off their positions), a sliding window (a
+    split's keys would move the window's alignment; the kernel skips the keys outside it anyway),
+    too few keys to split when the count is left to us, or nothing to gain (no group to pack and
+    one split). num_splits: 0 = choose from the SM count."""
     batch, seqlen_q, heads, _ = q.shape
     kv_heads, max_keys = k.shape[2], k.shape[1]
     rows = seqlen_q * (heads // kv_heads)
-    if rows > MAX_PACKED_ROWS or (causal and seqlen_q > 1) or (not num_splits and max_keys < 2 * MIN_KEYS_PER_SPLIT):
+    positional = (causal and seqlen_q > 1) or tuple(window) != (-1, -1)
+    if rows > MAX_PACKED_ROWS or positional or (not num_splits and max_keys < 2 * MIN_KEYS_PER_SPLIT):
         return 0
     splits = num_splits or choose_splits(batch, kv_heads, rows, max_keys, _sms(q.device))
     return 0 if splits == 1 and heads == kv_heads else splits

@@ -99,7 +99,7 @@ def check_qkv(q, k, v, *, varlen):
 # lands by adding its kernels and tests and turning its entry on.
 KERNEL_FEATURES = {
     "dropout": False,     # dropout_p > 0
-    "window": False,      # window_size != (-1, -1); transformers' sliding_window
+    "window": True,       # window_size != (-1, -1); transformers' sliding_window
     "softcap": False,     # softcap > 0
     "alibi": False,       # alibi_slopes
     "paged_kv": False,    # block_table
@@ -119,6 +119,18 @@ def check_unimplemented(dropout_p=0.0, window_size=(-1, -1), softcap=0.0, alibi_
     for feature, (wanted, message) in asked.items():
         if wanted and not KERNEL_FEATURES[feature]:
             raise NotImplementedError(message)
+
+
+def check_window_size(window_size):
+    """window_size: flash_attn's (left, right) key window around each query's position, -1 for an
+    unbounded edge. Returns it as a tuple of two ints."""
+    try:
+        left, right = (operator.index(x) for x in window_size)
+    except (TypeError, ValueError):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}") from None
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {(left, right)}")
+    return left, right
 
 
 def check_softmax_scale(softmax_scale, head_dim):
@@ -310,23 +322,23 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(q, k, v, softmax_scale, causal):
+def _forward(q, k, v, softmax_scale, causal, window):
     """The forward kernels for batched q, k, v: split-KV with the query heads of a kv head packed
     into rows when the queries are few and the keys many (decode.plan), the plain kernel otherwise.
     Either way (out, lse), which is all the backward needs."""
-    splits = decode.plan(q, k, causal)
+    splits = decode.plan(q, k, causal, window)
     if splits:
         seqused = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
         return decode.split_kv_attention(q, k, v, seqused, None, None, softmax_scale, splits)
-    return torch.ops.flash_attn_t.fwd(q, k, v, softmax_scale, causal)
+    return torch.ops.flash_attn_t.fwd(q, k, v, softmax_scale, causal, *window)
 
 
 class FlashAttnFunc(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, causal, deterministic):
-        out, lse = _forward(q, k, v, softmax_scale, causal)
+    def forward(ctx, q, k, v, softmax_scale, causal, window, deterministic):
+        out, lse = _forward(q, k, v, softmax_scale, causal, window)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.softmax_scale, ctx.causal, ctx.deterministic = softmax_scale, causal, deterministic
+        ctx.softmax_scale, ctx.causal, ctx.window, ctx.deterministic = softmax_scale, causal, window, deterministic
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -334,19 +346,19 @@ class FlashAttnFunc(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = torch.ops.flash_attn_t.bwd(_last_dim_contiguous(dout), q, k, v, out, lse,
-                                                ctx.softmax_scale, ctx.causal, ctx.deterministic)
-        return dq, dk, dv, None, None, None
+                                                ctx.softmax_scale, ctx.causal, ctx.deterministic, *ctx.window)
+        return dq, dk, dv, None, None, None, None
 
 
 class FlashAttnVarlenFunc(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window,
                 deterministic):
         out, lse = torch.ops.flash_attn_t.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                     max_seqlen_k, softmax_scale, causal)
+                                                     max_seqlen_k, softmax_scale, causal, *window)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
-        ctx.softmax_scale, ctx.causal, ctx.deterministic = softmax_scale, causal, deterministic
+        ctx.softmax_scale, ctx.causal, ctx.window, ctx.deterministic = softmax_scale, causal, window, deterministic
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -355,8 +367,8 @@ class FlashAttnVarlenFunc(torch.autograd.Function):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         dq, dk, dv = torch.ops.flash_attn_t.varlen_bwd(
             _last_dim_contiguous(dout), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q,
-            ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal, ctx.deterministic)
-        return dq, dk, dv, None, None, None, None, None, None, None
+            ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal, ctx.deterministic, *ctx.window)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def _result(out, lse, return_attn_probs):
@@ -376,20 +388,24 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), fp16 or bf16
     on one CUDA device, nheads a multiple of nheads_k (GQA/MQA). softmax_scale defaults to
     1 / sqrt(headdim). causal=True with seqlen_q != seqlen_k is aligned bottom-right: query i sees
-    keys j <= i + seqlen_k - seqlen_q; a query that sees no key outputs zeros. deterministic=True
-    makes the backward bitwise reproducible.
+    keys j <= i + seqlen_k - seqlen_q; a query that sees no key outputs zeros. window_size=(left,
+    right) keeps keys [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right] (-1: no
+    bound; with causal, right is 0), and the kernels never load the key blocks outside it.
+    deterministic=True makes the backward bitwise reproducible.
     Returns out (batch, seqlen_q, nheads, headdim); with return_attn_probs=True, (out, lse, None):
     lse (batch, nheads, seqlen_q) fp32, natural log, +inf for rows that see no key; None stands
     for the attention probabilities, which are never materialised.
-    dropout_p, window_size, softcap and alibi_slopes accept only their defaults for now.
+    dropout_p, softcap and alibi_slopes accept only their defaults for now.
     """
     check_devices(q=q, k=k, v=v)
     check_qkv(q, k, v, varlen=False)
+    window_size = check_window_size(window_size)
     check_unimplemented(dropout_p, window_size, softcap, alibi_slopes)
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
     ops.require_extension()
     head_dim = q.shape[-1]
-    out, lse = FlashAttnFunc.apply(*_pad_head_dim(q, k, v), softmax_scale, bool(causal), bool(deterministic))
+    out, lse = FlashAttnFunc.apply(*_pad_head_dim(q, k, v), softmax_scale, bool(causal), window_size,
+                                   bool(deterministic))
     return _result(out[..., :head_dim], lse, return_attn_probs)
 
 
@@ -425,13 +441,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """
     check_devices(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     check_qkv(q, k, v, varlen=True)
+    window_size = check_window_size(window_size)
     check_unimplemented(dropout_p, window_size, softcap, alibi_slopes, block_table)
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
     check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     ops.require_extension()
     head_dim = q.shape[-1]
     out, lse = FlashAttnVarlenFunc.apply(*_pad_head_dim(q, k, v), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                         int(max_seqlen_k), softmax_scale, bool(causal), bool(deterministic))
+                                         int(max_seqlen_k), softmax_scale, bool(causal), window_size,
+                                         bool(deterministic))
     return _result(out[..., :head_dim], lse, return_attn_probs)
 
 
@@ -459,7 +477,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                   return_attn_probs)
 
 
-def _append_to_cache(q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, rotary, causal):
+def _append_to_cache(q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, rotary, positional):
     """Writes k, v into the caches at rows seqlens[b] + i of cache row cache_batch_idx[b] (indices
     clamped into the caches: no host check), rotary-embedded first when rotary = (cos, sin,
     interleaved) is given; returns q, rotated likewise (flash_attn_with_kvcache's positions)."""
@@ -470,7 +488,7 @@ def _append_to_cache(q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, rotary
         cos, sin, interleaved = rotary
         last = cos.shape[0] - 1
         k = apply_rotary(k, cos, sin, (seqlens[:, None] + steps[None, :seqlen_new]).clamp(0, last), interleaved)
-        q_steps = steps[None, :seqlen_q] if causal else torch.zeros_like(steps[None, :seqlen_q])
+        q_steps = steps[None, :seqlen_q] if positional else torch.zeros_like(steps[None, :seqlen_q])
         q = apply_rotary(q, cos, sin, (seqlens[:, None] + q_steps).clamp(0, last), interleaved)
     rows = (seqlens[:, None] + steps[None, :seqlen_new]).clamp(0, k_cache.shape[1] - 1).long()
     cache_rows = (cache_batch_idx if cache_batch_idx is not None
@@ -495,7 +513,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     the same rows: any of them may win). cache_seqlens: an int or int32 tensor (batch,); None means
     every sequence is the whole cache (then k, v must be None).
     rotary_cos, rotary_sin (seqlen_ro, rotary_dim / 2): the new k is rotated at positions
-    cache_seqlens[b] + i, and q at the same positions when causal, else all at cache_seqlens[b];
+    cache_seqlens[b] + i, and q at the same positions when causal or windowed, else all at
+    cache_seqlens[b];
     rotary_interleaved picks the channel pairing (see flash_attn_t.rotary).
     causal aligns the mask bottom-right on each sequence's keys. Few query rows against long caches
     run split-KV (flash_attn_t.decode): num_splits = 0 picks the split count from the SM count,
@@ -503,13 +522,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return_softmax_lse=True, (out, lse (batch, nheads, seqlen_q) fp32).
     No host synchronisation: values of the index tensors outside their ranges are clamped by the
     kernels, never read or written out of bounds; FLASH_ATTN_T_CHECK_VALUES=1 checks them instead.
-    window_size, softcap, alibi_slopes and block_table accept only their defaults for now.
+    softcap, alibi_slopes and block_table accept only their defaults for now.
     """
     optional = (("k", k), ("v", v), ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin),
                 ("cache_seqlens", cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None),
                 ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad), ("block_table", block_table))
     check_devices(q=q, k_cache=k_cache, v_cache=v_cache, **{name: t for name, t in optional if t is not None})
     seqlens = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad)
+    window_size = check_window_size(window_size)
     check_unimplemented(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, block_table=block_table)
     check_rotary(rotary_cos, rotary_sin, q.shape[-1], k is not None)
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
@@ -520,16 +540,17 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         seqlens = torch.full((q.shape[0],), k_cache.shape[1], dtype=torch.int32, device=q.device)
     if k is not None:
         rotary = (rotary_cos, rotary_sin, rotary_interleaved) if rotary_cos is not None else None
-        q = _append_to_cache(q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, rotary, causal)
+        positional = causal or window_size != (-1, -1)  # q's rows at their own positions (flash_attn's rule)
+        q = _append_to_cache(q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, rotary, positional)
         seqlens = seqlens + k.shape[1]
     head_dim = q.shape[-1]
     q_, k_cache_, v_cache_ = _pad_head_dim(q, k_cache, v_cache)
-    splits = decode.plan(q_, k_cache_, causal, operator.index(num_splits))
+    splits = decode.plan(q_, k_cache_, causal, window_size, operator.index(num_splits))
     if splits:
         out, lse = decode.split_kv_attention(q_, k_cache_, v_cache_, seqlens, cache_batch_idx, cache_leftpad,
                                              softmax_scale, splits)
     else:
         out, lse = torch.ops.flash_attn_t.fwd_kvcache(q_, k_cache_, v_cache_, seqlens, cache_batch_idx,
-                                                      cache_leftpad, softmax_scale, bool(causal))
+                                                      cache_leftpad, softmax_scale, bool(causal), *window_size)
     out = out[..., :head_dim]
     return (out, lse) if return_softmax_lse else out

@@ -41,23 +41,23 @@ def make_inputs(batch, sq, sk, heads, heads_k, head_dim, dtype, scale=1.0, seed=
     return q, k, v, dout
 
 
-def reference_and_pytorch(q, k, v, dout, causal, softmax_scale=None):
+def reference_and_pytorch(q, k, v, dout, causal, softmax_scale=None, window_size=(-1, -1)):
     """fp64 reference (out, lse, grads) and PyTorch's math in q's dtype (out, grads)."""
     results = []
     for compute_dtype in (torch.float64, q.dtype):
         leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
         out, lse = attention_reference(*leaves, softmax_scale=softmax_scale, causal=causal,
-                                       compute_dtype=compute_dtype)
+                                       compute_dtype=compute_dtype, window_size=window_size)
         grads = torch.autograd.grad(out, leaves, dout.to(compute_dtype))
         results.append((out, lse, grads))
     return results
 
 
-def run_ours(q, k, v, dout, causal, deterministic=False, softmax_scale=None):
+def run_ours(q, k, v, dout, causal, deterministic=False, softmax_scale=None, window_size=(-1, -1)):
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     poison_allocator()
     out, lse, _ = flash_attn_func(*leaves, softmax_scale=softmax_scale, causal=causal, deterministic=deterministic,
-                                  return_attn_probs=True)
+                                  window_size=window_size, return_attn_probs=True)
     poison_allocator()
     grads = torch.autograd.grad(out, leaves, dout)
     return out, lse, grads
@@ -66,7 +66,7 @@ def run_ours(q, k, v, dout, causal, deterministic=False, softmax_scale=None):
 def check_against_reference(q, k, v, dout, causal, **kwargs):
     out, lse, grads = run_ours(q, k, v, dout, causal, **kwargs)
     (ref_out, ref_lse, ref_grads), (pt_out, _, pt_grads) = reference_and_pytorch(
-        q, k, v, dout, causal, kwargs.get("softmax_scale"))
+        q, k, v, dout, causal, kwargs.get("softmax_scale"), kwargs.get("window_size", (-1, -1)))
     assert_close_to_ref(out, ref_out, pt_out, "out")
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isinf(lse), ~finite), "lse must be +inf exactly on rows that see no key"
@@ -80,6 +80,26 @@ def check_against_reference(q, k, v, dout, causal, **kwargs):
 def test_forward_backward_against_fp64(sq, sk, causal, dtype, head_dim, heads, heads_k):
     q, k, v, dout = make_inputs(2, sq, sk, heads, heads_k, head_dim, dtype, seed=sq * 7 + sk)
     check_against_reference(q, k, v, dout, causal)
+
+
+@pytest.mark.parametrize("window", [(0, 0), (5, 3), (64, 0), (100, -1), (-1, 37), (127, 129), (0, -1), (-1, 0)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(200, 200), (97, 300), (300, 97), (1, 513)])
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.bfloat16), (128, torch.float16)])
+def test_sliding_window_against_fp64(window, causal, sq, sk, head_dim, dtype):
+    """window_size=(left, right) with flash_attn's semantics (bottom-right aligned, -1 unbounded,
+    right = 0 under causal): windows inside one key block, across blocks, wider than the keys,
+    one-sided; GQA; ragged lengths, sq != sk, and rows that see no key."""
+    q, k, v, dout = make_inputs(2, sq, sk, 8, 2, head_dim, dtype, seed=sq + sk + window[0])
+    check_against_reference(q, k, v, dout, causal, window_size=window)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sliding_window_deterministic_is_bitwise_repeatable(causal):
+    q, k, v, dout = make_inputs(2, 700, 700, 4, 4, 128, torch.bfloat16, seed=11)
+    first, second = (run_ours(q, k, v, dout, causal, deterministic=True, window_size=(150, 20)) for _ in range(2))
+    for a, b in zip(first[2], second[2]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("head_dim", [8, 32, 80, 96, 120])

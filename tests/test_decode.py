@@ -73,13 +73,15 @@ def test_merge_of_splits_without_keys():
     ((1, 4, 32, 128), False, 0, "split"),     # non-causal: 4 x 4 packed rows
     ((1, 64, 32, 128), False, 0, "plain"),    # 256 packed rows: the prefill tiling
     ((1, 1, 32, 128), False, 0, "plain-short"),
+    ((1, 1, 32, 128), (1024, 0), 0, "plain"),  # a window: splits would move its alignment
 ])
 def test_plan(monkeypatch, shape, causal, num_splits, expected):
     monkeypatch.setattr(decode, "_sms", lambda device: 132)
     batch, seqlen_q, heads, dim = shape
     keys = 100 if expected == "plain-short" else 32768
     q, k = torch.empty(batch, seqlen_q, heads, dim), torch.empty(batch, keys, 8, dim)
-    splits = decode.plan(q, k, causal, num_splits)
+    window = causal if isinstance(causal, tuple) else (-1, -1)
+    splits = decode.plan(q, k, causal is True, window, num_splits=num_splits)
     if expected.startswith("plain"):
         assert splits == 0
     elif expected == "pack":

@@ -136,8 +136,20 @@ def test_mistral_window_longer_than_the_keys_runs_on_the_kernels(kernels_only):
     assert_within_bound(ours(ids).logits, eager(ids).logits, ref(ids).logits, "logits")
 
 
-@pytest.mark.parametrize("kind, config", [("mistral", mistral_config(sliding_window=32)), ("gemma2", gemma2_config())])
-def test_window_and_softcap_fall_back_exactly(kind, config):
+def test_mistral_sliding_window_runs_on_the_kernels(kernels_only):
+    """A window shorter than the sequence: the kernels' window, plain and left-padded batches."""
+    ref, eager, ours = models("mistral", mistral_config(sliding_window=32))
+    ids = torch.randint(0, VOCAB, (2, 160), device="cuda")
+    assert_within_bound(ours(ids).logits, eager(ids).logits, ref(ids).logits, "logits")
+    mask = torch.ones(2, 160, dtype=torch.long, device="cuda")
+    mask[1, :23] = 0
+    keep = mask.bool()
+    assert_within_bound(ours(ids, attention_mask=mask).logits[keep], eager(ids, attention_mask=mask).logits[keep],
+                        ref(ids, attention_mask=mask).logits[keep], "padded logits")
+
+
+@pytest.mark.parametrize("kind, config", [("gemma2", gemma2_config())])
+def test_softcap_falls_back_exactly(kind, config):
     ref, eager, ours = models(kind, config)
     ids = torch.randint(0, VOCAB, (2, 100), device="cuda")
     mask = torch.ones(2, 100, dtype=torch.long, device="cuda")

@@ -14,7 +14,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import flash_attn_t
 from flash_attn_t import ops
 from flash_attn_t.interface import (check_cu_seqlens, check_devices, check_dtypes, check_packed_shape, check_shapes,
-                                    check_softmax_scale, check_strides, check_unimplemented, check_varlen)
+                                    check_softmax_scale, check_strides, check_unimplemented, check_varlen,
+                                    check_window_size)
 
 
 def batched(b=2, sq=8, sk=8, h=4, hk=2, d=64, dtype=torch.bfloat16, device="cpu"):
@@ -85,8 +86,6 @@ def test_every_entry_point_checks_dtype_head_dim_and_heads(fake_cuda):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(dropout_p=0.1), "dropout_p"),
-    (dict(window_size=(128, 0)), "window_size"),
-    (dict(window_size=(-1, 0)), "window_size"),
     (dict(softcap=30.0), "softcap"),
     (dict(alibi_slopes=torch.ones(4)), "alibi_slopes"),
 ])
@@ -239,10 +238,34 @@ def test_default_softmax_scale():
     assert check_softmax_scale(0.3, 64) == 0.3
 
 
+@pytest.mark.parametrize("window, error, match", [
+    ((-2, 0), ValueError, r"window_size entries must be >= -1 \(-1: unbounded\), got \(-2, 0\)"),
+    ((1.5, 0), TypeError, "window_size must be a pair of ints"),
+    ((3,), TypeError, "window_size must be a pair of ints"),
+    (5, TypeError, "window_size must be a pair of ints"),
+])
+def test_bad_window_size(window, error, match):
+    with pytest.raises(error, match=match):
+        check_window_size(window)
+
+
+def test_window_size_normalised():
+    assert check_window_size([4, -1]) == (4, -1) and check_window_size((torch.tensor(2), 0)) == (2, 0)
+
+
+def test_every_entry_point_takes_a_window(fake_cuda):
+    if not ops.extension_available():
+        pytest.skip("flash_attn_t._C is not built (the fake kernels come with it)")
+    q, k, v = batched(hk=4, device="cuda")
+    for name, call in call_every_entry_point(q, k, v, causal=True, window_size=(3, 0)):
+        out = call()
+        assert out.shape[-2:] == q.shape[-2:], name
+    with pytest.raises(ValueError, match="window_size entries"):
+        flash_attn_t.flash_attn_func(q, k, v, window_size=(-5, 2))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(dropout_p=0.1), r"dropout_p=0.1"),
-    (dict(window_size=(128, 0)), r"window_size=\(128, 0\)"),
-    (dict(window_size=[-1, 0]), r"window_size=\(-1, 0\)"),
     (dict(softcap=30.0), r"softcap=30.0"),
     (dict(alibi_slopes=torch.ones(4)), "alibi_slopes"),
     (dict(block_table=torch.zeros(1, 1, dtype=torch.int32)), "block_table"),
@@ -339,7 +362,7 @@ def int32(values, device="cuda"):
                   rotary_sin=torch.ones(40, 32, device="cuda")), ValueError, "rotate q and the new k"),
     (lambda: dict(num_splits=-1), ValueError, "num_splits must be >= 0"),
     (lambda: dict(block_table=int32([[0], [1]])), NotImplementedError, "block_table"),
-    (lambda: dict(window_size=(8, 0)), NotImplementedError, "window_size"),
+    (lambda: dict(window_size=(-3, 0)), ValueError, "window_size entries must be >= -1"),
     (lambda: dict(softcap=5.0), NotImplementedError, "softcap"),
 ])
 def test_kvcache_rules(fake_cuda, change, error, match):

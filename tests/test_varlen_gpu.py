@@ -51,6 +51,30 @@ def test_varlen_against_fp64(dtype, head_dim, causal, deterministic, heads, head
         assert_close_to_ref(g, ref_g, pt_g, name)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [(16, 0), (40, 7), (-1, 3)])
+def test_varlen_sliding_window_against_fp64(causal, window):
+    lens_q, lens_k = [0, 1, 17, 130, 300], [5, 1, 0, 200, 129]
+    torch.manual_seed(window[0] + 3)
+    q = torch.randn(sum(lens_q), 8, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(sum(lens_k), 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    dout = torch.randn_like(q)
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = flash_attn_varlen_func(*leaves, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, window_size=window)
+    grads = torch.autograd.grad(out, leaves, dout)
+    refs = []
+    for compute_dtype in (torch.float64, torch.bfloat16):
+        ref_leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
+        ref_out, _ = attention_reference(*ref_leaves, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                         compute_dtype=compute_dtype, window_size=window)
+        refs.append((ref_out, torch.autograd.grad(ref_out, ref_leaves, dout.to(compute_dtype))))
+    (ref_out, ref_grads), (pt_out, pt_grads) = refs
+    assert_close_to_ref(out, ref_out, pt_out, "out")
+    for name, g, ref_g, pt_g in zip(("dq", "dk", "dv"), grads, ref_grads, pt_grads):
+        assert_close_to_ref(g, ref_g, pt_g, name)
+
+
 def test_varlen_packed_forms_match_unpacked():
     lens = [3, 0, 70, 129]
     cu, max_len = cu_seqlens(lens), max(lens)

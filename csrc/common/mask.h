@@ -1,42 +1,85 @@
 // The attention variant's mask, in one place: which keys a query row sees, which key (query)
-// blocks a query (key) block visits, and which visited blocks need element masks. Today a row
-// sees the keys before its sequence's end and, under causal, those left of the bottom-right
-// aligned diagonal (query i sees keys j <= i + len_k - len_q). Every kernel asks this type.
+// blocks a query (key) block visits, and which visited blocks need element masks. A row i sits at
+// key position i + shift (shift = len_k - len_q: bottom-right alignment) and sees the keys before
+// its sequence's end and, under causal, none right of its position; a local (sliding-window)
+// mask keeps keys [position - left, position + right] (flash_attn's window_size; a causal window
+// is Local with right = 0). Every kernel asks this type.
 #pragma once
 #include <cmath>
 
+#include "../params.h"
 #include "seq_info.h"
+#include "switch.h"
 
 namespace fat {
 
-template <bool Causal>
+template <bool Causal, bool Local = false>
 struct KeyMask {
-  static constexpr bool kCausal = Causal;
+  static_assert(!(Causal && Local), "a causal window is a Local mask with right = 0");
+  static constexpr bool kCausal = Causal, kLocal = Local;
+  static constexpr int kUnbounded = 1 << 28;  // a window edge of -1: farther than any sequence
   int len_k, shift;  // shift: len_k - len_q, the diagonal's offset
+  int left, right;   // Local: the window's edges
 
-  __device__ __forceinline__ explicit KeyMask(const SeqInfo& seq) : len_k(seq.len_k), shift(seq.causal_shift()) {}
+  __device__ __forceinline__ KeyMask(const SeqInfo& seq, const FwdParams& p)
+      : len_k(seq.len_k),
+        shift(seq.causal_shift()),
+        left(Local && p.window_left >= 0 ? p.window_left : kUnbounded),
+        right(Local && p.window_right >= 0 ? p.window_right : kUnbounded) {}
 
-  // One past the last key query row `row` sees.
-  __device__ __forceinline__ int key_end(int row) const { return Causal ? min(len_k, row + shift + 1) : len_k; }
+  // The keys [key_begin(row), key_end(row)) query row `row` sees.
+  __device__ __forceinline__ int key_begin(int row) const { return Local ? max(0, row + shift - left) : 0; }
+  __device__ __forceinline__ int key_end(int row) const {
+    return Causal ? min(len_k, row + shift + 1) : Local ? min(len_k, row + shift + right + 1) : len_k;
+  }
   __device__ __forceinline__ bool masked(int row, int key) const {
-    return key >= len_k || (Causal && key > row + shift);
+    return key >= len_k || (Causal && key > row + shift) ||
+           (Local && (key > row + shift + right || key < row + shift - left));
   }
 
-  // Forward: the key blocks [0, n_end) of block_n keys that rows [first_row, first_row + rows) see.
+  // Forward: the key blocks [n_begin, n_end) of block_n keys that rows [first_row, first_row + rows) see.
+  __device__ __forceinline__ int n_begin(int first_row, int block_n) const {
+    return Local ? max(0, first_row + shift - left) / block_n : 0;
+  }
   __device__ __forceinline__ int n_end(int first_row, int rows, int block_n) const {
     const int n = ceil_div(len_k, block_n);
-    return Causal ? min(n, max(0, ceil_div(first_row + rows + shift, block_n))) : n;
+    if (Causal) return min(n, max(0, ceil_div(first_row + rows + shift, block_n)));
+    return Local ? min(n, max(0, ceil_div(first_row + rows + shift + right, block_n))) : n;
   }
-  // Backward: the first query block (of block_m rows) with a row that sees key first_key.
+  // Backward: the query blocks [m_begin, m_end) (of block_m rows, m_blocks in all) with a row that
+  // sees one of the keys [first_key, last_key].
   __device__ __forceinline__ int m_begin(int first_key, int block_m) const {
-    return Causal ? max(0, first_key - shift) / block_m : 0;
+    if (Causal) return max(0, first_key - shift) / block_m;
+    return Local ? max(0, first_key - shift - right) / block_m : 0;
   }
-  // Whether keys [first_key, first_key + keys) hold a masked one for a row >= first_row: the
-  // blocks that need element masks (the others skip the per-element test).
-  __device__ __forceinline__ bool block_needs_mask(int first_row, int first_key, int keys) const {
-    return first_key + keys > len_k || (Causal && first_key + keys - 1 > first_row + shift);
+  __device__ __forceinline__ int m_end(int last_key, int block_m, int m_blocks) const {
+    if (!Local) return m_blocks;
+    const int last_row = last_key - shift + left;  // the last row that sees last_key
+    return last_row < 0 ? 0 : min(m_blocks, last_row / block_m + 1);
+  }
+  // Whether keys [first_key, first_key + keys) hold a masked one for a row of
+  // [first_row, first_row + rows): the blocks that need element masks (the others skip the
+  // per-element test).
+  __device__ __forceinline__ bool block_needs_mask(int first_row, int rows, int first_key, int keys) const {
+    const int last_key = first_key + keys - 1, last_row = first_row + rows - 1;
+    return last_key >= len_k || (Causal && last_key > first_row + shift) ||
+           (Local && (last_key > first_row + shift + right || first_key < last_row + shift - left));
   }
 };
+
+// A type tag: launchers receive the mask policy as Tag<Mask> from mask_switch.
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// f(Tag<KeyMask<...>>{}) for the variant p asks for: none, causal, or local (flash_attn_api
+// normalises a causal window to local with right = 0).
+template <typename F>
+decltype(auto) mask_switch(const FwdParams& p, F&& f) {
+  if (p.local) return f(Tag<KeyMask<false, true>>{});
+  return bool_switch(p.causal, [&](auto causal) { return f(Tag<KeyMask<causal>>{}); });
+}
 
 // Sets masked scores of a warp's tiles to -inf (m16n8 accumulator layout: a lane holds rows
 // lane/4 and lane/4 + 8 of each 16-row tile, columns 2*(lane%4) and +1 of each 8-column tile).
@@ -49,12 +92,15 @@ __device__ __forceinline__ void mask_scores(float (&s)[MTiles][NTiles][4], const
   for (int mt = 0; mt < MTiles; ++mt)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int col_limit = mask.key_end(first_row + mt * 16 + lane / 4 + 8 * r);
+      const int row = first_row + mt * 16 + lane / 4 + 8 * r;
+      const int col_limit = mask.key_end(row), col_first = mask.key_begin(row);
 #pragma unroll
       for (int nt = 0; nt < NTiles; ++nt)
 #pragma unroll
-        for (int c = 0; c < 2; ++c)
-          if (first_col + nt * 8 + 2 * (lane % 4) + c >= col_limit) s[mt][nt][2 * r + c] = -INFINITY;
+        for (int c = 0; c < 2; ++c) {
+          const int col = first_col + nt * 8 + 2 * (lane % 4) + c;
+          if (col >= col_limit || (Mask::kLocal && col < col_first)) s[mt][nt][2 * r + c] = -INFINITY;
+        }
     }
 }
 

@@ -132,13 +132,14 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
   const int kv_key = (warp % Traits::kKvWarpsN) * kKM * 16, kv_col = (warp / Traits::kKvWarpsN) * kKN * 8;
   const int dq_row = (warp % Traits::kDqWarpsM) * kQM * 16, dq_col = (warp / Traits::kDqWarpsM) * kQN * 8;
 
-  const Mask mask(seq);
+  const Mask mask(seq, p);
   const int first_key = n_block * kBlockN;
   const int valid_keys = min(kBlockN, seq.len_k - first_key);
   const int group = p.heads / p.heads_k;
 
   const int m_begin = mask.m_begin(first_key, kBlockM);
-  const int m_count = max(0, ceil_div(seq.len_q, kBlockM) - m_begin);
+  const int m_count =
+      max(0, mask.m_end(first_key + kBlockN - 1, kBlockM, ceil_div(seq.len_q, kBlockM)) - m_begin);
   const int steps = group * m_count;
 
   float acc_dk[kKM][kKN][4], acc_dv[kKM][kKN][4];
@@ -255,7 +256,7 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
     }
 
     // ---- P = exp2(S * scale_log2 - lse * log2 e), dS = P (dP - D), both to shared memory.
-    const bool needs_mask = mask.block_needs_mask(first_row, first_key, kBlockN);
+    const bool needs_mask = mask.block_needs_mask(first_row, kBlockM, first_key, kBlockN);
 #pragma unroll
     for (int mt = 0; mt < kSM; ++mt)
 #pragma unroll
@@ -263,6 +264,7 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
         const int row = sdp_row + mt * 16 + lane / 4 + 8 * r;
         const float lse_log2 = sm.lse_rows(stage)[row] * 1.4426950409f, dsum = sm.dsum_rows(stage)[row];
         const int col_limit = mask.key_end(first_row + row) - first_key;
+        const int col_first = mask.key_begin(first_row + row) - first_key;
 #pragma unroll
         for (int nt = 0; nt < kSN; ++nt) {
           float pr[2], dsr[2];
@@ -270,7 +272,7 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             float pv = fast_exp2(fmaf(s[mt][nt][2 * r + c], p.scale_log2, -lse_log2));
-            if (needs_mask && col + c >= col_limit) pv = 0.f;
+            if (needs_mask && (col + c >= col_limit || (Mask::kLocal && col + c < col_first))) pv = 0.f;
             pr[c] = pv;
             dsr[c] = pv * (dp[mt][nt][2 * r + c] - dsum);
           }

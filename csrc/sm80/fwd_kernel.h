@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int head_k = head / (p.heads / p.heads_k);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_row = warp * Traits::kRowsPerWarp;  // first row of this warp inside the block
-  const Mask mask(seq);
+  const Mask mask(seq, p);
   const int first_row = m_block * kBlockM;
   const int valid_rows = min(kBlockM, seq.len_q - first_row);
 
@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
                  head * p.out_head_stride + first_row * p.out_row_stride;
   float* lse = p.lse + seq.lse_offset(p, head) + first_row;
 
-  const int n_end = mask.n_end(first_row, kBlockM, kBlockN);
+  const int n_begin = mask.n_begin(first_row, kBlockN), n_end = mask.n_end(first_row, kBlockM, kBlockN);
 
   extern __shared__ __align__(1024) char smem[];
   Element* sQ = reinterpret_cast<Element*>(smem);
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   OnlineSoftmax<kMTiles, Traits::kTensorRowSum> softmax;
 
   // ---- prologue: Q and the last K block in flight
-  if (n_end > 0) {
+  if (n_end > n_begin) {
     load_tile_async<QTile, kThreads>(sQ, q, p.q_row_stride, valid_rows);
     const int n = n_end - 1;
     load_tile_async<KVTile, kThreads>(sK, k + n * kBlockN * p.k_row_stride, p.k_row_stride,
@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   }
 
   // ---- main loop over key blocks, last to first
-  for (int n = n_end - 1; n >= 0; --n) {
+  for (int n = n_end - 1; n >= n_begin; --n) {
     const int first_col = n * kBlockN;
     cp_async_wait<0>();
     __syncthreads();  // K[n] visible to all; every warp is done with V[n + 1]
@@ -162,11 +162,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
     float s[kMTiles][kSTiles][4];
     qk_scores<Traits>(s, q_a, k_b, warp_row);
 
-    if (mask.block_needs_mask(first_row, first_col, kBlockN)) mask_scores(s, mask, first_row + warp_row, first_col);
+    if (mask.block_needs_mask(first_row, kBlockM, first_col, kBlockN))
+      mask_scores(s, mask, first_row + warp_row, first_col);
 
     cp_async_wait<0>();
     __syncthreads();  // V[n] visible to all; every warp is done with K[n]
-    if (n > 0) {
+    if (n > n_begin) {
       load_tile_async<KVTile, kThreads>(sK, k + (n - 1) * kBlockN * p.k_row_stride, p.k_row_stride,
                                         seq.len_k - (n - 1) * kBlockN);
       cp_async_commit();
@@ -179,7 +180,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // ---- epilogue: normalise, stage O through this warp's own rows of sQ, 16-byte stores
   float row_lse[kMTiles][2];
   softmax.finalize(acc_o, p.scale_log2, row_lse);
-  if (n_end > 0) __syncwarp();  // this warp's Q rows are no longer read (other warps' are theirs)
+  if (n_end > n_begin) __syncwarp();  // this warp's Q rows are no longer read (other warps' are theirs)
   const uint32_t o_pair = Frag<QTile>::lane_pair(smem_addr(sQ), lane);
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)

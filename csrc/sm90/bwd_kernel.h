@@ -72,12 +72,15 @@ struct BwdSmem {
 template <typename Traits, typename Mask>
 struct BwdKeyBlock {
   SeqInfo seq;
+  Mask mask;
   int head_k, first_key, m_begin, m_count, steps, dq_split;
   __device__ __forceinline__ BwdKeyBlock(const BwdParams& p, int n, int hk, int b, int split)
-      : seq(p, b), head_k(hk), dq_split(split) {
+      : seq(p, b), mask(seq, p), head_k(hk), dq_split(split) {
     first_key = n * Traits::kBlockN;
-    m_begin = Mask(seq).m_begin(first_key, Traits::kBlockM);
-    m_count = max(0, ceil_div(seq.len_q, Traits::kBlockM) - m_begin);
+    m_begin = mask.m_begin(first_key, Traits::kBlockM);
+    const int m_blocks = ceil_div(seq.len_q, Traits::kBlockM);
+    const int m_end = mask.m_end(first_key + Traits::kBlockN - 1, Traits::kBlockM, m_blocks);
+    m_count = max(0, m_end - m_begin);
     steps = exists() ? p.heads / p.heads_k * m_count : 0;
   }
   // Past this sequence's keys (varlen, or a deterministic CTA's loop): nothing to do or write.
@@ -272,7 +275,7 @@ struct BwdConsumer {
   // the speed of the same build without element-wise work).
   __device__ __forceinline__ void scores_to_p(float (&s)[kSTiles][4], const BwdKeyBlock<Traits, Mask>& blk,
                                               int first_row, int stage, float scale_log2) const {
-    if (Mask(blk.seq).block_needs_mask(first_row, blk.first_key + 64 * wg, 64))
+    if (blk.mask.block_needs_mask(first_row, kBlockM, blk.first_key + 64 * wg, 64))
       exponentiate<true>(s, blk, first_row, stage, scale_log2);
     else
       exponentiate<false>(s, blk, first_row, stage, scale_log2);
@@ -280,7 +283,6 @@ struct BwdConsumer {
   template <bool MaskElements>
   __device__ __forceinline__ void exponentiate(float (&s)[kSTiles][4], const BwdKeyBlock<Traits, Mask>& blk,
                                                int first_row, int stage, float scale_log2) const {
-    const Mask key_mask(blk.seq);
     const float* lse = sm.lse_log2(stage);
 #pragma unroll
     for (int t = 0; t < kSTiles; ++t) {
@@ -289,7 +291,7 @@ struct BwdConsumer {
       for (int j = 0; j < 4; ++j) {
         float p = fast_exp2(fmaf(s[t][j], scale_log2, -(j % 2 ? l.y : l.x)));
         if constexpr (MaskElements) {
-          if (key_mask.masked(first_row + col_of(t, j), blk.first_key + key_of(j))) p = 0.f;
+          if (blk.mask.masked(first_row + col_of(t, j), blk.first_key + key_of(j))) p = 0.f;
         }
         s[t][j] = p;
       }

@@ -95,19 +95,22 @@ struct TileGrid {
 template <typename Traits, typename Mask>
 struct FwdBlock {
   SeqInfo seq;
-  int m_block, head, first_row, n_end;
+  Mask mask;
+  int m_block, head, first_row, n_begin, n_end;  // key blocks [n_begin, n_end), visited last to first
   __device__ __forceinline__ FwdBlock(const FwdParams& p, const TileGrid& grid, int tile)
-      : seq(p, tile / (grid.m_blocks * p.heads)) {
+      : seq(p, tile / (grid.m_blocks * p.heads)), mask(seq, p) {
     const int m = tile % grid.m_blocks;
     m_block = Mask::kCausal ? grid.m_blocks - 1 - m : m;
     head = tile / grid.m_blocks % p.heads;
     first_row = m_block * Traits::kBlockM;
-    n_end = Mask(seq).n_end(first_row, Traits::kBlockM, Traits::kBlockN);
+    n_begin = mask.n_begin(first_row, Traits::kBlockN);
+    n_end = mask.n_end(first_row, Traits::kBlockM, Traits::kBlockN);
   }
   // Nothing to load or compute: past the sequence's end (varlen), or no visible key (the
   // consumers still write zeros and lse = +inf for such a block's rows).
   __device__ __forceinline__ bool empty() const { return first_row >= seq.len_q; }
-  __device__ __forceinline__ bool has_keys() const { return !empty() && n_end > 0; }
+  __device__ __forceinline__ bool has_keys() const { return !empty() && blocks() > 0; }
+  __device__ __forceinline__ int blocks() const { return n_end - n_begin; }
   // TMA coordinates of a tensor's row `row` of this sequence: (row, batch) in the 4-d maps.
   __device__ __forceinline__ int q_row(int row) const { return static_cast<int>(seq.first_q) + row; }
   __device__ __forceinline__ int k_row(int row) const { return static_cast<int>(seq.first_k) + row; }
@@ -128,7 +131,7 @@ __device__ __forceinline__ void produce(const FwdBlock<Traits, Mask>& blk, const
   for (int slab = 0; slab < Traits::kSlabs; ++slab)
     tma_load_4d(sm.q() + slab * Traits::kBlockM * kSlabElems, tma_q, sm.q_full(), slab * kSlabElems,
                 blk.q_row(blk.first_row), blk.head, b);
-  for (int i = 0; i < blk.n_end; ++i) {
+  for (int i = 0; i < blk.blocks(); ++i) {
     const RingPosition<Traits::kStages> slot = ring.block(i);
     const int n = blk.n_end - 1 - i, stage = slot.stage(), use = slot.use();
     const int row = blk.k_row(n * Traits::kBlockN);
@@ -174,7 +177,7 @@ struct Consumer {
   // PingPong turns: a warpgroup waits for its turn before issuing a step's GEMMs and hands the
   // turn to the next one in the ring right after (the last hands warpgroup 0 the first turn of
   // the launch). Each barrier meets two warpgroups: the waiter and the one passing it the turn.
-  // All take n_end + 1 turns per tile, so the ring stays in step across tiles.
+  // All take blocks() + 1 turns per tile, so the ring stays in step across tiles.
   __device__ __forceinline__ void wait_turn() const {
     if constexpr (Traits::kPingPong) Barriers::fwd_turn(warpgroup).sync();
   }
@@ -213,10 +216,9 @@ struct Consumer {
 
   __device__ __forceinline__ void mask(float (&s)[kSTiles][4], int i) const {
     const int first_col = block_of(i) * Traits::kBlockN;
-    const Mask key_mask(blk.seq);
-    const bool needs_mask = key_mask.block_needs_mask(blk.first_row + wg_row, first_col, Traits::kBlockN);
+    const bool needs_mask = blk.mask.block_needs_mask(blk.first_row + wg_row, 64, first_col, Traits::kBlockN);
     float(&s3)[1][kSTiles][4] = reinterpret_cast<float(&)[1][kSTiles][4]>(s);
-    if (needs_mask) mask_scores(s3, key_mask, warp_first_row, first_col);
+    if (needs_mask) mask_scores(s3, blk.mask, warp_first_row, first_col);
   }
 
   // The vector work of a step: mask S(i) and turn it into P. A timing build
@@ -253,12 +255,12 @@ struct Consumer {
       wgmma_wait<0>();
       fence_operand(s[0]);
       release(sm.k_empty(stage_of(0)));
-      if (blk.n_end == 1) release(sm.q_empty());
+      if (blk.blocks() == 1) release(sm.q_empty());
       scores_to_p(s, 0, p.scale_log2, softmax, correction);
       pack_a_fragments<Element>(s[0], pfrag);
 
       // steady state: S(i) and P(i-1) V(i-1) on the tensor cores, then softmax(S(i)) beside P V
-      for (int i = 1; i < blk.n_end; ++i) {
+      for (int i = 1; i < blk.blocks(); ++i) {
         wait_turn();
         issue_qk(s[0], i);
         issue_pv(o[0], softmax.sum_acc, pfrag, i - 1);
@@ -266,7 +268,7 @@ struct Consumer {
         wgmma_wait<1>();  // S(i) is done, P V may still run
         fence_operand(s[0]);
         release(sm.k_empty(stage_of(i)));
-        if (i == blk.n_end - 1) release(sm.q_empty());  // the producer may load the next Q
+        if (i == blk.blocks() - 1) release(sm.q_empty());  // the producer may load the next Q
         scores_to_p(s, i, p.scale_log2, softmax, correction);
         softmax.rescale(o, correction, [&] {  // P V must be done before o is touched
           wgmma_wait<0>();
@@ -279,12 +281,12 @@ struct Consumer {
 
       // epilogue of the loop: the last P V
       wait_turn();
-      issue_pv(o[0], softmax.sum_acc, pfrag, blk.n_end - 1);
+      issue_pv(o[0], softmax.sum_acc, pfrag, blk.blocks() - 1);
       pass_turn();
       wgmma_wait<0>();
       fence_operand(o[0]);
       fence_operand(softmax.sum_acc);
-      release(sm.v_empty(stage_of(blk.n_end - 1)));
+      release(sm.v_empty(stage_of(blk.blocks() - 1)));
     }
     store(p, o, softmax);
   }
@@ -366,7 +368,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       const FwdBlock<Traits, Mask> blk(p, tiles, tile);
       if (!blk.has_keys()) continue;
       produce(blk, p, &tma_q, &tma_k, &tma_v, sm, ring);
-      ring.advance(blk.n_end);
+      ring.advance(blk.blocks());
     }
   } else {
     regs_increase<Traits::kConsumerRegisters>();
@@ -376,7 +378,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       const FwdBlock<Traits, Mask> blk(p, tiles, tile);
       if (blk.empty()) continue;
       Consumer<Traits, Mask>(blk, sm, ring, warpgroup - 1).run(p);
-      if (blk.has_keys()) ring.advance(blk.n_end);
+      if (blk.has_keys()) ring.advance(blk.blocks());
     }
   }
 #endif

@@ -216,12 +216,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         return fallback_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   sliding_window=sliding_window, softcap=softcap, is_causal=is_causal, **kwargs)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (batch, seq, heads, head_dim) views
+    # transformers' sliding window: keys j with i - window < j (and j <= i under causal)
+    variant = dict(softmax_scale=scaling, causal=is_causal,
+                   window_size=(sliding_window - 1, -1) if sliding_window is not None else (-1, -1))
     if attention_mask is not None:
-        return _padded_attention(q, k, v, attention_mask, scaling, is_causal), None
+        return _padded_attention(q, k, v, attention_mask, variant), None
     cu_seqlens = _packed_cu_seqlens(kwargs, q.shape[0], q.shape[1])
     if cu_seqlens is not None:
-        return _packed_attention(q, k, v, *cu_seqlens, scaling, is_causal), None
-    return flash_attn_func(q, k, v, softmax_scale=scaling, causal=is_causal), None
+        return _packed_attention(q, k, v, *cu_seqlens, variant), None
+    return flash_attn_func(q, k, v, **variant), None
 
 
 def _packed_cu_seqlens(kwargs, batch, seq_len):
@@ -250,14 +253,14 @@ def _tokens(t):
     return t.reshape(-1, *t.shape[2:])
 
 
-def _packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scaling, is_causal):
+def _packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, variant):
     batch = q.shape[0]
     out = flash_attn_varlen_func(_tokens(q), _tokens(k), _tokens(v), cu_seqlens_q, cu_seqlens_k, max_q, max_k,
-                                 softmax_scale=scaling, causal=is_causal)
+                                 **variant)
     return out.view(batch, -1, *out.shape[1:])
 
 
-def _padded_attention(q, k, v, attention_mask, scaling, is_causal):
+def _padded_attention(q, k, v, attention_mask, variant):
     """Unpads with the (batch, kv_len) mask -- the queries are the last seq_q positions of it --
     runs varlen, and scatters the rows back (padded query rows get zeros)."""
     batch, seq_q = q.shape[:2]
@@ -268,7 +271,7 @@ def _padded_attention(q, k, v, attention_mask, scaling, is_causal):
     cu_q = torch.nn.functional.pad(lens_q.cumsum(0, dtype=torch.int32), (1, 0))
     cu_k = torch.nn.functional.pad(lens_k.cumsum(0, dtype=torch.int32), (1, 0))
     out = flash_attn_varlen_func(_tokens(q)[q_rows], _tokens(k)[k_rows], _tokens(v)[k_rows], cu_q, cu_k,
-                                 int(lens_q.max()), int(lens_k.max()), softmax_scale=scaling, causal=is_causal)
+                                 int(lens_q.max()), int(lens_k.max()), **variant)
     padded = out.new_zeros(batch * seq_q, *out.shape[1:])
     padded[q_rows] = out
     return padded.view(batch, seq_q, *out.shape[1:])
