@@ -151,8 +151,12 @@ struct Variant {
 void set_variant(FwdParams& p, const Variant& v) {
   TORCH_CHECK(v.window_left >= -1 && v.window_right >= -1, "flash_attn_t: window_size entries must be >= -1, got (",
               v.window_left, ", ", v.window_right, ")");
+  // An edge that lets every row reach past its sequence's keys is unbounded: left >= len_k - 1 or
+  // right >= len_q - 1 (row + len_k - len_q + right >= len_k - 1 for every row). flash_attn drops
+  // right >= seqlen_k instead, which changes the answer when seqlen_q > seqlen_k; we keep the
+  // documented window.
   int64_t left = v.window_left >= p.seqlen_k ? -1 : v.window_left;
-  int64_t right = v.causal ? 0 : v.window_right >= p.seqlen_k ? -1 : v.window_right;
+  int64_t right = v.causal ? 0 : v.window_right >= p.seqlen_q ? -1 : v.window_right;
   p.causal = left < 0 && right == 0;
   p.local = !p.causal && (left >= 0 || right >= 0);
   p.window_left = static_cast<int>(left);
