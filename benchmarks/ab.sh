@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Same-run A/B: builds the working tree with PATCH reversed ("base") and as it is ("new"),
-# benchmarks both (flash_attn_t and cuDNN; the forward, PASS=bwd for the backward; AB_SM80=1 adds
+# benchmarks both (flash_attn_t and cuDNN; the forward, PASS=bwd or PASS="fwd bwd" for the backward; AB_SM80=1 adds
 # the forced sm80 kernels) and prints new / base per cell. Leaves "new" installed.
 #   git diff HEAD~1 > ab.patch; bash benchmarks/ab.sh ab.patch [benchmark_attention.py args]
 set -uo pipefail
@@ -15,7 +15,7 @@ for side in base new; do
   dir=$([ $side = base ] && echo "$base/tree" || pwd)
   (cd "$dir" && python3 -m pip install -q --no-build-isolation --no-deps -e . > "$out/build_$side.log" 2>&1) ||
     { tail -n 30 "$out/build_$side.log"; exit 1; }
-  python3 "$dir/benchmarks/benchmark_attention.py" --passes "${PASS:-fwd}" --backends $backends --variant $side \
+  python3 "$dir/benchmarks/benchmark_attention.py" --passes ${PASS:-fwd} --backends $backends --variant $side \
     --out-dir "$out" "$@" > "$out/bench_$side.log" 2>&1 || { tail -n 30 "$out/bench_$side.log"; exit 1; }
 done
 python3 - "$out" <<'PY'
