@@ -23,13 +23,14 @@ import csv, sys
 rows = {}
 for side in ("base", "new"):
     for r in csv.DictReader(open(f"{sys.argv[1]}/attention_{side}.csv")):
-        rows.setdefault((int(r["hdim"]), int(r["causal"]), int(r["seqlen"])), {})[side, r["backend"]] = float(r["tflops"])
+        key = (r["pass"], int(r["hdim"]), int(r["causal"]), int(r["seqlen"]))
+        rows.setdefault(key, {})[side, r["backend"]] = float(r["tflops"])
 sm80 = any(k[1] == "flash_attn_t_sm80" for v in rows.values() for k in v)
-print(f"{'hdim':>4} {'causal':>6} {'seqlen':>6} {'base':>7} {'cudnn':>7} {'new':>7} {'cudnn':>7} {'new/base':>8}"
+print(f"{'pass':>4} {'hdim':>4} {'causal':>6} {'seqlen':>6} {'base':>7} {'cudnn':>7} {'new':>7} {'cudnn':>7} {'new/base':>8}"
       + (f" {'sm80 base':>9} {'sm80 new':>8} {'new/base':>8}" if sm80 else ""))
-for (hd, c, n), v in sorted(rows.items()):
+for (pass_, hd, c, n), v in sorted(rows.items()):
     b, x = v["base", "flash_attn_t"], v["new", "flash_attn_t"]
-    line = f"{hd:>4} {c:>6} {n:>6} {b:7.1f} {v['base', 'sdpa_cudnn']:7.1f} {x:7.1f} {v['new', 'sdpa_cudnn']:7.1f} {x / b:8.3f}"
+    line = f"{pass_:>4} {hd:>4} {c:>6} {n:>6} {b:7.1f} {v['base', 'sdpa_cudnn']:7.1f} {x:7.1f} {v['new', 'sdpa_cudnn']:7.1f} {x / b:8.3f}"
     if sm80:
         b8, x8 = v["base", "flash_attn_t_sm80"], v["new", "flash_attn_t_sm80"]
         line += f" {b8:9.1f} {x8:8.1f} {x8 / b8:8.3f}"

@@ -1,6 +1,7 @@
-"""A small forward + backward through every kernel (both dtypes, both head dims, causal and not,
-GQA, ragged lengths, varlen, deterministic) and a KV-cache step (append, cache_batch_idx,
-cache_leftpad, one index value out of range), sized for compute-sanitizer."""
+"""A small forward + backward through every kernel (both dtypes, both head dims, each mask variant:
+plain, causal, sliding window with and without causal; GQA, ragged lengths, varlen, deterministic),
+a KV-cache step (append, cache_batch_idx, cache_leftpad, one index value out of range) and a
+split-KV decode step, sized for compute-sanitizer."""
 import torch
 
 from flash_attn_t import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
@@ -8,11 +9,11 @@ from flash_attn_t import flash_attn_func, flash_attn_varlen_func, flash_attn_wit
 torch.manual_seed(0)
 for dtype in (torch.bfloat16, torch.float16):
     for head_dim in (64, 128):
-        for causal in (False, True):
+        for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (33, 7)), (True, (40, -1))):
             q = torch.randn(2, 77, 4, head_dim, device="cuda", dtype=dtype, requires_grad=True)
             k = torch.randn(2, 131, 2, head_dim, device="cuda", dtype=dtype, requires_grad=True)
             v = torch.randn(2, 131, 2, head_dim, device="cuda", dtype=dtype, requires_grad=True)
-            out = flash_attn_func(q, k, v, causal=causal, deterministic=causal)
+            out = flash_attn_func(q, k, v, causal=causal, window_size=window, deterministic=causal)
             out.sum().backward()
             lens_q, lens_k = [0, 1, 70], [5, 0, 140]
             cu_q = torch.tensor([0, 0, 1, 71], device="cuda", dtype=torch.int32)
@@ -20,7 +21,8 @@ for dtype in (torch.bfloat16, torch.float16):
             qv = torch.randn(71, 4, head_dim, device="cuda", dtype=dtype, requires_grad=True)
             kv = torch.randn(145, 2, head_dim, device="cuda", dtype=dtype, requires_grad=True)
             vv = torch.randn(145, 2, head_dim, device="cuda", dtype=dtype, requires_grad=True)
-            out = flash_attn_varlen_func(qv, kv, vv, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal)
+            out = flash_attn_varlen_func(qv, kv, vv, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                         window_size=window)
             out.sum().backward()
             k_cache = torch.randn(3, 200, 2, head_dim, device="cuda", dtype=dtype)
             v_cache = torch.randn_like(k_cache)
@@ -29,5 +31,7 @@ for dtype in (torch.bfloat16, torch.float16):
                                     cache_seqlens=torch.tensor([0, 150], device="cuda", dtype=torch.int32),
                                     cache_batch_idx=torch.tensor([2, 7], device="cuda", dtype=torch.int32),
                                     cache_leftpad=torch.tensor([0, 20], device="cuda", dtype=torch.int32))
+            flash_attn_with_kvcache(q[:, :1].detach(), k_cache, v_cache, num_splits=3,  # split-KV decode
+                                    cache_seqlens=torch.tensor([190, 7], device="cuda", dtype=torch.int32))
 torch.cuda.synchronize()
 print("sanitizer case done")
