@@ -102,6 +102,11 @@ __device__ __forceinline__ void regs_decrease() {
 // addresses are below 2^18, so the address field (bits 0-13) never carries into the leading
 // offset above it. (Rebuilding the whole descriptor for every wgmma cost five dependent uniform
 // instructions in front of each one, delaying the issue of every GEMM.)
+// A value every lane of the warp holds, broadcast from lane 0 so the compiler knows it is
+// warp-uniform: what derives from it (a warpgroup's wgmma descriptors) then lives in uniform
+// registers instead of being kept per thread (which cost the backward's consumers spills).
+__device__ __forceinline__ int warp_uniform(int x) { return __shfl_sync(0xffffffff, x, 0); }
+
 struct SmemDesc {
   uint32_t lo, hi;
   __device__ __forceinline__ SmemDesc(uint32_t addr, uint32_t lead_bytes, uint32_t stride_bytes, bool swizzle_128b)

@@ -443,7 +443,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
   __syncthreads();
 
-  const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32;
+  const int warpgroup = warp_uniform(threadIdx.x / 128), warp = threadIdx.x / 32;
   if (warpgroup == 0) {
     regs_decrease<Traits::kProducerRegisters>();
     if (warp == 0 && threadIdx.x == 0) load_tiles<Traits, Mask>(p, &tma_q, &tma_k, &tma_v, &tma_do, sm);

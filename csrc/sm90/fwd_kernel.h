@@ -358,7 +358,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   RingCounters<Traits::kStages> ring;
   TileQueue<FwdSmem<Traits>, Traits::kTileSlots> queue(sm);
-  const int warpgroup = threadIdx.x / 128;
+  const int warpgroup = warp_uniform(threadIdx.x / 128);
   if (warpgroup == 0) {
     regs_decrease<Traits::kProducerRegisters>();
     if (threadIdx.x != 0) return;
