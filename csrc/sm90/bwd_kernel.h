@@ -357,11 +357,6 @@ struct BwdConsumer {
     }
   }
 
-  // Once a step's GEMMs are all done: Q, dO, lse and D of its stage are read. Every thread
-  // arrives: the lse/D rows are rewritten by plain stores, which must be ordered after each
-  // thread's own reads.
-  __device__ __forceinline__ void release_stage(int stage) const { mbar_arrive(sm.q_empty(stage)); }
-
   __device__ __forceinline__ void run(const BwdParams& p) const {
     RingPosition<1> kv, dq_slot, ds_buffers;
     RingPosition<Traits::kStages> q;
@@ -370,12 +365,7 @@ struct BwdConsumer {
       float dk[kKvTiles][4], dv[kKvTiles][4];
       zero(dk);
       zero(dv);
-      if (blk.steps > 0) {
-        kv.wait_full(sm.kv_full());
-        // An empty wgmma group stands in for the previous step's dK at the first step, so every
-        // step starts with one group in flight (ptxas serializes the wgmmas otherwise).
-        wgmma_commit();
-      }
+      if (blk.steps > 0) kv.wait_full(sm.kv_full());
       for (int s_idx = 0; s_idx < blk.steps; ++s_idx) {
         const int stage = q.stage(), first_row = blk.first_row(s_idx), ds_buffer = ds_buffers.fills % 2;
         float s[kSTiles][4], dp[kSTiles][4], dq[8][4];
@@ -383,11 +373,8 @@ struct BwdConsumer {
         q.wait_full(sm.q_full(stage));
         issue_s_dp(s, dp, stage);
 
-        wgmma_wait<1>();  // S^T done, and the previous step's dK; dP^T may still run
+        wgmma_wait<1>();  // S^T done; dP^T may still run
         fence_operand(s);
-        fence_operand(dk);
-        fence_operand(dv);
-        if (s_idx > 0) release_stage(q.plus(-1).stage());
 #if !FAT_BWD_TIMING_SKIP_ELEMENTWISE
         scores_to_p(s, blk, first_row, stage, p.scale_log2);
 #endif
@@ -414,17 +401,18 @@ struct BwdConsumer {
         store_dq(dq);
         fence_proxy_async();  // read next by the bulk copy engine
         mbar_arrive(sm.dq_full());
-        // dK += dS^T Q is left running into the next step: its S^T, dP^T queue behind it, so the
-        // tensor cores do not drain between steps; the next step's first wait retires it.
+
+        wgmma_wait<0>();
+        fence_operand(dk);
+        fence_operand(dv);
+        // Q, dO, lse and D of this step read. Every thread arrives: the lse/D rows are rewritten
+        // by plain stores, which must be ordered after each thread's own reads.
+        mbar_arrive(sm.q_empty(stage));
         q = q.plus(1);
         dq_slot = dq_slot.plus(1);
         ds_buffers = ds_buffers.plus(1);
       }
       if (blk.steps > 0) {
-        wgmma_wait<0>();
-        fence_operand(dk);
-        fence_operand(dv);
-        release_stage(q.plus(-1).stage());
         warp_release(sm.kv_empty());
         kv = kv.plus(1);
       }
