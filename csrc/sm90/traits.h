@@ -94,9 +94,7 @@ struct BwdTraits {
   static constexpr int kBlockM = BlockM_;
   static constexpr int kBlockN = 128;
   static constexpr int kConsumerWarpgroups = 2;
-  // Q/dO stages: the producer refills one while the consumers work through the others. Three
-  // where they fit (hd128 at BlockM 64: 226.6 of 227 KB); hd64 at BlockM 128 fits two.
-  static constexpr int kStages = kBlockM == 64 ? 3 : 2;
+  static constexpr int kStages = 2;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
   // 24 + 240: the hd128 consumer spills at 232; the producer warps spill a few words per step at
   // 24, off the critical path (the ring runs two steps ahead).
