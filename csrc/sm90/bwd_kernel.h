@@ -378,30 +378,18 @@ struct BwdConsumer {
 #if !FAT_BWD_TIMING_SKIP_ELEMENTWISE
         scores_to_p(s, blk, first_row, stage, p.scale_log2);
 #endif
-        if constexpr (Traits::kDvBeforeDs) {
-          // dV += P^T dO goes first and runs under the dS^T arithmetic, its store and the
-          // barrier (wgmma groups retire in order: the wait retires dP^T, dV runs on).
-          pack_a_fragments<Element>(s, p_frag);
-          issue_kv_grad(dv, p_frag, sm.dout(stage));
-          wgmma_wait<1>();
-          fence_operand(dp);
+        wgmma_wait<0>();
+        fence_operand(dp);
+        // dS before packing either: P^T in fp32 and dP^T die as they are packed, so at most
+        // S^T, dP^T and dK, dV are live at once (hd64 at BlockM 128 would spill otherwise).
 #if !FAT_BWD_TIMING_SKIP_ELEMENTWISE
-          dp_to_ds(dp, s, stage);
+        dp_to_ds(dp, s, stage);
 #endif
-          pack_a_fragments<Element>(dp, ds_frag);
-        } else {
-          wgmma_wait<0>();
-          fence_operand(dp);
-          // dS before packing either: P^T in fp32 and dP^T die as they are packed, so at most
-          // S^T, dP^T and dK, dV are live at once.
-#if !FAT_BWD_TIMING_SKIP_ELEMENTWISE
-          dp_to_ds(dp, s, stage);
-#endif
-          pack_a_fragments<Element>(s, p_frag);
-          pack_a_fragments<Element>(dp, ds_frag);
-          issue_kv_grad(dv, p_frag, sm.dout(stage));  // runs under the dS^T store and the barrier
-        }
-        // dK += dS^T Q later runs while dQ is staged.
+        pack_a_fragments<Element>(s, p_frag);
+        pack_a_fragments<Element>(dp, ds_frag);
+        // Tensor-core work queued around the two waits of this warpgroup: dV += P^T dO runs while
+        // dS^T is stored and the other warpgroup's half is awaited, dK += dS^T Q while dQ is staged.
+        issue_kv_grad(dv, p_frag, sm.dout(stage));
         store_ds(ds_frag, ds_buffer);
         fence_proxy_async();  // plain stores, read next by wgmma (async proxy)
         Barriers::bwd_ds_ready().sync();

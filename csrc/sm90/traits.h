@@ -95,9 +95,6 @@ struct BwdTraits {
   static constexpr int kBlockN = 128;
   static constexpr int kConsumerWarpgroups = 2;
   static constexpr int kStages = 2;
-  // dV += P^T dO issued before dS^T is computed (P^T's fp32 tile, its fragments and dP^T live
-  // together): hd128 fits that in the budget, hd64 at BlockM 128 (twice the S^T columns) spills.
-  static constexpr bool kDvBeforeDs = kBlockM == 64;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
   // 24 + 240: the hd128 consumer spills at 232; the producer warps spill a few words per step at
   // 24, off the critical path (the ring runs two steps ahead).
