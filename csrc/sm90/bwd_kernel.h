@@ -410,30 +410,28 @@ struct BwdConsumer {
         pack_a_fragments<Element>(dp, ds_frag);
         // The warpgroup computes its own keys' share of dQ, so it never waits for the other's
         // dS^T: the two drift apart, and one's element-wise work runs under the other's GEMMs.
-        // dV += P^T dO runs while dS^T is stored, dK += dS^T Q while dQ is staged; dV is retired
-        // before dQ starts so that P^T's fragments are dead before dQ's 64 accumulators live.
+        // dV += P^T dO runs while dS^T is stored. dV and dK are retired before dQ starts, so that
+        // the P^T and dS^T fragments are dead before dQ's 64 accumulators live (ptxas serializes
+        // every wgmma of the kernel when they overlap: C7512).
         issue_kv_grad(dv, p_frag, sm.dout(stage));
         store_ds(ds_frag);
         fence_proxy_async();  // plain stores, read next by wgmma (async proxy)
         Barriers::bwd_ds_ready(wg).sync();
+        issue_kv_grad(dk, ds_frag, sm.q(stage));
         wgmma_wait<0>();
         fence_operand(dv);
+        fence_operand(dk);
+        // Q, dO, lse and D of this step read. Every thread arrives: the lse/D rows are rewritten
+        // by plain stores, which must be ordered after each thread's own reads.
+        mbar_arrive(sm.q_empty(stage));
         issue_dq(dq);
-        issue_kv_grad(dk, ds_frag, sm.q(stage));
-        wgmma_wait<1>();  // dQ done
+        wgmma_wait<0>();  // dQ done
 #pragma unroll
         for (int piece = 0; piece < kDqPieces; ++piece) fence_operand(dq[piece]);
         dq_slot.wait_empty(sm.dq_empty(wg));  // the drain warp has read this warpgroup's last block
         store_dq(dq);
         fence_proxy_async();  // read next by the bulk copy engine
         mbar_arrive(sm.dq_full(wg));
-
-        wgmma_wait<0>();
-        fence_operand(dk);
-        fence_operand(dv);
-        // Q, dO, lse and D of this step read. Every thread arrives: the lse/D rows are rewritten
-        // by plain stores, which must be ordered after each thread's own reads.
-        mbar_arrive(sm.q_empty(stage));
         q = q.plus(1);
         dq_slot = dq_slot.plus(1);
       }
