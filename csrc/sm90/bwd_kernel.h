@@ -2,12 +2,11 @@
 // and walks the query blocks that see them, for every q head of its kv head's group (GQA
 // gradients are summed in registers, never expanded). Per query block, recomputing P from lse:
 //   S^T = K Q^T, dP^T = V dO^T, P^T = exp2(S^T scale_log2 - lse log2 e), dS^T = P^T (dP^T - D),
-//   dV += P^T dO, dK += dS^T Q (A operands from registers), and each warpgroup's keys' share of
-//   dQ = dS K (dS^T from shared memory), added into dq_accum by the bulk copy engine off the MMA
-//   warps.
+//   dV += P^T dO, dK += dS^T Q (A operands from registers), dQ = dS K (dS^T from shared memory),
+// with the fp32 dQ block added into dq_accum by the bulk copy engine off the MMA warps.
 //   producer warpgroup: warp 0 loads K, V once per key block and Q, dO per query block with TMA;
 //                       warp 1 stages each query block's lse (in log2 units) and D rows; warp 2
-//                       drains the staged dQ shares into dq_accum (cp.reduce.async.bulk);
+//                       drains the staged dQ blocks into dq_accum (cp.reduce.async.bulk);
 //   consumer warpgroups: 64 keys each.
 #pragma once
 #include <cuda.h>
@@ -53,10 +52,8 @@ struct BwdSmem {
   __device__ __forceinline__ Element* dout(int stage) const {
     return at(Traits::kDoOffset + stage * Traits::kQBytes);
   }
-  __device__ __forceinline__ Element* ds() const { return at(Traits::kDsOffset); }
-  __device__ __forceinline__ float* dq(int warpgroup) const {
-    return at<float>(Traits::kDqOffset + warpgroup * Traits::kDqBytes);
-  }
+  __device__ __forceinline__ Element* ds(int buffer) const { return at(Traits::kDsOffset + buffer * Traits::kDsBytes); }
+  __device__ __forceinline__ float* dq() const { return at<float>(Traits::kDqOffset); }
   // Per stage: the query block's lse * log2(e) (+inf past the sequence end) and D (0 there).
   __device__ __forceinline__ float* lse_log2(int stage) const {
     return at<float>(Traits::kLseOffset + 2 * stage * Traits::kRowStatBytes);
@@ -67,12 +64,8 @@ struct BwdSmem {
   __device__ __forceinline__ uint64_t* kv_empty() const { return barriers() + 1; }
   __device__ __forceinline__ uint64_t* q_full(int stage) const { return barriers() + 2 + stage; }
   __device__ __forceinline__ uint64_t* q_empty(int stage) const { return barriers() + 2 + Traits::kStages + stage; }
-  __device__ __forceinline__ uint64_t* dq_full(int warpgroup) const {
-    return barriers() + 2 + 2 * Traits::kStages + warpgroup;
-  }
-  __device__ __forceinline__ uint64_t* dq_empty(int warpgroup) const {
-    return dq_full(0) + Traits::kConsumerWarpgroups + warpgroup;
-  }
+  __device__ __forceinline__ uint64_t* dq_full() const { return barriers() + 2 + 2 * Traits::kStages; }
+  __device__ __forceinline__ uint64_t* dq_empty() const { return dq_full() + 1; }
 };
 
 // One key block of one (kv head, batch) and the (q head, query block) steps that visit it.
@@ -182,9 +175,7 @@ __device__ __forceinline__ void load_row_stats(const BwdParams& p, const BwdSmem
   });
 }
 
-// ---- producer warp 2, one thread: adds each consumer warpgroup's staged fp32 dQ share into
-// dq_accum, warpgroup 0's first. Deterministic mode waits for that add to complete before
-// issuing the next, so every fp32 slot is added to in a fixed order.
+// ---- producer warp 2, one thread: adds each staged fp32 dQ block into dq_accum.
 template <typename Traits, typename Mask>
 __device__ __forceinline__ void drain_dq(const BwdParams& p, const BwdSmem<Traits>& sm) {
   RingPosition<1> dq;
@@ -196,17 +187,13 @@ __device__ __forceinline__ void drain_dq(const BwdParams& p, const BwdSmem<Trait
                    blk.seq.q_offset(p.dq_accum_batch_stride, p.dq_accum_row_stride) +
                    blk.head(s, group) * p.dq_accum_head_stride + first_row * p.dq_accum_row_stride;
       const int rows = min(Traits::kBlockM, blk.seq.len_q - first_row);
-#pragma unroll
-      for (int wg = 0; wg < Traits::kConsumerWarpgroups; ++wg) {
-        dq.wait_full(sm.dq_full(wg));
-        if (p.deterministic && wg > 0) bulk_wait_all();
-        // The block's rows are contiguous in dq_accum (heads-major), so one bulk reduction adds them.
-        if (!FAT_BWD_TIMING_SKIP_DQ_REDUCE)
-          bulk_reduce_add_f32(dst, smem_addr(sm.dq(wg)), rows * Traits::kHeadDim * 4);
-        bulk_commit();
-        bulk_wait_read();  // the warpgroup may restage its block
-        mbar_arrive(sm.dq_empty(wg));
-      }
+      dq.wait_full(sm.dq_full());
+      // The block's rows are contiguous in dq_accum (heads-major), so one bulk reduction adds them.
+      if (!FAT_BWD_TIMING_SKIP_DQ_REDUCE)
+        bulk_reduce_add_f32(dst, smem_addr(sm.dq()), rows * Traits::kHeadDim * 4);
+      bulk_commit();
+      bulk_wait_read();  // the consumers may restage the block
+      mbar_arrive(sm.dq_empty());
     }
     // Every add of this key block done before the next block's (deterministic mode adds to the
     // same rows again) and before the CTA exits.
@@ -223,7 +210,6 @@ struct BwdConsumer {
   static constexpr int kSTiles = kBlockM / 8;    // 8-column tiles of S^T, dP^T (query columns)
   static constexpr int kKvTiles = kHeadDim / 8;  // of dK, dV
   static constexpr int kSlices = kBlockM / 16;   // k16 slices of P^T, dS^T as A operands
-  static constexpr int kDqPieces = kBlockM / 64;  // 64-query pieces of dQ (wgmma M)
 
   const BwdSmem<Traits>& sm;
   const int wg, lane, warp_row;  // warp_row: this warp's first key row within the warpgroup's 64
@@ -268,18 +254,17 @@ struct BwdConsumer {
     wgmma_commit();
   }
 
-  // This warpgroup's keys' share of dQ = dS K: per 64-query piece, dS^T (its 64 keys x the
-  // queries) as a transposed A and its 64 rows of K as a transposed B, the whole head dim as N.
-  __device__ __forceinline__ void issue_dq(float (&dq)[kDqPieces][kKvTiles][4]) const {
-    constexpr int kSlabElems = kBlockN * kSlabRowBytes / sizeof(Element), kRowsElems = 64 * 64;
+  // This warpgroup's 64 x 64 piece of dQ = dS K: dS^T (keys x queries) as a transposed A, K as a
+  // transposed B, over all 128 keys.
+  __device__ __forceinline__ void issue_dq(float (&dq)[8][4], int ds_buffer) const {
+    constexpr uint32_t kSlab = kBlockN * kSlabRowBytes;
+    const Element* a_tile = sm.ds(ds_buffer) + (Traits::kDqSplitRows ? wg * kSlab / sizeof(Element) : 0);
+    const Element* b_tile = sm.k() + (Traits::kDqSplitRows ? 0 : wg * kSlab / sizeof(Element));
     wgmma_fence();
 #pragma unroll
-    for (int piece = 0; piece < kDqPieces; ++piece)
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-        wgmma_ss<Element, kHeadDim, true, true>(dq[piece],
-                                                mn_major_desc(sm.ds() + piece * kSlabElems + wg * kRowsElems, kBlockN, kk),
-                                                mn_major_desc(sm.k() + wg * kRowsElems, kBlockN, kk), kk > 0);
+    for (int kk = 0; kk < kBlockN / 16; ++kk)
+      wgmma_ss<Element, 64, true, true>(dq, mn_major_desc(a_tile, kBlockN, kk), mn_major_desc(b_tile, kBlockN, kk),
+                                        kk > 0);
     wgmma_commit();
   }
 
@@ -325,36 +310,30 @@ struct BwdConsumer {
   }
 
   // This warpgroup's rows of dS^T into shared memory in the swizzled slab layout (4-byte stores:
-  // each lane's column pair; the 8 rows of a store fall in 8 different 16-byte chunks). A lane's
-  // rows are r = 8i + lane/4, so the swizzle XORs the chunk index with lane/4 in every store: the
-  // address is the lane's base XOR the chunk's constant offset (the tile is 1024-byte aligned).
-  __device__ __forceinline__ void store_ds(const uint32_t (&ds)[kSlices][4]) const {
-    const uint32_t base = smem_addr(sm.ds()) + swizzled_offset(kBlockN, key_of(0), col_of(0, 0), sizeof(Element));
+  // each lane's column pair; the 8 rows of a store fall in 8 different 16-byte chunks).
+  __device__ __forceinline__ void store_ds(const uint32_t (&ds)[kSlices][4], int buffer) const {
+    char* tile = reinterpret_cast<char*>(sm.ds(buffer));
 #pragma unroll
     for (int kk = 0; kk < kSlices; ++kk)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int query = 16 * kk + 8 * (j / 2);  // the store's first column (lane 0's)
-        const uint32_t slab = query / 64 * kBlockN * kSlabRowBytes, chunk = query % 64 / 8 * 16;
-        st_shared_u32((base ^ chunk) + slab + 8 * (j % 2) * kSlabRowBytes, ds[kk][j]);
+        const int key = key_of(2 * (j % 2)), query = col_of(2 * kk + j / 2, 0);
+        *reinterpret_cast<uint32_t*>(tile + swizzled_offset(kBlockN, key, query, sizeof(Element))) = ds[kk][j];
       }
   }
 
-  // This warpgroup's dQ share into its staged fp32 block, in dq_accum's row layout: columns
-  // swizzled by dq_accum_col, col ^ 8 (row % 8) with row % 8 = lane/4 for every store of a lane,
-  // so again the lane's base XOR a constant (8-column groups are 32 bytes; 512-byte aligned rows).
-  __device__ __forceinline__ void store_dq(const float (&dq)[kDqPieces][kKvTiles][4]) const {
-    constexpr uint32_t kRowBytes = kHeadDim * sizeof(float);
-    const int row = warp_row + lane / 4;
-    const uint32_t base = smem_addr(sm.dq(wg)) + row * kRowBytes + dq_accum_col(row, col_of(0, 0)) * sizeof(float);
+  // The dQ piece into the staged fp32 block, in dq_accum's row layout (swizzled columns).
+  __device__ __forceinline__ void store_dq(const float (&dq)[8][4]) const {
+    const int row0 = Traits::kDqSplitRows ? 64 * wg : 0, col0 = Traits::kDqSplitRows ? 0 : 64 * wg;
+    float* block = sm.dq();
 #pragma unroll
-    for (int piece = 0; piece < kDqPieces; ++piece)
+    for (int t = 0; t < 8; ++t)
 #pragma unroll
-      for (int t = 0; t < kKvTiles; ++t)
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-          st_shared_f32x2((base ^ (32 * t)) + (64 * piece + 8 * r) * kRowBytes, dq[piece][t][2 * r],
-                          dq[piece][t][2 * r + 1]);
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + warp_row + lane / 4 + 8 * r, col = col0 + col_of(t, 0);
+        *reinterpret_cast<float2*>(block + row * kHeadDim + dq_accum_col(row, col)) =
+            make_float2(dq[t][2 * r], dq[t][2 * r + 1]);
+      }
   }
 
   __device__ __forceinline__ void store_kv_grads(const BwdParams& p, const BwdKeyBlock<Traits, Mask>& blk,
@@ -379,7 +358,7 @@ struct BwdConsumer {
   }
 
   __device__ __forceinline__ void run(const BwdParams& p) const {
-    RingPosition<1> kv, dq_slot;
+    RingPosition<1> kv, dq_slot, ds_buffers;
     RingPosition<Traits::kStages> q;
     for_each_key_block<Traits, Mask>(p, [&](const BwdKeyBlock<Traits, Mask>& blk) {
       if (!blk.exists()) return;
@@ -388,8 +367,8 @@ struct BwdConsumer {
       zero(dv);
       if (blk.steps > 0) kv.wait_full(sm.kv_full());
       for (int s_idx = 0; s_idx < blk.steps; ++s_idx) {
-        const int stage = q.stage(), first_row = blk.first_row(s_idx);
-        float s[kSTiles][4], dp[kSTiles][4], dq[kDqPieces][kKvTiles][4];
+        const int stage = q.stage(), first_row = blk.first_row(s_idx), ds_buffer = ds_buffers.fills % 2;
+        float s[kSTiles][4], dp[kSTiles][4], dq[8][4];
         uint32_t p_frag[kSlices][4], ds_frag[kSlices][4];
         q.wait_full(sm.q_full(stage));
         issue_s_dp(s, dp, stage);
@@ -408,32 +387,30 @@ struct BwdConsumer {
 #endif
         pack_a_fragments<Element>(s, p_frag);
         pack_a_fragments<Element>(dp, ds_frag);
-        // The warpgroup computes its own keys' share of dQ, so it never waits for the other's
-        // dS^T: the two drift apart, and one's element-wise work runs under the other's GEMMs.
-        // dV += P^T dO runs while dS^T is stored. dV and dK are retired before dQ starts, so that
-        // the P^T and dS^T fragments are dead before dQ's 64 accumulators live (ptxas serializes
-        // every wgmma of the kernel when they overlap: C7512).
+        // Tensor-core work queued around the two waits of this warpgroup: dV += P^T dO runs while
+        // dS^T is stored and the other warpgroup's half is awaited, dK += dS^T Q while dQ is staged.
         issue_kv_grad(dv, p_frag, sm.dout(stage));
-        store_ds(ds_frag);
+        store_ds(ds_frag, ds_buffer);
         fence_proxy_async();  // plain stores, read next by wgmma (async proxy)
-        Barriers::bwd_ds_ready(wg).sync();
+        Barriers::bwd_ds_ready().sync();
+        issue_dq(dq, ds_buffer);
         issue_kv_grad(dk, ds_frag, sm.q(stage));
+        wgmma_wait<1>();  // dV and dQ done
+        fence_operand(dq);
+        dq_slot.wait_empty(sm.dq_empty());  // the drain warp has read the last staged block
+        store_dq(dq);
+        fence_proxy_async();  // read next by the bulk copy engine
+        mbar_arrive(sm.dq_full());
+
         wgmma_wait<0>();
-        fence_operand(dv);
         fence_operand(dk);
+        fence_operand(dv);
         // Q, dO, lse and D of this step read. Every thread arrives: the lse/D rows are rewritten
         // by plain stores, which must be ordered after each thread's own reads.
         mbar_arrive(sm.q_empty(stage));
-        issue_dq(dq);
-        wgmma_wait<0>();  // dQ done
-#pragma unroll
-        for (int piece = 0; piece < kDqPieces; ++piece) fence_operand(dq[piece]);
-        dq_slot.wait_empty(sm.dq_empty(wg));  // the drain warp has read this warpgroup's last block
-        store_dq(dq);
-        fence_proxy_async();  // read next by the bulk copy engine
-        mbar_arrive(sm.dq_full(wg));
         q = q.plus(1);
         dq_slot = dq_slot.plus(1);
+        ds_buffers = ds_buffers.plus(1);
       }
       if (blk.steps > 0) {
         warp_release(sm.kv_empty());
@@ -460,10 +437,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       mbar_init(sm.q_full(s), 1 + 32);  // the TMA thread (with its bytes) and the lse/D warp
       mbar_init(sm.q_empty(s), kConsumerThreads);
     }
-    for (int wg = 0; wg < Traits::kConsumerWarpgroups; ++wg) {
-      mbar_init(sm.dq_full(wg), 128);  // every thread of the warpgroup, after its fence
-      mbar_init(sm.dq_empty(wg), 1);
-    }
+    mbar_init(sm.dq_full(), kConsumerThreads);  // every consumer thread, after its fence
+    mbar_init(sm.dq_empty(), 1);
     mbar_init_fence();
   }
   __syncthreads();

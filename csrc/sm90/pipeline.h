@@ -46,8 +46,8 @@ struct Barriers {
   // Forward, PingPong: consumer warpgroup w (0-2) waits for its turn to issue GEMMs; the barrier
   // meets the waiter and the warpgroup that passes it the turn.
   __device__ __forceinline__ static constexpr NamedBarrier fwd_turn(int warpgroup) { return {1 + warpgroup, 256}; }
-  // Backward: consumer warpgroup w has written its rows of dS^T to shared memory.
-  __device__ __forceinline__ static constexpr NamedBarrier bwd_ds_ready(int warpgroup) { return {4 + warpgroup, 128}; }
+  // Backward: both consumer warpgroups have written their halves of dS^T to shared memory.
+  static constexpr NamedBarrier bwd_ds_ready() { return {4, 256}; }
 };
 
 }  // namespace fat::sm90

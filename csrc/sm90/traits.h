@@ -79,15 +79,14 @@ struct FwdTraits {
 // producer (warp 0: TMA loads; warp 1: lse and D rows; warp 2: the dQ reductions); each of the
 // two consumer warpgroups owns 64 of the keys and computes, per query block,
 //   S^T = K Q^T and dP^T = V dO^T (keys as wgmma rows, so P^T and dS^T come out in the registers
-//   that feed dV += P^T dO and dK += dS^T Q as A operands), and its keys' share of dQ = dS K
-//   (dS^T of its own rows through shared memory, its 64 rows of K, the whole head dim as N), so
-//   neither warpgroup waits for the other.
-// Q, dO, lse and D stream through a ring of Stages slots; dS^T has one buffer (a warpgroup
-// rewrites its rows after its own dQ GEMM read them); each warpgroup stages its fp32 dQ share,
-// and the bulk copy engine adds both to global memory.
-// Register budgets: hd128 keeps dK, dV (64 + 64), S^T, dP^T (32 + 32) and its dQ share (64, live
-// only after S^T, dP^T and P^T's fragments are dead) per thread; hd64 at BlockM 128 keeps 32 + 32,
-// 64 + 64 and 64 alike.
+//   that feed dV += P^T dO and dK += dS^T Q as A operands), and a 64 x 64 piece of dQ = dS K from
+//   the dS^T both warpgroups wrote to shared memory (rows of dQ split between the warpgroups at
+//   BlockM 128, head-dim columns at BlockM 64).
+// Q, dO, lse and D stream through a ring of Stages slots; dS^T has two buffers, so a warpgroup
+// may write the next one while the other still reads this one; the fp32 dQ block is staged once
+// and added to global memory by the bulk copy engine.
+// Register budgets: hd128 keeps dK, dV (64 + 64), S^T, dP^T (32 + 32) and the dQ piece (32)
+// per thread; hd64 at BlockM 128 keeps 32 + 32, 64 + 64 and 32.
 template <typename Element_, int HeadDim_, int BlockM_>
 struct BwdTraits {
   using Element = Element_;
@@ -101,6 +100,8 @@ struct BwdTraits {
   // 24, off the critical path (the ring runs two steps ahead).
   static constexpr int kProducerRegisters = 24;
   static constexpr int kConsumerRegisters = 240;
+  // dQ = dS K as two 64 x 64 pieces: split by rows when BlockM is 128, by columns when it is 64.
+  static constexpr bool kDqSplitRows = kBlockM == 128;
 
   static constexpr int kSlabRowBytes = 128;
   static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);
@@ -114,15 +115,14 @@ struct BwdTraits {
   static constexpr uint32_t kQOffset = kVOffset + kKVBytes;
   static constexpr uint32_t kDoOffset = kQOffset + kStages * kQBytes;
   static constexpr uint32_t kDsOffset = kDoOffset + kStages * kQBytes;
-  // dS^T single-buffered: a warpgroup rewrites its own rows only after its own dQ GEMM read them.
-  // One staged fp32 dQ block per consumer warpgroup (its keys' share).
-  static constexpr uint32_t kDqOffset = kDsOffset + kDsBytes;
-  static constexpr uint32_t kLseOffset = kDqOffset + kConsumerWarpgroups * kDqBytes;  // per stage: lse * log2(e), then D
+  static constexpr uint32_t kDqOffset = kDsOffset + 2 * kDsBytes;
+  static constexpr uint32_t kLseOffset = kDqOffset + kDqBytes;  // per stage: lse * log2(e), then D
   static constexpr uint32_t kBarrierOffset = kLseOffset + kStages * 2 * kRowStatBytes;
-  // K/V full, K/V empty; per stage Q full, Q empty; per consumer warpgroup dQ full, dQ empty.
-  static constexpr int kBarriers = 2 + 2 * kStages + 2 * kConsumerWarpgroups;
+  // K/V full, K/V empty; per stage Q full, Q empty; dQ full, dQ empty.
+  static constexpr int kBarriers = 2 + 2 * kStages + 2;
   static constexpr int kSmemBytes = kBarrierOffset + kBarriers * 8 + 1024;  // + alignment slack
 
+  static_assert(kBlockM * kHeadDim == 2 * 64 * 64, "two 64 x 64 dQ pieces per query block");
   static_assert(kHeadDim % 64 == 0 && kBlockM % 64 == 0, "whole 128-byte slabs");
   static_assert(kProducerRegisters * 128 + kConsumerRegisters * 256 <= 65536, "registers");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
