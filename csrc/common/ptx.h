@@ -10,6 +10,15 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// Stores to a shared-memory address: for swizzled tiles addressed as (lane base) ^ (constant),
+// which keeps one register per lane instead of one per swizzled offset.
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t value) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(value));
+}
+__device__ __forceinline__ void st_shared_f32x2(uint32_t addr, float x, float y) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(x), "f"(y));
+}
+
 // 16-byte global -> shared copy that bypasses L1. With valid == false nothing is read and the
 // 16 bytes are zero-filled, which is how out-of-range rows of a tile become zeros.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {

@@ -81,8 +81,4 @@ struct Frag {
   }
 };
 
-__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t value) {
-  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(value));
-}
-
 }  // namespace fat

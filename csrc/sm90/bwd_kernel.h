@@ -310,30 +310,36 @@ struct BwdConsumer {
   }
 
   // This warpgroup's rows of dS^T into shared memory in the swizzled slab layout (4-byte stores:
-  // each lane's column pair; the 8 rows of a store fall in 8 different 16-byte chunks).
+  // each lane's column pair; the 8 rows of a store fall in 8 different 16-byte chunks). A lane's
+  // rows are r = 8i + lane/4, so the swizzle XORs the chunk index with lane/4 in every store: the
+  // address is the lane's base XOR the chunk's constant offset (the tile is 1024-byte aligned).
   __device__ __forceinline__ void store_ds(const uint32_t (&ds)[kSlices][4], int buffer) const {
-    char* tile = reinterpret_cast<char*>(sm.ds(buffer));
+    const uint32_t base =
+        smem_addr(sm.ds(buffer)) + swizzled_offset(kBlockN, key_of(0), col_of(0, 0), sizeof(Element));
 #pragma unroll
     for (int kk = 0; kk < kSlices; ++kk)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int key = key_of(2 * (j % 2)), query = col_of(2 * kk + j / 2, 0);
-        *reinterpret_cast<uint32_t*>(tile + swizzled_offset(kBlockN, key, query, sizeof(Element))) = ds[kk][j];
+        const int query = 16 * kk + 8 * (j / 2);  // the store's first column (lane 0's)
+        const uint32_t slab = query / 64 * kBlockN * kSlabRowBytes, chunk = query % 64 / 8 * 16;
+        st_shared_u32((base ^ chunk) + slab + 8 * (j % 2) * kSlabRowBytes, ds[kk][j]);
       }
   }
 
-  // The dQ piece into the staged fp32 block, in dq_accum's row layout (swizzled columns).
+  // The dQ piece into the staged fp32 block, in dq_accum's row layout: columns swizzled by
+  // dq_accum_col, col ^ 8 (row % 8) with row % 8 = lane/4 in every store of a lane, so again the
+  // lane's base XOR a constant (8-column groups are 32 bytes; rows 256-byte aligned or more).
   __device__ __forceinline__ void store_dq(const float (&dq)[8][4]) const {
+    constexpr uint32_t kRowBytes = kHeadDim * sizeof(float);
     const int row0 = Traits::kDqSplitRows ? 64 * wg : 0, col0 = Traits::kDqSplitRows ? 0 : 64 * wg;
-    float* block = sm.dq();
+    const int row = row0 + warp_row + lane / 4;
+    const uint32_t base =
+        smem_addr(sm.dq()) + row * kRowBytes + dq_accum_col(row, col0 + col_of(0, 0)) * sizeof(float);
 #pragma unroll
     for (int t = 0; t < 8; ++t)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = row0 + warp_row + lane / 4 + 8 * r, col = col0 + col_of(t, 0);
-        *reinterpret_cast<float2*>(block + row * kHeadDim + dq_accum_col(row, col)) =
-            make_float2(dq[t][2 * r], dq[t][2 * r + 1]);
-      }
+      for (int r = 0; r < 2; ++r)
+        st_shared_f32x2((base ^ (32 * t)) + 8 * r * kRowBytes, dq[t][2 * r], dq[t][2 * r + 1]);
   }
 
   __device__ __forceinline__ void store_kv_grads(const BwdParams& p, const BwdKeyBlock<Traits, Mask>& blk,
