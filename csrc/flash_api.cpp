@@ -183,19 +183,21 @@ void launch_fwd(FwdParams& p, const at::Tensor& q, const Variant& variant) {
 }
 
 // The batched forward once the arguments are checked: outputs, Params, launch. set_cache fills
-// the KV-cache fields (fwd_kvcache) before the launch.
+// the KV-cache fields (fwd_kvcache) before the launch. kv_splits > 1 (split-KV): out and lse get
+// batch x kv_splits rows, one per (sequence, split) (see params.h).
 template <typename SetCache>
 std::tuple<at::Tensor, at::Tensor> batched_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                                               double softmax_scale, const Variant& variant,
-                                               SetCache&& set_cache) {
+                                               double softmax_scale, const Variant& variant, SetCache&& set_cache,
+                                               int64_t kv_splits = 1) {
   const c10::cuda::CUDAGuard guard(q_.device());
   const at::Tensor q = aligned(q_), k = aligned(k_), v = aligned(v_);
-  const int64_t b = q.size(0), sq = q.size(1), h = q.size(2);
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  const int64_t b = q.size(0) * kv_splits, sq = q.size(1), h = q.size(2);
+  at::Tensor out = at::empty({b, sq, h, q.size(3)}, q.options());
   at::Tensor lse = at::empty({b, h, sq}, q.options().dtype(at::kFloat));
   FwdParams p{};
   fill_fwd(p, q, k, v, out, lse, softmax_scale);
   p.batch = static_cast<int>(b);
+  p.kv_splits = static_cast<int>(kv_splits);
   p.batch_k = static_cast<int>(k.size(0));
   p.seqlen_q = static_cast<int>(sq);
   p.seqlen_k = static_cast<int>(k.size(1));
@@ -221,11 +223,14 @@ void check_batch_index(const std::optional<at::Tensor>& t, const char* name, con
 // Attention of q against a KV cache (batch_k, seqlen_cache, heads_k, dim): query batch b reads
 // cache row kv_batch_idx[b] (b when absent), keys [leftpad_k[b], seqused_k[b]), causal aligned at
 // the end of those keys. The values are clamped into range in the kernels (see params.h).
+// num_splits > 1: each sequence's keys cut into num_splits equal parts, one output row per
+// (sequence, split), batch-major, for flash_attn_t.decode to merge (no mask: positions would move).
 std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Tensor& k_cache,
                                                const at::Tensor& v_cache, const at::Tensor& seqused_k,
                                                const std::optional<at::Tensor>& kv_batch_idx,
                                                const std::optional<at::Tensor>& leftpad_k, double softmax_scale,
-                                               bool causal, int64_t window_left, int64_t window_right) {
+                                               bool causal, int64_t window_left, int64_t window_right,
+                                               int64_t num_splits) {
   check_q(q, 4);
   check_tensor(k_cache, "k_cache", 4, q);
   check_tensor(v_cache, "v_cache", 4, q);
@@ -238,11 +243,18 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
   check_batch_index(seqused_k, "seqused_k", q);
   check_batch_index(kv_batch_idx, "kv_batch_idx", q);
   check_batch_index(leftpad_k, "leftpad_k", q);
-  return batched_fwd(q, k_cache, v_cache, softmax_scale, {causal, window_left, window_right}, [&](FwdParams& p) {
-    p.seqused_k = seqused_k.data_ptr<int>();
-    p.kv_batch_idx = kv_batch_idx.has_value() ? kv_batch_idx->data_ptr<int>() : nullptr;
-    p.leftpad_k = leftpad_k.has_value() ? leftpad_k->data_ptr<int>() : nullptr;
-  });
+  TORCH_CHECK(num_splits >= 1 && num_splits <= 1024, "flash_attn_t: num_splits must be in [1, 1024], got ",
+              num_splits);
+  TORCH_CHECK(num_splits == 1 || (!causal && window_left < 0 && window_right < 0),
+              "flash_attn_t: num_splits > 1 takes no causal mask or window");
+  return batched_fwd(
+      q, k_cache, v_cache, softmax_scale, {causal, window_left, window_right},
+      [&](FwdParams& p) {
+        p.seqused_k = seqused_k.data_ptr<int>();
+        p.kv_batch_idx = kv_batch_idx.has_value() ? kv_batch_idx->data_ptr<int>() : nullptr;
+        p.leftpad_k = leftpad_k.has_value() ? leftpad_k->data_ptr<int>() : nullptr;
+      },
+      num_splits);
 }
 
 std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
@@ -419,8 +431,8 @@ TORCH_LIBRARY(flash_attn_t, m) {
   m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale, "
         "bool causal, bool deterministic, int window_left=-1, int window_right=-1) -> (Tensor, Tensor, Tensor)");
   m.def("fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqused_k, Tensor? kv_batch_idx, "
-        "Tensor? leftpad_k, float softmax_scale, bool causal, int window_left=-1, int window_right=-1) "
-        "-> (Tensor, Tensor)");
+        "Tensor? leftpad_k, float softmax_scale, bool causal, int window_left=-1, int window_right=-1, "
+        "int num_splits=1) -> (Tensor, Tensor)");
   m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left=-1, "
         "int window_right=-1) -> (Tensor, Tensor)");

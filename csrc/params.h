@@ -34,6 +34,10 @@ struct FwdParams {
   const int* kv_batch_idx;
   const int* seqused_k;
   const int* leftpad_k;
+  // Split-KV (batched, forward only; 0 or 1: none): the launch's batch is batch x kv_splits
+  // virtual sequences; virtual b reads query batch b / kv_splits and the (b % kv_splits)-th of
+  // kv_splits equal parts of that sequence's keys, and writes out / lse at batch row b.
+  int kv_splits;
 
   // The attention variant (csrc/common/mask.h): the launchers turn these flags into template
   // parameters (mask_switch). causal: the window (-1, 0); local: any other bounded window

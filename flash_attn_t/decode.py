@@ -3,11 +3,10 @@ cut into splits that run as separate CTAs, and the query heads sharing a kv head
 one block of rows, so each K/V tile is read once for its whole group; the partial outputs are then
 merged exactly through their log-sum-exp.
 
-Both halves ride on the KV-cache form of the forward kernel (torch.ops.flash_attn_t.fwd_kvcache:
-per-sequence k/v batch row, first key and key count): split s of sequence b is a virtual sequence
-of the batch with the same cache row and keys [bound_s, bound_{s+1}), where the bounds cut b's keys
-[leftpad_b, seqused_b) into equal parts on the device (no host synchronisation, so a decode step
-stays capturable in a CUDA graph). Packing turns the group's heads into rows, which changes what a
+Both halves ride on the KV-cache form of the forward kernel (torch.ops.flash_attn_t.fwd_kvcache
+with num_splits): the kernels cut each sequence's keys [leftpad_b, seqused_b) into equal parts
+themselves and write one output row per (sequence, split), so nothing is computed or copied per
+split on the host side and a decode step stays capturable in a CUDA graph. Packing turns the group's heads into rows, which changes what a
 row's position is, so it is used when the mask does not depend on positions: one query row, or no
 causal mask.
 """
@@ -65,22 +64,16 @@ def split_kv_attention(q, k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, 
     query heads of each kv head packed into rows. Returns (out like q, lse (batch, nheads,
     seqlen_q) fp32, +inf for rows that see no key). `attend` computes one fwd_kvcache call (the
     kernel by default; the CPU tests pass an exact emulation)."""
-    attend = attend or (lambda *args: torch.ops.flash_attn_t.fwd_kvcache(*args, False))
+    attend = attend or (lambda q, k, v, used, idx, pad, scale, splits: torch.ops.flash_attn_t.fwd_kvcache(
+        q, k, v, used, idx, pad, scale, False, num_splits=splits))
     batch, seqlen_q, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     group, rows, splits = heads // kv_heads, seqlen_q * heads // kv_heads, num_splits
     # rows ordered (query, head in group): packed[b, s * group + g, j] = q[b, s, j * group + g]
+    # (a view, no copy, for one query row)
     packed = q.view(batch, seqlen_q, kv_heads, group, head_dim).transpose(2, 3).reshape(batch, rows, kv_heads,
                                                                                         head_dim)
-    device = q.device
-    index = lambda t, default: (t if t is not None else default).to(torch.int64)  # noqa: E731
-    lo = index(leftpad_k, torch.zeros(batch, dtype=torch.int32, device=device))
-    hi = torch.maximum(index(seqused_k, None), lo)
-    cuts = lo[:, None] + (hi - lo)[:, None] * torch.arange(splits + 1, device=device) // splits  # (batch, splits + 1)
-    rows_of = index(kv_batch_idx, torch.arange(batch, device=device)).repeat_interleave(splits)
-    out, lse = attend(packed.repeat_interleave(splits, dim=0), k_cache, v_cache,
-                      cuts[:, 1:].reshape(-1).to(torch.int32), rows_of.to(torch.int32),
-                      cuts[:, :-1].reshape(-1).to(torch.int32), softmax_scale)
+    out, lse = attend(packed, k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, softmax_scale, splits)
     out, lse = merge_splits(out.view(batch, splits, rows, kv_heads, head_dim), lse.view(batch, splits, kv_heads, rows))
     out = out.view(batch, seqlen_q, group, kv_heads, head_dim).transpose(2, 3).reshape(q.shape).to(q.dtype)
     lse = lse.view(batch, kv_heads, seqlen_q, group).transpose(2, 3).reshape(batch, heads, seqlen_q)

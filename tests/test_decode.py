@@ -11,17 +11,21 @@ from flash_attn_t import decode
 from flash_attn_t.reference import attention_reference
 
 
-def emulated_fwd_kvcache(q, k_cache, v_cache, seqused, batch_idx, leftpad, scale):
-    """torch.ops.flash_attn_t.fwd_kvcache without a causal mask, the kernels' clamping included, in fp64."""
+def emulated_fwd_kvcache(q, k_cache, v_cache, seqused, batch_idx, leftpad, scale, splits):
+    """torch.ops.flash_attn_t.fwd_kvcache without a causal mask and with num_splits, the kernels'
+    clamping and split bounds included (csrc/common/seq_info.h), in fp64: output row b * splits + s
+    is split s of sequence b."""
     outs, lses = [], []
     for b in range(q.shape[0]):
-        row = min(max(int(batch_idx[b]), 0), k_cache.shape[0] - 1)
+        row = b if batch_idx is None else min(max(int(batch_idx[b]), 0), k_cache.shape[0] - 1)
         end = min(max(int(seqused[b]), 0), k_cache.shape[1])
-        start = min(max(int(leftpad[b]), 0), end)
-        out, lse = attention_reference(q[b:b + 1], k_cache[row:row + 1, start:end], v_cache[row:row + 1, start:end],
-                                       scale, causal=False)
-        outs.append(out)
-        lses.append(lse)
+        start = 0 if leftpad is None else min(max(int(leftpad[b]), 0), end)
+        for s in range(splits):
+            first, last = start + (end - start) * s // splits, start + (end - start) * (s + 1) // splits
+            out, lse = attention_reference(q[b:b + 1], k_cache[row:row + 1, first:last],
+                                           v_cache[row:row + 1, first:last], scale, causal=False)
+            outs.append(out)
+            lses.append(lse)
     return torch.cat(outs), torch.cat(lses)
 
 

@@ -49,7 +49,7 @@ def test_ops_are_registered_with_the_contract_schemas():
         "fwd": ["q", "k", "v", "softmax_scale", "causal", *window],
         "bwd": ["dout", "q", "k", "v", "out", "lse", "softmax_scale", "causal", "deterministic", *window],
         "fwd_kvcache": ["q", "k_cache", "v_cache", "seqused_k", "kv_batch_idx", "leftpad_k", "softmax_scale", "causal",
-                        *window],
+                        *window, "num_splits"],
         "varlen_fwd": ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
                        "softmax_scale", "causal", *window],
         "varlen_bwd": ["dout", "q", "k", "v", "out", "lse", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",

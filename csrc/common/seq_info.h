@@ -11,9 +11,10 @@ struct SeqInfo {
   int len_q, len_k;
   int64_t first_q, first_k;  // varlen: first token of the sequence; batched: 0 (KV cache: leftpad)
   int batch, batch_k;        // batched: the q and the k/v batch row
+  int batch_out;             // batched: the out / lse batch row (b; differs from batch under split-KV)
   bool varlen;
 
-  __device__ __forceinline__ SeqInfo(const FwdParams& p, int b) : batch(b), batch_k(b) {
+  __device__ __forceinline__ SeqInfo(const FwdParams& p, int b) : batch(b), batch_k(b), batch_out(b) {
     varlen = p.cu_seqlens_q != nullptr;
     if (varlen) {
       // Offsets clamped into their tensors (they are not checked on the host by default).
@@ -24,15 +25,22 @@ struct SeqInfo {
       len_q = end_q - static_cast<int>(first_q);
       len_k = end_k - static_cast<int>(first_k);
     } else {
+      const int splits = max(p.kv_splits, 1), split = b % splits;
+      batch = batch_k = b / splits;
       first_q = first_k = 0;
       len_q = p.seqlen_q;
       len_k = p.seqlen_k;
-      if (p.kv_batch_idx != nullptr) batch_k = min(max(p.kv_batch_idx[b], 0), p.batch_k - 1);
-      if (p.seqused_k != nullptr) len_k = min(max(p.seqused_k[b], 0), p.seqlen_k);
+      if (p.kv_batch_idx != nullptr) batch_k = min(max(p.kv_batch_idx[batch], 0), p.batch_k - 1);
+      if (p.seqused_k != nullptr) len_k = min(max(p.seqused_k[batch], 0), p.seqlen_k);
       if (p.leftpad_k != nullptr) {
-        const int pad = min(max(p.leftpad_k[b], 0), len_k);
+        const int pad = min(max(p.leftpad_k[batch], 0), len_k);
         first_k = pad;
         len_k -= pad;
+      }
+      if (splits > 1) {  // this split's part of the keys
+        const int begin = len_k * split / splits, end = len_k * (split + 1) / splits;
+        first_k += begin;
+        len_k = end - begin;
       }
     }
   }
@@ -40,12 +48,16 @@ struct SeqInfo {
   __device__ __forceinline__ int64_t q_offset(int64_t batch_stride, int64_t row_stride) const {
     return varlen ? first_q * row_stride : batch * batch_stride;
   }
+  // Offset of row 0 of an out-shaped tensor (the forward's output).
+  __device__ __forceinline__ int64_t out_offset(int64_t batch_stride, int64_t row_stride) const {
+    return varlen ? first_q * row_stride : batch_out * batch_stride;
+  }
   __device__ __forceinline__ int64_t k_offset(int64_t batch_stride, int64_t row_stride) const {
     return varlen ? first_k * row_stride : batch_k * batch_stride + first_k * row_stride;
   }
   // Offset of row 0 in the lse-shaped tensors: (batch, heads, seqlen_q) or (heads, total_q).
   __device__ __forceinline__ int64_t lse_offset(const FwdParams& p, int head) const {
-    return (varlen ? first_q : batch * p.lse_batch_stride) + head * p.lse_head_stride;
+    return (varlen ? first_q : batch_out * p.lse_batch_stride) + head * p.lse_head_stride;
   }
   // Bottom-right aligned causal mask: query row i sees keys j <= i + len_k - len_q.
   __device__ __forceinline__ int causal_shift() const { return len_k - len_q; }

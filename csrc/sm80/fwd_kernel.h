@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
                      head_k * p.k_head_stride;
   const Element* v = static_cast<const Element*>(p.v) + seq.k_offset(p.v_batch_stride, p.v_row_stride) +
                      head_k * p.v_head_stride;
-  Element* out = static_cast<Element*>(p.out) + seq.q_offset(p.out_batch_stride, p.out_row_stride) +
+  Element* out = static_cast<Element*>(p.out) + seq.out_offset(p.out_batch_stride, p.out_row_stride) +
                  head * p.out_head_stride + first_row * p.out_row_stride;
   float* lse = p.lse + seq.lse_offset(p, head) + first_row;
 

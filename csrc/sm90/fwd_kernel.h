@@ -307,7 +307,7 @@ struct Consumer {
         *reinterpret_cast<uint32_t*>(stage + (lane / 4 + 8 * r) * kPitch + ot * 8 + 2 * (lane % 4)) =
             Ops::pack(o[0][ot][2 * r], o[0][ot][2 * r + 1]);
     __syncwarp();
-    Element* out = static_cast<Element*>(p.out) + blk.seq.q_offset(p.out_batch_stride, p.out_row_stride) +
+    Element* out = static_cast<Element*>(p.out) + blk.seq.out_offset(p.out_batch_stride, p.out_row_stride) +
                    blk.head * p.out_head_stride;
     // (out is ours, contiguous: its rows are 16-byte aligned.)
 #pragma unroll
