@@ -22,12 +22,14 @@ MAX_SPLITS = 64
 
 def choose_splits(batch, kv_heads, rows, max_keys, sms, block_rows=64):
     """How many splits per sequence fill the GPU: 1 when the (batch, kv head, row block) CTAs
-    already make most of a wave; otherwise enough to fill one, each with at least
-    MIN_KEYS_PER_SPLIT keys of the longest possible sequence."""
+    already make most of a wave; otherwise as many as fit in one wave (rounding up starts a
+    second wave of a few CTAs, each as long as the first: 1 x 131k keys, 8 kv heads on 132 SMs
+    took 375 us in 17 splits, 201 us in 16), each with at least MIN_KEYS_PER_SPLIT keys of the
+    longest possible sequence."""
     ctas = batch * kv_heads * math.ceil(rows / block_rows)
     if ctas == 0 or ctas >= 0.8 * sms:
         return 1
-    return max(1, min(MAX_SPLITS, math.ceil(sms / ctas), max_keys // MIN_KEYS_PER_SPLIT))
+    return max(1, min(MAX_SPLITS, sms // ctas, max_keys // MIN_KEYS_PER_SPLIT))
 
 
 # Packed rows at most: beyond one block of rows the prefill kernels' own tiling serves as well.
