@@ -145,9 +145,9 @@ struct Variant {
   int64_t window_left, window_right;
 };
 
-// Into p, with flash_attn's conventions (p.seqlen_k set): an edge of seqlen_k keys or more is
-// unbounded (-1); causal is the window (-1, 0), so a causal call with a left edge is local with
-// right = 0, and a non-causal (-1, 0) window is causal.
+// Into p, with flash_attn's conventions (p.seqlen_q, p.seqlen_k set): an edge that reaches past
+// every row's keys is unbounded (-1); causal is the window (-1, 0), so a causal call with a left
+// edge is local with right = 0, and a non-causal (-1, 0) window is causal.
 void set_variant(FwdParams& p, const Variant& v) {
   TORCH_CHECK(v.window_left >= -1 && v.window_right >= -1, "flash_attn_t: window_size entries must be >= -1, got (",
               v.window_left, ", ", v.window_right, ")");

@@ -6,9 +6,9 @@ merged exactly through their log-sum-exp.
 Both halves ride on the KV-cache form of the forward kernel (torch.ops.flash_attn_t.fwd_kvcache
 with num_splits): the kernels cut each sequence's keys [leftpad_b, seqused_b) into equal parts
 themselves and write one output row per (sequence, split), so nothing is computed or copied per
-split on the host side and a decode step stays capturable in a CUDA graph. Packing turns the group's heads into rows, which changes what a
-row's position is, so it is used when the mask does not depend on positions: one query row, or no
-causal mask.
+split on the host side and a decode step stays capturable in a CUDA graph. Packing turns the
+group's heads into rows, which changes what a row's position is, so it is used when the mask
+does not depend on positions: one query row, or no causal mask.
 """
 import math
 
