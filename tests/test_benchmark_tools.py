@@ -1,0 +1,33 @@
+"""CPU: the pure parts of the benchmark tools (their GPU parts run on the device machine)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import each other as run from there
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("seqlen,window", [(1, 1), (7, 3), (16, 16), (16, 40), (100, 1)])
+def test_window_visited_pairs_counts_the_causal_window(seqlen, window, monkeypatch):
+    pairs = sum(1 for i in range(seqlen) for j in range(seqlen) if i - window < j <= i)
+    assert load("benchmark_window", monkeypatch).visited_pairs(seqlen, window) == pairs
+
+
+def test_sass_report_reads_the_wgmma_region_of_each_kernel(monkeypatch):
+    line = "        /*{:04x}*/                   {} ;"
+    body = ["MOV R1, c[0x0][0x28]", "LDL R2, [R1]", "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ",
+            "LDL R3, [R1+0x4]", "STL [R1+0x8], R3", "MUFU.EX2 R5, R5", "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+            "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24", "STL [R1+0xc], R4", "EXIT"]
+    code = "\n".join(line.format(16 * i, ins) for i, ins in enumerate(body))
+    sass = ("\n\tcode for sm_90a\n\t\tFunction : _ZN3fat4sm9010bwd_kernelIKeyMaskILb1ELb0EEE\n" + code +
+            "\n\t\tFunction : _ZN3fat9no_mma_kernelE\n" + line.format(0, "EXIT") + "\n")
+    rows = list(load("sass_report", monkeypatch).kernel_rows(sass))
+    assert rows == [("causal", dict(instructions=6, ldl=1, stl=1, full_waits=1, mufu=1))]
