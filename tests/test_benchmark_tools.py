@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+pytestmark = pytest.mark.skipif(not BENCHMARKS.is_dir(),
+                                reason="benchmarks/ is not beside tests/ (an installed-package test run)")
 
 
 def load(name, monkeypatch):
