@@ -1,5 +1,6 @@
 """A small forward + backward through every kernel (both dtypes, both head dims, each mask variant:
-plain, causal, sliding window with and without causal; GQA, ragged lengths, varlen, deterministic),
+plain, causal, sliding window with and without causal; softcap; GQA, ragged lengths, varlen,
+deterministic),
 a KV-cache step (append, cache_batch_idx, cache_leftpad, one index value out of range) and a
 split-KV decode step, sized for compute-sanitizer."""
 import torch
@@ -9,11 +10,12 @@ from flash_attn_t import flash_attn_func, flash_attn_varlen_func, flash_attn_wit
 torch.manual_seed(0)
 for dtype in (torch.bfloat16, torch.float16):
     for head_dim in (64, 128):
-        for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (33, 7)), (True, (40, -1))):
+        for causal, window, softcap in ((False, (-1, -1), 0.0), (True, (-1, -1), 0.0), (False, (33, 7), 0.0),
+                                        (True, (40, -1), 0.0), (False, (-1, -1), 20.0), (True, (40, -1), 20.0)):
             q = torch.randn(2, 77, 4, head_dim, device="cuda", dtype=dtype, requires_grad=True)
             k = torch.randn(2, 131, 2, head_dim, device="cuda", dtype=dtype, requires_grad=True)
             v = torch.randn(2, 131, 2, head_dim, device="cuda", dtype=dtype, requires_grad=True)
-            out = flash_attn_func(q, k, v, causal=causal, window_size=window, deterministic=causal)
+            out = flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap, deterministic=causal)
             out.sum().backward()
             lens_q, lens_k = [0, 1, 70], [5, 0, 140]
             cu_q = torch.tensor([0, 0, 1, 71], device="cuda", dtype=torch.int32)
@@ -22,7 +24,7 @@ for dtype in (torch.bfloat16, torch.float16):
             kv = torch.randn(145, 2, head_dim, device="cuda", dtype=dtype, requires_grad=True)
             vv = torch.randn(145, 2, head_dim, device="cuda", dtype=dtype, requires_grad=True)
             out = flash_attn_varlen_func(qv, kv, vv, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
-                                         window_size=window)
+                                         window_size=window, softcap=softcap)
             out.sum().backward()
             k_cache = torch.randn(3, 200, 2, head_dim, device="cuda", dtype=dtype)
             v_cache = torch.randn_like(k_cache)

@@ -46,8 +46,10 @@ def kernel_rows(sass):
             continue
         region = code[mma[0]:mma[-1] + 1]
         count = lambda pattern: sum(1 for ins in region if re.search(pattern, ins))  # noqa: E731
-        variant = re.search(r"KeyMaskILb(\d)ELb(\d)", name)
-        label = {"00": "plain", "10": "causal", "01": "local"}.get("".join(variant.groups()) if variant else "", "?")
+        mask = re.search(r"KeyMaskILb(\d)ELb(\d)EE(?:ELb(\d))?", name)
+        label = {"00": "plain", "10": "causal", "01": "local"}.get("".join(mask.groups()[:2]) if mask else "", "?")
+        if mask and mask.group(3) == "1":
+            label += "+softcap"
         yield label, dict(instructions=len(region), ldl=count(r"\bLDL"), stl=count(r"\bSTL"),
                           full_waits=sum(1 for ins in code if "DEPBAR.LE gsb0, 0x0" in ins), mufu=count(r"\bMUFU"))
 
@@ -60,10 +62,10 @@ def main(argv=None):
     names = args.names or sorted(p.stem for p in (ROOT / "csrc" / "instantiations").glob("*_sm90_*.cu"))
     with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
         results = dict(zip(names, pool.map(lambda n: compile_one(n, args.define, Path(tmp)), names)))
-    print(f"{'instantiation':<22} {'variant':<7} {'region instr':>12} {'LDL':>4} {'STL':>4} {'full waits':>10} {'MUFU':>5}")
+    print(f"{'instantiation':<22} {'variant':<14} {'region instr':>12} {'LDL':>4} {'STL':>4} {'full waits':>10} {'MUFU':>5}")
     for name, (log, sass) in results.items():
         for label, s in kernel_rows(sass):
-            print(f"{name:<22} {label:<7} {s['instructions']:>12} {s['ldl']:>4} {s['stl']:>4} {s['full_waits']:>10} "
+            print(f"{name:<22} {label:<14} {s['instructions']:>12} {s['ldl']:>4} {s['stl']:>4} {s['full_waits']:>10} "
                   f"{s['mufu']:>5}")
         for message in sorted(set(re.findall(r"\(C75\d\d\)[^']*", log))):
             print(f"  ptxas: {message.strip()}")

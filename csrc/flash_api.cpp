@@ -143,6 +143,7 @@ bool use_sm90_kernels(const FwdParams& p) {
 struct Variant {
   bool causal;
   int64_t window_left, window_right;
+  double softcap;  // 0: none
 };
 
 // Into p, with flash_attn's conventions (p.seqlen_q, p.seqlen_k set): an edge that reaches past
@@ -161,6 +162,13 @@ void set_variant(FwdParams& p, const Variant& v) {
   p.local = !p.causal && (left >= 0 || right >= 0);
   p.window_left = static_cast<int>(left);
   p.window_right = static_cast<int>(right);
+  TORCH_CHECK(v.softcap >= 0 && std::isfinite(v.softcap), "flash_attn_t: softcap must be a finite number >= 0, got ",
+              v.softcap);
+  p.softcap = v.softcap > 0;
+  if (p.softcap) {  // the softmax runs on tanh(x / softcap), in units of softcap (common/mask.h)
+    p.softcap_scale = static_cast<float>(p.softmax_scale / v.softcap);
+    p.scale_log2 = static_cast<float>(v.softcap * M_LOG2E);
+  }
 }
 
 void launch_fwd(FwdParams& p, const at::Tensor& q, const Variant& variant) {
@@ -207,9 +215,10 @@ std::tuple<at::Tensor, at::Tensor> batched_fwd(const at::Tensor& q_, const at::T
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       double softmax_scale, bool causal, int64_t window_left, int64_t window_right) {
+                                       double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+                                       double softcap) {
   check_qkv(q, k, v, 4);
-  return batched_fwd(q, k, v, softmax_scale, {causal, window_left, window_right}, [](FwdParams&) {});
+  return batched_fwd(q, k, v, softmax_scale, {causal, window_left, window_right, softcap}, [](FwdParams&) {});
 }
 
 void check_batch_index(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& q) {
@@ -230,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
                                                const std::optional<at::Tensor>& kv_batch_idx,
                                                const std::optional<at::Tensor>& leftpad_k, double softmax_scale,
                                                bool causal, int64_t window_left, int64_t window_right,
-                                               int64_t num_splits) {
+                                               double softcap, int64_t num_splits) {
   check_q(q, 4);
   check_tensor(k_cache, "k_cache", 4, q);
   check_tensor(v_cache, "v_cache", 4, q);
@@ -248,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
   TORCH_CHECK(num_splits == 1 || (!causal && window_left < 0 && window_right < 0),
               "flash_attn_t: num_splits > 1 takes no causal mask or window");
   return batched_fwd(
-      q, k_cache, v_cache, softmax_scale, {causal, window_left, window_right},
+      q, k_cache, v_cache, softmax_scale, {causal, window_left, window_right, softcap},
       [&](FwdParams& p) {
         p.seqused_k = seqused_k.data_ptr<int>();
         p.kv_batch_idx = kv_batch_idx.has_value() ? kv_batch_idx->data_ptr<int>() : nullptr;
@@ -260,7 +269,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
 std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                                               const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                               int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
-                                              bool causal, int64_t window_left, int64_t window_right) {
+                                              bool causal, int64_t window_left, int64_t window_right,
+                                              double softcap) {
   check_qkv(q_, k_, v_, 3);
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q_);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q_);
@@ -277,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q_, const at::Te
   p.seqlen_k = static_cast<int>(max_seqlen_k);
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
   p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
-  if (q.size(0) > 0) launch_fwd(p, q, {causal, window_left, window_right});
+  if (q.size(0) > 0) launch_fwd(p, q, {causal, window_left, window_right, softcap});
   return {out, lse};
 }
 
@@ -389,10 +399,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
                                                    const at::Tensor& k, const at::Tensor& v,
                                                    const at::Tensor& out, const at::Tensor& lse,
                                                    double softmax_scale, bool causal, bool deterministic,
-                                                   int64_t window_left, int64_t window_right) {
+                                                   int64_t window_left, int64_t window_right, double softcap) {
   check_qkv(q, k, v, 4);
   check_bwd_extra(dout, out, q, lse, {q.size(0), q.size(2), q.size(1)});
-  return backward(dout, q, k, v, out, lse, softmax_scale, {causal, window_left, window_right}, deterministic,
+  return backward(dout, q, k, v, out, lse, softmax_scale, {causal, window_left, window_right, softcap}, deterministic,
                   [&](BwdParams& p) {
     p.batch = p.batch_k = static_cast<int>(q.size(0));
     p.seqlen_q = static_cast<int>(q.size(1));
@@ -404,14 +414,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, double softmax_scale, bool causal, bool deterministic, int64_t window_left,
-    int64_t window_right) {
+    int64_t window_right, double softcap) {
   check_qkv(q, k, v, 3);
   check_bwd_extra(dout, out, q, lse, {q.size(1), q.size(0)});
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
   TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel(),
               "flash_attn_t: cu_seqlens_q and cu_seqlens_k must have the same length");
-  return backward(dout, q, k, v, out, lse, softmax_scale, {causal, window_left, window_right}, deterministic,
+  return backward(dout, q, k, v, out, lse, softmax_scale, {causal, window_left, window_right, softcap}, deterministic,
                   [&](BwdParams& p) {
     p.batch = static_cast<int>(cu_seqlens_q.numel() - 1);
     p.seqlen_q = static_cast<int>(max_seqlen_q);
@@ -427,19 +437,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
 TORCH_LIBRARY(flash_attn_t, m) {
   // window_left / window_right: flash_attn's window_size, -1 for an unbounded edge.
   m.def("fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, int window_left=-1, "
-        "int window_right=-1) -> (Tensor, Tensor)");
+        "int window_right=-1, float softcap=0.0) -> (Tensor, Tensor)");
   m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale, "
-        "bool causal, bool deterministic, int window_left=-1, int window_right=-1) -> (Tensor, Tensor, Tensor)");
+        "bool causal, bool deterministic, int window_left=-1, int window_right=-1, float softcap=0.0) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqused_k, Tensor? kv_batch_idx, "
         "Tensor? leftpad_k, float softmax_scale, bool causal, int window_left=-1, int window_right=-1, "
-        "int num_splits=1) -> (Tensor, Tensor)");
+        "float softcap=0.0, int num_splits=1) -> (Tensor, Tensor)");
   m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left=-1, "
-        "int window_right=-1) -> (Tensor, Tensor)");
+        "int window_right=-1, float softcap=0.0) -> (Tensor, Tensor)");
   m.def("varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
-        "float softmax_scale, bool causal, bool deterministic, int window_left=-1, int window_right=-1) "
-        "-> (Tensor, Tensor, Tensor)");
+        "float softmax_scale, bool causal, bool deterministic, int window_left=-1, int window_right=-1, "
+        "float softcap=0.0) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(flash_attn_t, CUDA, m) {

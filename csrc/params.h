@@ -40,10 +40,14 @@ struct FwdParams {
   int kv_splits;
 
   // The attention variant (csrc/common/mask.h): the launchers turn these flags into template
-  // parameters (mask_switch). causal: the window (-1, 0); local: any other bounded window
+  // parameters (variant_switch). causal: the window (-1, 0); local: any other bounded window
   // [position - window_left, position + window_right], -1 an unbounded edge.
   bool causal, local;
   int window_left, window_right;
+  // Softcap (common/mask.h Variant): softcap_scale = softmax_scale / softcap, and scale_log2 is
+  // softcap * log2(e) instead of softmax_scale * log2(e).
+  bool softcap;
+  float softcap_scale;
 
   float softmax_scale;
   float scale_log2;  // softmax_scale * log2(e): the exp2 argument is one FFMA away from the score

@@ -59,15 +59,16 @@ def plan(q, k, causal, window=(-1, -1), num_splits=0):
 
 
 def split_kv_attention(q, k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, softmax_scale, num_splits,
-                       attend=None):
+                       softcap=0.0, attend=None):
     """Non-causal attention of q (batch, seqlen_q, nheads, d) against cache rows kv_batch_idx[b]
     (b when None), keys [leftpad_k[b] (0 when None), seqused_k[b]) of k_cache / v_cache
     (batch_cache, seqlen_cache, nheads_k, d), through num_splits splits per sequence with the
     query heads of each kv head packed into rows. Returns (out like q, lse (batch, nheads,
-    seqlen_q) fp32, +inf for rows that see no key). `attend` computes one fwd_kvcache call (the
-    kernel by default; the CPU tests pass an exact emulation)."""
+    seqlen_q) fp32, +inf for rows that see no key). softcap as in flash_attn_func (the merge is
+    exact for it too: each split's lse is of the capped scores). `attend` computes one fwd_kvcache
+    call (the kernel by default; the CPU tests pass an exact emulation)."""
     attend = attend or (lambda q, k, v, used, idx, pad, scale, splits: torch.ops.flash_attn_t.fwd_kvcache(
-        q, k, v, used, idx, pad, scale, False, num_splits=splits))
+        q, k, v, used, idx, pad, scale, False, softcap=softcap, num_splits=splits))
     batch, seqlen_q, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     group, rows, splits = heads // kv_heads, seqlen_q * heads // kv_heads, num_splits

@@ -100,7 +100,7 @@ def check_qkv(q, k, v, *, varlen):
 KERNEL_FEATURES = {
     "dropout": False,     # dropout_p > 0
     "window": True,       # window_size != (-1, -1); transformers' sliding_window
-    "softcap": False,     # softcap > 0
+    "softcap": True,      # softcap > 0
     "alibi": False,       # alibi_slopes
     "paged_kv": False,    # block_table
     "sinks": False,       # learnable sink logits (transformers' s_aux)
@@ -131,6 +131,18 @@ def check_window_size(window_size):
     if left < -1 or right < -1:
         raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {(left, right)}")
     return left, right
+
+
+def check_softcap(softcap):
+    """softcap: scores become softcap * tanh(score / softcap); 0 (the default) for none. Returns a
+    float."""
+    try:
+        softcap = float(softcap)
+    except (TypeError, ValueError):
+        raise TypeError(f"softcap must be a number, got {softcap!r}") from None
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0: no soft-capping), got {softcap}")
+    return softcap
 
 
 def check_softmax_scale(softmax_scale, head_dim):
@@ -322,23 +334,24 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(q, k, v, softmax_scale, causal, window):
+def _forward(q, k, v, softmax_scale, causal, variant):
     """The forward kernels for batched q, k, v: split-KV with the query heads of a kv head packed
     into rows when the queries are few and the keys many (decode.plan), the plain kernel otherwise.
-    Either way (out, lse), which is all the backward needs."""
-    splits = decode.plan(q, k, causal, window)
+    Either way (out, lse), which is all the backward needs. variant: (window_left, window_right,
+    softcap), the ops' trailing arguments."""
+    splits = decode.plan(q, k, causal, variant[:2])
     if splits:
         seqused = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
-        return decode.split_kv_attention(q, k, v, seqused, None, None, softmax_scale, splits)
-    return torch.ops.flash_attn_t.fwd(q, k, v, softmax_scale, causal, *window)
+        return decode.split_kv_attention(q, k, v, seqused, None, None, softmax_scale, splits, softcap=variant[2])
+    return torch.ops.flash_attn_t.fwd(q, k, v, softmax_scale, causal, *variant)
 
 
 class FlashAttnFunc(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, causal, window, deterministic):
-        out, lse = _forward(q, k, v, softmax_scale, causal, window)
+    def forward(ctx, q, k, v, softmax_scale, causal, variant, deterministic):
+        out, lse = _forward(q, k, v, softmax_scale, causal, variant)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.softmax_scale, ctx.causal, ctx.window, ctx.deterministic = softmax_scale, causal, window, deterministic
+        ctx.softmax_scale, ctx.causal, ctx.variant, ctx.deterministic = softmax_scale, causal, variant, deterministic
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -346,19 +359,19 @@ class FlashAttnFunc(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = torch.ops.flash_attn_t.bwd(_last_dim_contiguous(dout), q, k, v, out, lse,
-                                                ctx.softmax_scale, ctx.causal, ctx.deterministic, *ctx.window)
+                                                ctx.softmax_scale, ctx.causal, ctx.deterministic, *ctx.variant)
         return dq, dk, dv, None, None, None, None
 
 
 class FlashAttnVarlenFunc(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window,
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, variant,
                 deterministic):
         out, lse = torch.ops.flash_attn_t.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                     max_seqlen_k, softmax_scale, causal, *window)
+                                                     max_seqlen_k, softmax_scale, causal, *variant)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
-        ctx.softmax_scale, ctx.causal, ctx.window, ctx.deterministic = softmax_scale, causal, window, deterministic
+        ctx.softmax_scale, ctx.causal, ctx.variant, ctx.deterministic = softmax_scale, causal, variant, deterministic
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -367,7 +380,7 @@ class FlashAttnVarlenFunc(torch.autograd.Function):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         dq, dk, dv = torch.ops.flash_attn_t.varlen_bwd(
             _last_dim_contiguous(dout), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q,
-            ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal, ctx.deterministic, *ctx.window)
+            ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal, ctx.deterministic, *ctx.variant)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -391,20 +404,23 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     keys j <= i + seqlen_k - seqlen_q; a query that sees no key outputs zeros. window_size=(left,
     right) keeps keys [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right] (-1: no
     bound; with causal, right is 0), and the kernels never load the key blocks outside it.
+    softcap > 0 turns each scaled score x into softcap * tanh(x / softcap) before the softmax
+    (Gemma 2), with its exact derivative in the backward.
     deterministic=True makes the backward bitwise reproducible.
     Returns out (batch, seqlen_q, nheads, headdim); with return_attn_probs=True, (out, lse, None):
     lse (batch, nheads, seqlen_q) fp32, natural log, +inf for rows that see no key; None stands
     for the attention probabilities, which are never materialised.
-    dropout_p, softcap and alibi_slopes accept only their defaults for now.
+    dropout_p and alibi_slopes accept only their defaults for now.
     """
     check_devices(q=q, k=k, v=v)
     check_qkv(q, k, v, varlen=False)
     window_size = check_window_size(window_size)
+    softcap = check_softcap(softcap)
     check_unimplemented(dropout_p, window_size, softcap, alibi_slopes)
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
     ops.require_extension()
     head_dim = q.shape[-1]
-    out, lse = FlashAttnFunc.apply(*_pad_head_dim(q, k, v), softmax_scale, bool(causal), window_size,
+    out, lse = FlashAttnFunc.apply(*_pad_head_dim(q, k, v), softmax_scale, bool(causal), (*window_size, softcap),
                                    bool(deterministic))
     return _result(out[..., :head_dim], lse, return_attn_probs)
 
@@ -442,13 +458,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     check_devices(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     check_qkv(q, k, v, varlen=True)
     window_size = check_window_size(window_size)
+    softcap = check_softcap(softcap)
     check_unimplemented(dropout_p, window_size, softcap, alibi_slopes, block_table)
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
     check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     ops.require_extension()
     head_dim = q.shape[-1]
     out, lse = FlashAttnVarlenFunc.apply(*_pad_head_dim(q, k, v), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                         int(max_seqlen_k), softmax_scale, bool(causal), window_size,
+                                         int(max_seqlen_k), softmax_scale, bool(causal), (*window_size, softcap),
                                          bool(deterministic))
     return _result(out[..., :head_dim], lse, return_attn_probs)
 
@@ -522,7 +539,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return_softmax_lse=True, (out, lse (batch, nheads, seqlen_q) fp32).
     No host synchronisation: values of the index tensors outside their ranges are clamped by the
     kernels, never read or written out of bounds; FLASH_ATTN_T_CHECK_VALUES=1 checks them instead.
-    softcap, alibi_slopes and block_table accept only their defaults for now.
+    alibi_slopes and block_table accept only their defaults for now.
     """
     optional = (("k", k), ("v", v), ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin),
                 ("cache_seqlens", cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None),
@@ -530,6 +547,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     check_devices(q=q, k_cache=k_cache, v_cache=v_cache, **{name: t for name, t in optional if t is not None})
     seqlens = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad)
     window_size = check_window_size(window_size)
+    softcap = check_softcap(softcap)
     check_unimplemented(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, block_table=block_table)
     check_rotary(rotary_cos, rotary_sin, q.shape[-1], k is not None)
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
@@ -548,9 +566,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     splits = decode.plan(q_, k_cache_, causal, window_size, operator.index(num_splits))
     if splits:
         out, lse = decode.split_kv_attention(q_, k_cache_, v_cache_, seqlens, cache_batch_idx, cache_leftpad,
-                                             softmax_scale, splits)
+                                             softmax_scale, splits, softcap=softcap)
     else:
         out, lse = torch.ops.flash_attn_t.fwd_kvcache(q_, k_cache_, v_cache_, seqlens, cache_batch_idx,
-                                                      cache_leftpad, softmax_scale, bool(causal), *window_size)
+                                                      cache_leftpad, softmax_scale, bool(causal), *window_size, softcap)
     out = out[..., :head_dim]
     return (out, lse) if return_softmax_lse else out

@@ -41,23 +41,23 @@ def make_inputs(batch, sq, sk, heads, heads_k, head_dim, dtype, scale=1.0, seed=
     return q, k, v, dout
 
 
-def reference_and_pytorch(q, k, v, dout, causal, softmax_scale=None, window_size=(-1, -1)):
+def reference_and_pytorch(q, k, v, dout, causal, softmax_scale=None, window_size=(-1, -1), softcap=0.0):
     """fp64 reference (out, lse, grads) and PyTorch's math in q's dtype (out, grads)."""
     results = []
     for compute_dtype in (torch.float64, q.dtype):
         leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
         out, lse = attention_reference(*leaves, softmax_scale=softmax_scale, causal=causal,
-                                       compute_dtype=compute_dtype, window_size=window_size)
+                                       compute_dtype=compute_dtype, window_size=window_size, softcap=softcap)
         grads = torch.autograd.grad(out, leaves, dout.to(compute_dtype))
         results.append((out, lse, grads))
     return results
 
 
-def run_ours(q, k, v, dout, causal, deterministic=False, softmax_scale=None, window_size=(-1, -1)):
+def run_ours(q, k, v, dout, causal, deterministic=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0):
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     poison_allocator()
     out, lse, _ = flash_attn_func(*leaves, softmax_scale=softmax_scale, causal=causal, deterministic=deterministic,
-                                  window_size=window_size, return_attn_probs=True)
+                                  window_size=window_size, softcap=softcap, return_attn_probs=True)
     poison_allocator()
     grads = torch.autograd.grad(out, leaves, dout)
     return out, lse, grads
@@ -66,7 +66,8 @@ def run_ours(q, k, v, dout, causal, deterministic=False, softmax_scale=None, win
 def check_against_reference(q, k, v, dout, causal, **kwargs):
     out, lse, grads = run_ours(q, k, v, dout, causal, **kwargs)
     (ref_out, ref_lse, ref_grads), (pt_out, _, pt_grads) = reference_and_pytorch(
-        q, k, v, dout, causal, kwargs.get("softmax_scale"), kwargs.get("window_size", (-1, -1)))
+        q, k, v, dout, causal, kwargs.get("softmax_scale"), kwargs.get("window_size", (-1, -1)),
+        kwargs.get("softcap", 0.0))
     assert_close_to_ref(out, ref_out, pt_out, "out")
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isinf(lse), ~finite), "lse must be +inf exactly on rows that see no key"
@@ -92,6 +93,19 @@ def test_sliding_window_against_fp64(window, causal, sq, sk, head_dim, dtype):
     one-sided; GQA; ragged lengths, sq != sk, and rows that see no key."""
     q, k, v, dout = make_inputs(2, sq, sk, 8, 2, head_dim, dtype, seed=sq + sk + window[0])
     check_against_reference(q, k, v, dout, causal, window_size=window)
+
+
+@pytest.mark.parametrize("softcap", [5.0, 50.0])
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 7)), (True, (100, -1))])
+@pytest.mark.parametrize("sq,sk", [(200, 200), (97, 300), (300, 97), (1, 513)])
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.bfloat16), (128, torch.float16)])
+def test_softcap_against_fp64(softcap, causal, window, sq, sk, head_dim, dtype):
+    """softcap: scores x -> softcap * tanh(x / softcap) (Gemma 2), forward and backward, alone and
+    with causal / window, GQA, sq != sk, one query row (split-KV); a softcap of 5 bends most scores
+    (the derivative far from 1), 50 few. The inputs are scaled up so the scores reach the cap."""
+    q, k, v, dout = make_inputs(2, sq, sk, 8, 2, head_dim, dtype, seed=sq + sk + int(softcap))
+    q = (q * 3).to(dtype)
+    check_against_reference(q, k, v, dout, causal, window_size=window, softcap=softcap)
 
 
 @pytest.mark.parametrize("causal", [False, True])

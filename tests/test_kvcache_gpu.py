@@ -172,9 +172,11 @@ def test_kvcache_decode_step_replays_in_a_cuda_graph():
 @pytest.mark.parametrize("seqlen_q,causal", [(1, True), (1, False), (3, False)])
 @pytest.mark.parametrize("heads,heads_k", [(8, 2), (4, 4)])
 @pytest.mark.parametrize("num_splits", [0, 1, 7])
-def test_split_kv_decode_against_reference(dtype, head_dim, seqlen_q, causal, heads, heads_k, num_splits):
+@pytest.mark.parametrize("softcap", [0.0, 10.0])
+def test_split_kv_decode_against_reference(dtype, head_dim, seqlen_q, causal, heads, heads_k, num_splits, softcap):
     """Few query rows against long caches: the split-KV path (packed query heads, keys cut into
-    splits, merged through lse) with lengths 0, 1 and odd, cache_batch_idx and cache_leftpad."""
+    splits, merged through lse) with lengths 0, 1 and odd, cache_batch_idx and cache_leftpad,
+    with and without softcap."""
     from flash_attn_t import decode
     batch, seqlen_cache = 4, 3000
     torch.manual_seed(seqlen_q + head_dim + num_splits)
@@ -188,12 +190,13 @@ def test_split_kv_decode_against_reference(dtype, head_dim, seqlen_q, causal, he
     poison_allocator()
     out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, cache_batch_idx=batch_idx,
                                        cache_leftpad=leftpad, causal=causal, num_splits=num_splits,
-                                       return_softmax_lse=True)
+                                       softcap=softcap, return_softmax_lse=True)
     for b in range(batch):
         row, keys = int(batch_idx[b]), slice(int(leftpad[b]), int(seqlens[b]))
         k_b, v_b = k_cache[row:row + 1, keys], v_cache[row:row + 1, keys]
-        ref_out, ref_lse = attention_reference(q[b:b + 1].double(), k_b.double(), v_b.double(), causal=causal)
-        pt_out, _ = attention_reference(q[b:b + 1], k_b, v_b, causal=causal, compute_dtype=dtype)
+        ref_out, ref_lse = attention_reference(q[b:b + 1].double(), k_b.double(), v_b.double(), causal=causal,
+                                               softcap=softcap)
+        pt_out, _ = attention_reference(q[b:b + 1], k_b, v_b, causal=causal, compute_dtype=dtype, softcap=softcap)
         assert_close_to_ref(out[b:b + 1], ref_out, pt_out, f"out[{b}]")
         finite = torch.isfinite(ref_lse)
         assert torch.equal(torch.isinf(lse[b:b + 1]), ~finite)

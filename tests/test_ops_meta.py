@@ -44,7 +44,7 @@ def test_varlen_meta():
 
 @requires_extension
 def test_ops_are_registered_with_the_contract_schemas():
-    window = ["window_left", "window_right"]
+    window = ["window_left", "window_right", "softcap"]
     arguments = {
         "fwd": ["q", "k", "v", "softmax_scale", "causal", *window],
         "bwd": ["dout", "q", "k", "v", "out", "lse", "softmax_scale", "causal", "deterministic", *window],

@@ -161,7 +161,6 @@ def test_fallback_gradients_with_gradient_checkpointing_match_eager():
 
 @pytest.mark.parametrize("call, words", [
     (dict(dropout=0.1), "dropout"),
-    (dict(softcap=30.0), "softcap"),
     (dict(output_attentions=True), "output_attentions"),
     (dict(s_aux=torch.zeros(8)), "sinks"),
     (dict(attention_mask=torch.zeros(1, 1, 16, 16)), "4-d attention mask"),
@@ -178,7 +177,6 @@ def test_unsupported_reason_names_the_feature(call, words):
 
 
 @pytest.mark.parametrize("feature, call, check_kwargs", [
-    ("softcap", dict(softcap=30.0), dict(softcap=30.0)),
     ("dropout", dict(dropout=0.1), dict(dropout_p=0.1)),
 ])
 def test_one_feature_table_decides_for_the_api_and_the_integration(monkeypatch, feature, call, check_kwargs):
@@ -211,15 +209,16 @@ def reference_kernels(monkeypatch):
     integration's own unpadding, packing and padding back are what is tested."""
     from flash_attn_t.reference import attention_reference
 
-    def batched(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1)):
-        return attention_reference(q, k, v, softmax_scale, causal, compute_dtype=q.dtype, window_size=window_size)[0]
+    def batched(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0):
+        return attention_reference(q, k, v, softmax_scale, causal, compute_dtype=q.dtype, window_size=window_size,
+                                   softcap=softcap)[0]
 
     def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=False,
-               window_size=(-1, -1)):
+               window_size=(-1, -1), softcap=0.0):
         lengths_q, lengths_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
         assert max_seqlen_q == lengths_q.max() and max_seqlen_k == lengths_k.max()
         return attention_reference(q, k, v, softmax_scale, causal, compute_dtype=q.dtype, cu_seqlens_q=cu_seqlens_q,
-                                   cu_seqlens_k=cu_seqlens_k, window_size=window_size)[0]
+                                   cu_seqlens_k=cu_seqlens_k, window_size=window_size, softcap=softcap)[0]
 
     def fail(*args, **kwargs):
         raise AssertionError("the fallback path ran where the kernel path should have")
@@ -243,6 +242,24 @@ def test_kernel_path_sliding_window_is_exact(reference_kernels):
     _, wider = pair("mistral", mistral_config(sliding_window=9))
     wider.load_state_dict(eager.state_dict())
     assert (wider(ids).logits - eager(ids).logits).abs().max() > 1e-2
+
+
+def test_kernel_path_gemma2_softcap_is_exact(reference_kernels, monkeypatch):
+    """Gemma 2's attn_logit_softcapping reaches the kernels as softcap (with its alternating
+    sliding-window layers): plain and left-padded batches against the model's eager attention,
+    and every kernel call got the model's cap."""
+    eager, ours = pair("gemma2", gemma2_config())
+    ids = torch.randint(0, VOCAB, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :5] = 0
+    seen = []
+    for name in ("flash_attn_func", "flash_attn_varlen_func"):
+        kernel = getattr(integration, name)
+        monkeypatch.setattr(integration, name, lambda *a, _kernel=kernel, **kw: seen.append(kw["softcap"]) or
+                            _kernel(*a, **kw))
+    assert_logits_match(eager, ours, ids)
+    assert_logits_match(eager, ours, ids, attention_mask=mask)
+    assert seen and set(seen) == {gemma2_config().attn_logit_softcapping}
 
 
 def test_kernel_path_padding_and_packing_are_exact(reference_kernels):

@@ -86,7 +86,6 @@ def test_every_entry_point_checks_dtype_head_dim_and_heads(fake_cuda):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(dropout_p=0.1), "dropout_p"),
-    (dict(softcap=30.0), "softcap"),
     (dict(alibi_slopes=torch.ones(4)), "alibi_slopes"),
 ])
 def test_every_entry_point_rejects_unimplemented_features(fake_cuda, kwargs, match):
@@ -257,16 +256,19 @@ def test_every_entry_point_takes_a_window(fake_cuda):
     if not ops.extension_available():
         pytest.skip("flash_attn_t._C is not built (the fake kernels come with it)")
     q, k, v = batched(hk=4, device="cuda")
-    for name, call in call_every_entry_point(q, k, v, causal=True, window_size=(3, 0)):
+    for name, call in call_every_entry_point(q, k, v, causal=True, window_size=(3, 0), softcap=30.0):
         out = call()
         assert out.shape[-2:] == q.shape[-2:], name
     with pytest.raises(ValueError, match="window_size entries"):
         flash_attn_t.flash_attn_func(q, k, v, window_size=(-5, 2))
+    for bad, error in ((-1.0, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+                       (None, TypeError)):
+        with pytest.raises(error, match="softcap must be"):
+            flash_attn_t.flash_attn_func(q, k, v, softcap=bad)
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(dropout_p=0.1), r"dropout_p=0.1"),
-    (dict(softcap=30.0), r"softcap=30.0"),
     (dict(alibi_slopes=torch.ones(4)), "alibi_slopes"),
     (dict(block_table=torch.zeros(1, 1, dtype=torch.int32)), "block_table"),
 ])
@@ -363,7 +365,7 @@ def int32(values, device="cuda"):
     (lambda: dict(num_splits=-1), ValueError, "num_splits must be >= 0"),
     (lambda: dict(block_table=int32([[0], [1]])), NotImplementedError, "block_table"),
     (lambda: dict(window_size=(-3, 0)), ValueError, "window_size entries must be >= -1"),
-    (lambda: dict(softcap=5.0), NotImplementedError, "softcap"),
+    (lambda: dict(softcap=-5.0), ValueError, "softcap must be a finite number >= 0"),
 ])
 def test_kvcache_rules(fake_cuda, change, error, match):
     args = {**kvcache_inputs(), **change()}

@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "../params.h"
+#include "ptx.h"
 #include "seq_info.h"
 #include "switch.h"
 
@@ -67,18 +68,37 @@ struct KeyMask {
   }
 };
 
-// A type tag: launchers receive the mask policy as Tag<Mask> from mask_switch.
+// The attention variant every kernel is templated on: a key mask plus the score transform.
+// Softcap (Gemma 2): a scaled score x becomes softcap * tanh(x / softcap). The kernels apply it to
+// their unscaled q.k accumulators s as t = tanh(s * softmax_scale / softcap) (score()) and run
+// the softmax on t with scale_log2 = softcap * log2(e) (set on the host, params.h), so lse comes
+// out in the natural units; the backward multiplies dS by dt/dx = 1 - t^2 (score_grad()).
+template <typename Mask, bool Softcap>
+struct Variant : Mask {
+  static constexpr bool kSoftcap = Softcap;
+  float softcap_scale;  // softmax_scale / softcap
+
+  __device__ __forceinline__ Variant(const SeqInfo& seq, const FwdParams& p)
+      : Mask(seq, p), softcap_scale(p.softcap_scale) {}
+  __device__ __forceinline__ float score(float s) const { return Softcap ? fast_tanh(s * softcap_scale) : s; }
+  __device__ __forceinline__ float score_grad(float t) const { return Softcap ? 1.f - t * t : 1.f; }
+};
+
+// A type tag: launchers receive the variant policy as Tag<Variant<...>> from variant_switch.
 template <typename T>
 struct Tag {
   using type = T;
 };
 
-// f(Tag<KeyMask<...>>{}) for the variant p asks for: none, causal, or local (flash_attn_api
-// normalises a causal window to local with right = 0).
+// f(Tag<Variant<KeyMask<...>, softcap>>{}) for the variant p asks for: no mask, causal, or local
+// (flash_attn_api normalises a causal window to local with right = 0), each with or without
+// softcap.
 template <typename F>
-decltype(auto) mask_switch(const FwdParams& p, F&& f) {
-  if (p.local) return f(Tag<KeyMask<false, true>>{});
-  return bool_switch(p.causal, [&](auto causal) { return f(Tag<KeyMask<causal>>{}); });
+decltype(auto) variant_switch(const FwdParams& p, F&& f) {
+  return bool_switch(p.softcap, [&](auto softcap) {
+    if (p.local) return f(Tag<Variant<KeyMask<false, true>, softcap>>{});
+    return bool_switch(p.causal, [&](auto causal) { return f(Tag<Variant<KeyMask<causal>, softcap>>{}); });
+  });
 }
 
 // Sets masked scores of a warp's tiles to -inf (m16n8 accumulator layout: a lane holds rows

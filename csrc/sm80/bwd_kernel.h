@@ -271,10 +271,11 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
           const int col = sdp_key + nt * 8 + 2 * (lane % 4);
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            float pv = fast_exp2(fmaf(s[mt][nt][2 * r + c], p.scale_log2, -lse_log2));
+            const float score = mask.score(s[mt][nt][2 * r + c]);
+            float pv = fast_exp2(fmaf(score, p.scale_log2, -lse_log2));
             if (needs_mask && (col + c >= col_limit || (Mask::kLocal && col + c < col_first))) pv = 0.f;
             pr[c] = pv;
-            dsr[c] = pv * (dp[mt][nt][2 * r + c] - dsum);
+            dsr[c] = pv * (dp[mt][nt][2 * r + c] - dsum) * mask.score_grad(score);
           }
           const uint32_t addr = Frag<PTile>::at(p_pair, sdp_row + mt * 16 + 8 * r, sdp_key + nt * 8);
           st_shared_u32(addr, Ops::pack(pr[0], pr[1]));

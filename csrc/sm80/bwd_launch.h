@@ -52,7 +52,7 @@ template <typename Element, int HeadDim>
 cudaError_t run_bwd_sm80(const BwdParams& p, cudaStream_t stream) {
   using Traits = typename sm80::BwdConfig<Element, HeadDim>::Traits;
   static_assert(Traits::kBlockN == kBwdBlockN, "flash_api sizes dq_accum splits with kBwdBlockN");
-  return mask_switch(p, [&](auto mask) { return sm80::launch_bwd<Traits, typename decltype(mask)::type>(p, stream); });
+  return variant_switch(p, [&](auto variant) { return sm80::launch_bwd<Traits, typename decltype(variant)::type>(p, stream); });
 }
 
 }  // namespace fat

@@ -161,6 +161,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
     float s[kMTiles][kSTiles][4];
     qk_scores<Traits>(s, q_a, k_b, warp_row);
+    if constexpr (Mask::kSoftcap) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kSTiles; ++nt)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) s[mt][nt][j] = mask.score(s[mt][nt][j]);
+    }
 
     if (mask.block_needs_mask(first_row, kBlockM, first_col, kBlockN))
       mask_scores(s, mask, first_row + warp_row, first_col);

@@ -298,6 +298,40 @@ struct BwdConsumer {
     }
   }
 
+  // Softcap: S^T and dP^T -> P^T = exp2(t scale_log2 - lse log2 e) with t = tanh(S^T softcap_scale),
+  // and dS^T = P^T (dP^T - D) (1 - t^2), in one pass (t is needed by both; keeping it beside P^T
+  // would cost a tile of registers).
+  __device__ __forceinline__ void softcap_p_and_ds(float (&s)[kSTiles][4], float (&dp)[kSTiles][4],
+                                                   const BwdKeyBlock<Traits, Mask>& blk, int first_row, int stage,
+                                                   float scale_log2) const {
+    if (blk.mask.block_needs_mask(first_row, kBlockM, blk.first_key + 64 * wg, 64))
+      softcap_p_and_ds<true>(s, dp, blk, first_row, stage, scale_log2);
+    else
+      softcap_p_and_ds<false>(s, dp, blk, first_row, stage, scale_log2);
+  }
+  template <bool MaskElements>
+  __device__ __forceinline__ void softcap_p_and_ds(float (&s)[kSTiles][4], float (&dp)[kSTiles][4],
+                                                   const BwdKeyBlock<Traits, Mask>& blk, int first_row, int stage,
+                                                   float scale_log2) const {
+    const float* lse = sm.lse_log2(stage);
+    const float* dsum = sm.dsum(stage);
+#pragma unroll
+    for (int t = 0; t < kSTiles; ++t) {
+      const float2 l = *reinterpret_cast<const float2*>(lse + col_of(t, 0));
+      const float2 d = *reinterpret_cast<const float2*>(dsum + col_of(t, 0));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float score = blk.mask.score(s[t][j]);
+        float p = fast_exp2(fmaf(score, scale_log2, -(j % 2 ? l.y : l.x)));
+        if constexpr (MaskElements) {
+          if (blk.mask.masked(first_row + col_of(t, j), blk.first_key + key_of(j))) p = 0.f;
+        }
+        s[t][j] = p;
+        dp[t][j] = p * (dp[t][j] - (j % 2 ? d.y : d.x)) * blk.mask.score_grad(score);
+      }
+    }
+  }
+
   // dP^T -> dS^T = P^T (dP^T - D).
   __device__ __forceinline__ void dp_to_ds(float (&dp)[kSTiles][4], const float (&p)[kSTiles][4], int stage) const {
     const float* dsum = sm.dsum(stage);
@@ -379,18 +413,25 @@ struct BwdConsumer {
         q.wait_full(sm.q_full(stage));
         issue_s_dp(s, dp, stage);
 
-        wgmma_wait<1>();  // S^T done; dP^T may still run
-        fence_operand(s);
+        if constexpr (Mask::kSoftcap) {
+          wgmma_wait<0>();
+          fence_operand(s);
+          fence_operand(dp);
+          softcap_p_and_ds(s, dp, blk, first_row, stage, p.scale_log2);
+        } else {
+          wgmma_wait<1>();  // S^T done; dP^T may still run
+          fence_operand(s);
 #if !FAT_BWD_TIMING_SKIP_ELEMENTWISE
-        scores_to_p(s, blk, first_row, stage, p.scale_log2);
+          scores_to_p(s, blk, first_row, stage, p.scale_log2);
 #endif
-        wgmma_wait<0>();
-        fence_operand(dp);
-        // dS before packing either: P^T in fp32 and dP^T die as they are packed, so at most
-        // S^T, dP^T and dK, dV are live at once (hd64 at BlockM 128 would spill otherwise).
+          wgmma_wait<0>();
+          fence_operand(dp);
+          // dS before packing either: P^T in fp32 and dP^T die as they are packed, so at most
+          // S^T, dP^T and dK, dV are live at once (hd64 at BlockM 128 would spill otherwise).
 #if !FAT_BWD_TIMING_SKIP_ELEMENTWISE
-        dp_to_ds(dp, s, stage);
+          dp_to_ds(dp, s, stage);
 #endif
+        }
         pack_a_fragments<Element>(s, p_frag);
         pack_a_fragments<Element>(dp, ds_frag);
         // Tensor-core work queued around the two waits of this warpgroup: dV += P^T dO runs while

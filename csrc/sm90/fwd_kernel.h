@@ -229,6 +229,12 @@ struct Consumer {
     if constexpr (Traits::kTimingSkipSoftmax) {
       correction[0][0] = correction[0][1] = 1.f;
     } else {
+      if constexpr (Mask::kSoftcap) {
+#pragma unroll
+        for (int t = 0; t < kSTiles; ++t)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) s[0][t][j] = blk.mask.score(s[0][t][j]);
+      }
       mask(s[0], i);
       softmax.exponentiate(s, scale_log2, correction);
     }

@@ -67,7 +67,7 @@ cudaError_t run_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   constexpr int warpgroups = HeadDim == 64 ? FAT_SM90_HD64_WARPGROUPS : 2;
   using Traits = sm90::FwdTraits<Element, HeadDim, warpgroups, FAT_SM90_TENSOR_ROW_SUM, FAT_LAZY_RESCALE,
                                   FAT_PINGPONG, FAT_TIMING_SKIP_SOFTMAX>;
-  return mask_switch(p, [&](auto mask) { return sm90::launch_fwd<Traits, typename decltype(mask)::type>(p, stream); });
+  return variant_switch(p, [&](auto variant) { return sm90::launch_fwd<Traits, typename decltype(variant)::type>(p, stream); });
 }
 
 }  // namespace fat
