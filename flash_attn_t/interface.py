@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from . import decode, ops
+from . import decode, ops, sinks
 from .rotary import apply_rotary
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -103,7 +103,7 @@ KERNEL_FEATURES = {
     "softcap": True,      # softcap > 0
     "alibi": False,       # alibi_slopes
     "paged_kv": False,    # block_table
-    "sinks": False,       # learnable sink logits (transformers' s_aux)
+    "sinks": True,        # learnable_sink: a sink logit per head (transformers' s_aux)
 }
 
 
@@ -143,6 +143,22 @@ def check_softcap(softcap):
     if not (math.isfinite(softcap) and softcap >= 0):
         raise ValueError(f"softcap must be a finite number >= 0 (0: no soft-capping), got {softcap}")
     return softcap
+
+
+def check_learnable_sink(learnable_sink, q, heads):
+    """learnable_sink: None, or a floating-point tensor (nheads,) on q's device: one logit per
+    query head that joins the softmax normaliser and carries no value (gpt-oss)."""
+    if learnable_sink is None:
+        return
+    if not isinstance(learnable_sink, torch.Tensor):
+        raise TypeError(f"learnable_sink must be a tensor (nheads,) or None, got {type(learnable_sink).__name__}")
+    if not learnable_sink.is_floating_point():
+        raise TypeError(f"learnable_sink must be a floating-point tensor (fp32 recommended), "
+                        f"got {learnable_sink.dtype}")
+    if tuple(learnable_sink.shape) != (heads,):
+        raise ValueError(f"learnable_sink must have shape (nheads,) = ({heads},), got {tuple(learnable_sink.shape)}")
+    if learnable_sink.device != q.device:
+        raise ValueError(f"learnable_sink must be on q's device ({q.device}), got {learnable_sink.device}")
 
 
 def check_softmax_scale(softmax_scale, head_dim):
@@ -348,28 +364,33 @@ def _forward(q, k, v, softmax_scale, causal, variant):
 
 class FlashAttnFunc(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, causal, variant, deterministic):
+    def forward(ctx, q, k, v, softmax_scale, causal, variant, deterministic, sink):
         out, lse = _forward(q, k, v, softmax_scale, causal, variant)
-        ctx.save_for_backward(q, k, v, out, lse)
+        if sink is not None:
+            out, lse = sinks.apply_sink(out, lse, sink)
+        ctx.save_for_backward(q, k, v, out, lse, sink)
         ctx.softmax_scale, ctx.causal, ctx.variant, ctx.deterministic = softmax_scale, causal, variant, deterministic
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sink = ctx.saved_tensors
         dq, dk, dv = torch.ops.flash_attn_t.bwd(_last_dim_contiguous(dout), q, k, v, out, lse,
                                                 ctx.softmax_scale, ctx.causal, ctx.deterministic, *ctx.variant)
-        return dq, dk, dv, None, None, None, None
+        dsink = sinks.sink_grad(dout, out, lse, sink) if sink is not None and ctx.needs_input_grad[7] else None
+        return dq, dk, dv, None, None, None, None, dsink
 
 
 class FlashAttnVarlenFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, variant,
-                deterministic):
+                deterministic, sink):
         out, lse = torch.ops.flash_attn_t.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                      max_seqlen_k, softmax_scale, causal, *variant)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        if sink is not None:
+            out, lse = sinks.apply_sink(out, lse, sink)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sink)
         ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
         ctx.softmax_scale, ctx.causal, ctx.variant, ctx.deterministic = softmax_scale, causal, variant, deterministic
         ctx.mark_non_differentiable(lse)
@@ -377,11 +398,12 @@ class FlashAttnVarlenFunc(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sink = ctx.saved_tensors
         dq, dk, dv = torch.ops.flash_attn_t.varlen_bwd(
             _last_dim_contiguous(dout), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q,
             ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal, ctx.deterministic, *ctx.variant)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        dsink = sinks.sink_grad(dout, out, lse, sink) if sink is not None and ctx.needs_input_grad[11] else None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, dsink
 
 
 def _result(out, lse, return_attn_probs):
@@ -395,7 +417,7 @@ def _result(out, lse, return_attn_probs):
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, learnable_sink=None):
     """Exact attention softmax(q k^T * softmax_scale) v.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), fp16 or bf16
@@ -406,7 +428,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     bound; with causal, right is 0), and the kernels never load the key blocks outside it.
     softcap > 0 turns each scaled score x into softcap * tanh(x / softcap) before the softmax
     (Gemma 2), with its exact derivative in the backward.
-    deterministic=True makes the backward bitwise reproducible.
+    deterministic=True makes the backward bitwise reproducible. learnable_sink (nheads,) adds a
+    logit per head to each row's softmax normaliser that carries no value (gpt-oss's attention
+    sinks; FlashAttention-4's keyword); its gradient flows back like q's.
     Returns out (batch, seqlen_q, nheads, headdim); with return_attn_probs=True, (out, lse, None):
     lse (batch, nheads, seqlen_q) fp32, natural log, +inf for rows that see no key; None stands
     for the attention probabilities, which are never materialised.
@@ -417,37 +441,40 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     window_size = check_window_size(window_size)
     softcap = check_softcap(softcap)
     check_unimplemented(dropout_p, window_size, softcap, alibi_slopes)
+    check_learnable_sink(learnable_sink, q, q.shape[2])
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
     ops.require_extension()
     head_dim = q.shape[-1]
     out, lse = FlashAttnFunc.apply(*_pad_head_dim(q, k, v), softmax_scale, bool(causal), (*window_size, softcap),
-                                   bool(deterministic))
+                                   bool(deterministic), learnable_sink)
     return _result(out[..., :head_dim], lse, return_attn_probs)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                              *, learnable_sink=None):
     """flash_attn_func with qkv: (batch, seqlen, 3, nheads, headdim); its gradient comes back packed."""
     check_devices(qkv=qkv)
     check_packed_shape(qkv, "qkv", 2, 3, "(batch, seqlen, 3, nheads, headdim)")
     q, k, v = qkv.unbind(2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs)
+                           deterministic, return_attn_probs, learnable_sink=learnable_sink)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                             *, learnable_sink=None):
     """flash_attn_func with q: (batch, seqlen_q, nheads, headdim), kv: (batch, seqlen_k, 2, nheads_k, headdim)."""
     check_devices(q=q, kv=kv)
     check_packed_shape(kv, "kv", 2, 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
     k, v = kv.unbind(2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs)
+                           deterministic, return_attn_probs, learnable_sink=learnable_sink)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None):
+                           deterministic=False, return_attn_probs=False, block_table=None, *, learnable_sink=None):
     """Exact attention over a packed batch of variable-length sequences.
 
     q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim); sequence i holds the tokens
@@ -460,38 +487,40 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     window_size = check_window_size(window_size)
     softcap = check_softcap(softcap)
     check_unimplemented(dropout_p, window_size, softcap, alibi_slopes, block_table)
+    check_learnable_sink(learnable_sink, q, q.shape[1])
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
     check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     ops.require_extension()
     head_dim = q.shape[-1]
     out, lse = FlashAttnVarlenFunc.apply(*_pad_head_dim(q, k, v), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                          int(max_seqlen_k), softmax_scale, bool(causal), (*window_size, softcap),
-                                         bool(deterministic))
+                                         bool(deterministic), learnable_sink)
     return _result(out[..., :head_dim], lse, return_attn_probs)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-                                     return_attn_probs=False):
+                                     return_attn_probs=False, *, learnable_sink=None):
     """flash_attn_varlen_func with qkv: (total, 3, nheads, headdim) and one cu_seqlens for q and k."""
     check_devices(qkv=qkv)
     check_packed_shape(qkv, "qkv", 1, 3, "(total_tokens, 3, nheads, headdim)")
     q, k, v = qkv.unbind(1)
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
                                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                  return_attn_probs)
+                                  return_attn_probs, learnable_sink=learnable_sink)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                                    *, learnable_sink=None):
     """flash_attn_varlen_func with q: (total_q, nheads, headdim), kv: (total_k, 2, nheads_k, headdim)."""
     check_devices(q=q, kv=kv)
     check_packed_shape(kv, "kv", 1, 2, "(total_tokens, 2, nheads_k, headdim)")
     k, v = kv.unbind(1)
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                  return_attn_probs)
+                                  return_attn_probs, learnable_sink=learnable_sink)
 
 
 def _append_to_cache(q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, rotary, positional):
@@ -518,7 +547,8 @@ def _append_to_cache(q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, rotary
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False,
+                            *, learnable_sink=None):
     """Attention of q against a KV cache, appending new keys and values first (incremental
     decoding). Inference only: no gradients.
 
@@ -537,6 +567,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     run split-KV (flash_attn_t.decode): num_splits = 0 picks the split count from the SM count,
     1 splits nothing, n > 1 cuts each sequence's keys into n. Returns out (q's shape) or, with
     return_softmax_lse=True, (out, lse (batch, nheads, seqlen_q) fp32).
+    learnable_sink (nheads,): a logit per head in each row's softmax normaliser (gpt-oss), as in
+    flash_attn_func.
     No host synchronisation: values of the index tensors outside their ranges are clamped by the
     kernels, never read or written out of bounds; FLASH_ATTN_T_CHECK_VALUES=1 checks them instead.
     alibi_slopes and block_table accept only their defaults for now.
@@ -549,6 +581,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     window_size = check_window_size(window_size)
     softcap = check_softcap(softcap)
     check_unimplemented(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, block_table=block_table)
+    check_learnable_sink(learnable_sink, q, q.shape[2])
     check_rotary(rotary_cos, rotary_sin, q.shape[-1], k is not None)
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
     check_num_splits(num_splits)
@@ -570,5 +603,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     else:
         out, lse = torch.ops.flash_attn_t.fwd_kvcache(q_, k_cache_, v_cache_, seqlens, cache_batch_idx,
                                                       cache_leftpad, softmax_scale, bool(causal), *window_size, softcap)
+    if learnable_sink is not None:
+        out, lse = sinks.apply_sink(out, lse, learnable_sink)
     out = out[..., :head_dim]
     return (out, lse) if return_softmax_lse else out

@@ -36,8 +36,18 @@ def qwen2_config():
                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
 
 
+def gpt_oss_config():
+    """gpt-oss: attention sinks (a learnable logit per head), alternating sliding-window layers, a
+    small mixture of experts; GQA 4 over 2, head dim 64."""
+    return transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=4,
+                                     num_experts_per_tok=2, sliding_window=16, max_position_embeddings=256,
+                                     layer_types=["sliding_attention", "full_attention"])
+
+
 MODEL_CLASSES = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-                 "gemma2": transformers.Gemma2ForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}
+                 "gemma2": transformers.Gemma2ForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+                 "gpt_oss": transformers.GptOssForCausalLM}
 
 
 def build(kind, config, attn_implementation, state_dict=None, seed=0):

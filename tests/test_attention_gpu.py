@@ -106,6 +106,32 @@ def test_softcap_against_fp64(softcap, causal, window, sq, sk, head_dim, dtype):
     q, k, v, dout = make_inputs(2, sq, sk, 8, 2, head_dim, dtype, seed=sq + sk + int(softcap))
     q = (q * 3).to(dtype)
     check_against_reference(q, k, v, dout, causal, window_size=window, softcap=softcap)
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 7))])
+@pytest.mark.parametrize("sq,sk", [(200, 200), (300, 97), (1, 513)])
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.bfloat16), (128, torch.float16)])
+def test_learnable_sink_against_fp64(causal, window, sq, sk, head_dim, dtype):
+    """learnable_sink (gpt-oss's attention sinks): out, lse, dq, dk, dv and the sink's gradient
+    against the fp64 reference, within twice PyTorch's error in the same dtype; with causal /
+    window, GQA, sq != sk (rows without keys), one query row (split-KV)."""
+    q, k, v, dout = make_inputs(2, sq, sk, 8, 2, head_dim, dtype, seed=sq + sk + 5)
+    sink = torch.linspace(-2.0, 3.0, 8, device="cuda")
+    variant = dict(causal=causal, window_size=window)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, sink)]
+    poison_allocator()
+    out, lse, _ = flash_attn_func(*leaves[:3], learnable_sink=leaves[3], return_attn_probs=True, **variant)
+    grads = torch.autograd.grad(out, leaves, dout)
+    results = []
+    for compute_dtype in (torch.float64, dtype):
+        ref_leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v, sink)]
+        ref_out, ref_lse = attention_reference(*ref_leaves[:3], sinks=ref_leaves[3], compute_dtype=compute_dtype,
+                                               **variant)
+        results.append((ref_out, ref_lse, torch.autograd.grad(ref_out, ref_leaves, dout.to(compute_dtype))))
+    (ref_out, ref_lse, ref_grads), (pt_out, _, pt_grads) = results
+    assert_close_to_ref(out, ref_out, pt_out, "out")
+    assert torch.isfinite(lse).all(), "with a sink every row has a finite lse"
+    assert max_err(lse, ref_lse) < 1e-3 * (1 + ref_lse.abs().max().item()), "lse"
+    for name, g, ref_g, pt_g in zip(("dq", "dk", "dv", "dsink"), grads, ref_grads, pt_grads):
+        assert_close_to_ref(g, ref_g, pt_g, name)
 
 
 @pytest.mark.parametrize("causal", [False, True])

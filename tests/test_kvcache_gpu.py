@@ -204,6 +204,30 @@ def test_split_kv_decode_against_reference(dtype, head_dim, seqlen_q, causal, he
             assert (lse[b:b + 1][finite].double() - ref_lse[finite]).abs().max().item() < 2e-2
 
 
+@pytest.mark.parametrize("num_splits", [0, 1])
+@pytest.mark.parametrize("seqlen_q,causal", [(1, False), (3, True)])
+def test_kvcache_learnable_sink_against_reference(num_splits, seqlen_q, causal):
+    """learnable_sink in flash_attn_with_kvcache, split and not, with an empty sequence (its rows
+    get lse = the sink and out = 0)."""
+    batch, heads, heads_k, head_dim, dtype = 3, 8, 2, 128, torch.bfloat16
+    torch.manual_seed(seqlen_q + num_splits)
+    q = torch.randn(batch, seqlen_q, heads, head_dim, device="cuda", dtype=dtype)
+    k_cache = torch.randn(batch, 2000, heads_k, head_dim, device="cuda", dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    seqlens = torch.tensor([0, 5, 1999], dtype=torch.int32, device="cuda")
+    sink = torch.linspace(-1.0, 4.0, heads, device="cuda")
+    poison_allocator()
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, causal=causal,
+                                       num_splits=num_splits, return_softmax_lse=True, learnable_sink=sink)
+    for b in range(batch):
+        k_b, v_b = k_cache[b:b + 1, :int(seqlens[b])], v_cache[b:b + 1, :int(seqlens[b])]
+        ref_out, ref_lse = attention_reference(q[b:b + 1].double(), k_b.double(), v_b.double(), causal=causal,
+                                               sinks=sink.double())
+        pt_out, _ = attention_reference(q[b:b + 1], k_b, v_b, causal=causal, compute_dtype=dtype, sinks=sink)
+        assert_close_to_ref(out[b:b + 1], ref_out, pt_out, f"out[{b}]")
+        assert (lse[b:b + 1].double() - ref_lse).abs().max().item() < 2e-2
+
+
 @pytest.mark.parametrize("heads,heads_k", [(8, 2), (8, 8)])
 def test_flash_attn_func_one_query_row_against_many_keys(heads, heads_k):
     """flash_attn_func with one query row per sequence and a long key sequence takes the split-KV

@@ -78,7 +78,7 @@ def test_public_api_on_fake_cuda_tensors():
 def test_autograd_functions_on_meta_tensors(batch):
     """Backward wiring: a packed qkv gets its gradient packed, GQA k/v get k/v-shaped gradients."""
     qkv = torch.empty(batch, 33, 3, 4, 64, dtype=torch.bfloat16, device="meta", requires_grad=True)
-    out, lse = FlashAttnFunc.apply(*qkv.unbind(2), 0.125, True, (-1, -1), False)
+    out, lse = FlashAttnFunc.apply(*qkv.unbind(2), 0.125, True, (-1, -1), False, None)
     assert out.shape == (batch, 33, 4, 64) and lse.shape == (batch, 4, 33) and not lse.requires_grad
     (dqkv,) = torch.autograd.grad(out, qkv, torch.ones_like(out))
     assert dqkv.shape == qkv.shape and dqkv.dtype == qkv.dtype
@@ -86,7 +86,7 @@ def test_autograd_functions_on_meta_tensors(batch):
     q = torch.empty(50, 8, 128, dtype=torch.float16, device="meta", requires_grad=True)
     k, v = (torch.empty(70, 2, 128, dtype=torch.float16, device="meta", requires_grad=True) for _ in range(2))
     cu = torch.empty(3, dtype=torch.int32, device="meta")
-    out, lse = FlashAttnVarlenFunc.apply(q, k, v, cu, cu, 30, 40, 0.1, False, (16, 3), True)
+    out, lse = FlashAttnVarlenFunc.apply(q, k, v, cu, cu, 30, 40, 0.1, False, (16, 3), True, None)
     assert out.shape == q.shape and lse.shape == (8, 50)
     grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]

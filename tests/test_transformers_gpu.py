@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import GPU
-from hf_models import VOCAB, build, gemma2_config, llama_config, mistral_config, qwen2_config
+from hf_models import VOCAB, build, gemma2_config, gpt_oss_config, llama_config, mistral_config, qwen2_config
 
 from flash_attn_t.integrations import transformers as integration
 from flash_attn_t.integrations.transformers import ATTN_IMPLEMENTATION
@@ -160,6 +160,24 @@ def test_gemma2_softcap_and_window_run_on_the_kernels(kernels_only, kind, config
     assert_within_bound(ours(ids, attention_mask=mask).logits[keep], eager(ids, attention_mask=mask).logits[keep],
                         ref(ids, attention_mask=mask).logits[keep], "logits")
     assert_within_bound(ours(ids).logits, eager(ids).logits, ref(ids).logits, "logits, no padding")
+
+
+def test_gpt_oss_sinks_run_on_the_kernels(kernels_only):
+    """gpt-oss: attention sinks (s_aux) as the kernels' learnable_sink, with its sliding-window
+    layers, no fallback: logits and the sinks' gradients within the bound of the fp32 eager model."""
+    ref, eager, ours = models("gpt_oss", gpt_oss_config())
+    with torch.no_grad():  # sinks start at zero: make them matter
+        for model in (ref, eager, ours):
+            for layer in model.model.layers:
+                layer.self_attn.sinks.copy_(torch.linspace(-1.0, 2.0, layer.self_attn.sinks.numel()))
+    ids = torch.randint(0, VOCAB, (2, 100), device="cuda")
+    logits = [model(ids).logits for model in (ours, eager, ref)]
+    assert_within_bound(*logits, "logits")
+    for x in logits:
+        x.float().square().mean().backward()
+    for layers in zip(*(model.model.layers for model in (ours, eager, ref))):
+        grads = [layer.self_attn.sinks.grad for layer in layers]
+        assert_within_bound(*grads, "sinks' gradient")
 
 
 def test_attention_call_compiles_fullgraph(kernels_only):

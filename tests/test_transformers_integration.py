@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from hf_models import VOCAB, build, gemma2_config, llama_config, mistral_config, pair, transformers
+from hf_models import VOCAB, build, gemma2_config, gpt_oss_config, llama_config, mistral_config, pair, transformers
 
 import flash_attn_t
 from flash_attn_t.integrations import transformers as integration
@@ -162,7 +162,6 @@ def test_fallback_gradients_with_gradient_checkpointing_match_eager():
 @pytest.mark.parametrize("call, words", [
     (dict(dropout=0.1), "dropout"),
     (dict(output_attentions=True), "output_attentions"),
-    (dict(s_aux=torch.zeros(8)), "sinks"),
     (dict(attention_mask=torch.zeros(1, 1, 16, 16)), "4-d attention mask"),
     (dict(head_dim=72 + 4), "head dim 76"),
     (dict(dtype=torch.float32), "float32"),
@@ -209,16 +208,17 @@ def reference_kernels(monkeypatch):
     integration's own unpadding, packing and padding back are what is tested."""
     from flash_attn_t.reference import attention_reference
 
-    def batched(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0):
+    def batched(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, learnable_sink=None):
         return attention_reference(q, k, v, softmax_scale, causal, compute_dtype=q.dtype, window_size=window_size,
-                                   softcap=softcap)[0]
+                                   softcap=softcap, sinks=learnable_sink)[0]
 
     def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=False,
-               window_size=(-1, -1), softcap=0.0):
+               window_size=(-1, -1), softcap=0.0, learnable_sink=None):
         lengths_q, lengths_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
         assert max_seqlen_q == lengths_q.max() and max_seqlen_k == lengths_k.max()
         return attention_reference(q, k, v, softmax_scale, causal, compute_dtype=q.dtype, cu_seqlens_q=cu_seqlens_q,
-                                   cu_seqlens_k=cu_seqlens_k, window_size=window_size, softcap=softcap)[0]
+                                   cu_seqlens_k=cu_seqlens_k, window_size=window_size, softcap=softcap,
+                                   sinks=learnable_sink)[0]
 
     def fail(*args, **kwargs):
         raise AssertionError("the fallback path ran where the kernel path should have")
@@ -260,6 +260,31 @@ def test_kernel_path_gemma2_softcap_is_exact(reference_kernels, monkeypatch):
     assert_logits_match(eager, ours, ids)
     assert_logits_match(eager, ours, ids, attention_mask=mask)
     assert seen and set(seen) == {gemma2_config().attn_logit_softcapping}
+def test_kernel_path_gpt_oss_sinks_are_exact(reference_kernels, monkeypatch):
+    """gpt-oss's attention sinks (s_aux) reach the kernels as learnable_sink, with its alternating
+    sliding-window layers: plain and left-padded batches against the model's eager attention, the
+    sinks' gradients too; every kernel call got the layer's sinks."""
+    eager, ours = pair("gpt_oss", gpt_oss_config())
+    with torch.no_grad():  # sinks start at zero: make them matter
+        for model in (eager, ours):
+            for layer in model.model.layers:
+                layer.self_attn.sinks.copy_(torch.linspace(-1.0, 2.0, layer.self_attn.sinks.numel()))
+    seen = []
+    for name in ("flash_attn_func", "flash_attn_varlen_func"):
+        kernel = getattr(integration, name)
+        monkeypatch.setattr(integration, name, lambda *a, _kernel=kernel, **kw: seen.append(kw["learnable_sink"]) or
+                            _kernel(*a, **kw))
+    ids = torch.randint(0, VOCAB, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :5] = 0
+    assert_logits_match(eager, ours, ids)
+    assert_logits_match(eager, ours, ids, attention_mask=mask)
+    assert seen and all(sink is not None for sink in seen)
+    for model in (eager, ours):
+        model(ids).logits.square().mean().backward()
+    for layer_eager, layer_ours in zip(eager.model.layers, ours.model.layers):
+        torch.testing.assert_close(layer_ours.self_attn.sinks.grad, layer_eager.self_attn.sinks.grad, rtol=1e-4,
+                                   atol=1e-6)
 
 
 def test_kernel_path_padding_and_packing_are_exact(reference_kernels):

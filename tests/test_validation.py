@@ -252,6 +252,24 @@ def test_window_size_normalised():
     assert check_window_size([4, -1]) == (4, -1) and check_window_size((torch.tensor(2), 0)) == (2, 0)
 
 
+def test_every_entry_point_takes_a_learnable_sink(fake_cuda):
+    """learnable_sink (nheads,): accepted by every entry point (shapes of the result), its rules
+    named in the errors."""
+    q, k, v = batched(hk=4, device="cuda")
+    heads = q.shape[2]
+    names = []
+    for name, call in call_every_entry_point(q, k, v, learnable_sink=torch.zeros(heads, device="cuda")):
+        assert call().shape[-2:] == q.shape[-2:], name
+        names.append(name)
+    assert len(names) == 6
+    for bad, error, match in [(torch.zeros(heads + 1, device="cuda"), ValueError, r"shape \(nheads,\)"),
+                              (torch.zeros(heads, dtype=torch.int32, device="cuda"), TypeError, "floating-point"),
+                              ([0.0] * heads, TypeError, "must be a tensor"),
+                              (torch.zeros(heads), ValueError, "q's device")]:
+        with pytest.raises(error, match=match):
+            flash_attn_t.flash_attn_func(q, k, v, learnable_sink=bad)
+
+
 def test_every_entry_point_takes_a_window(fake_cuda):
     if not ops.extension_available():
         pytest.skip("flash_attn_t._C is not built (the fake kernels come with it)")
@@ -406,8 +424,10 @@ def test_kvcache_signature_matches_flash_attn():
                     k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None, cache_batch_idx=None,
                     cache_leftpad=None, block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False)
-    assert {p: params[p].default for p in params} == expected
-    assert list(params) == list(expected)
+    positional = {p: params[p].default for p in params if params[p].kind != inspect.Parameter.KEYWORD_ONLY}
+    assert positional == expected and list(positional) == list(expected)
+    extensions = {p for p in params if params[p].kind == inspect.Parameter.KEYWORD_ONLY}
+    assert extensions == {"learnable_sink"} and params["learnable_sink"].default is None
 
 
 # --- the API surface ---------------------------------------------------------------------------
@@ -427,10 +447,14 @@ FLASH_ATTN_DEFAULTS = dict(dropout_p=0.0, softmax_scale=None, causal=False, wind
      ["q", "kv", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"], {}),
 ])
 def test_signatures_match_flash_attn(name, leading, extra):
+    """flash_attn 2.x's parameters, names, order and defaults; beyond them only keyword-only
+    extras (learnable_sink, FlashAttention-4's name)."""
     params = inspect.signature(getattr(flash_attn_t, name)).parameters
     expected = {**dict.fromkeys(leading, inspect.Parameter.empty), **FLASH_ATTN_DEFAULTS, **extra}
-    assert {p: params[p].default for p in params} == expected
-    assert list(params) == list(expected)
+    compatible = {p: params[p].default for p in params if params[p].kind != inspect.Parameter.KEYWORD_ONLY}
+    assert compatible == expected
+    assert list(compatible) == list(expected)
+    assert {p: params[p].default for p in params if p not in compatible} == {"learnable_sink": None}
 
 
 def test_version():

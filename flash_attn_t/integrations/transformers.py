@@ -217,7 +217,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                                   sliding_window=sliding_window, softcap=softcap, is_causal=is_causal, **kwargs)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (batch, seq, heads, head_dim) views
     # transformers' sliding window: keys j with i - window < j (and j <= i under causal)
-    variant = dict(softmax_scale=scaling, causal=is_causal, softcap=softcap or 0.0,
+    # gpt-oss's attention sinks (s_aux, one logit per head) are the kernels' learnable_sink
+    variant = dict(softmax_scale=scaling, causal=is_causal, softcap=softcap or 0.0, learnable_sink=kwargs.get("s_aux"),
                    window_size=(sliding_window - 1, -1) if sliding_window is not None else (-1, -1))
     if attention_mask is not None:
         return _padded_attention(q, k, v, attention_mask, variant), None

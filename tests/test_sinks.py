@@ -1,0 +1,57 @@
+"""CPU: attention sinks applied to the kernels' (out, lse) (flash_attn_t.sinks) against the
+reference with sinks, forward and the sink's gradient, batched and varlen layouts, with rows that
+see no key. The GPU tests (test_attention_gpu.py, test_transformers_gpu.py) run it on the kernels."""
+import math
+
+import pytest
+import torch
+
+from flash_attn_t import sinks
+from flash_attn_t.reference import attention_reference
+
+
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (2, 1))])
+@pytest.mark.parametrize("sq,sk", [(5, 9), (9, 5)])  # 9 > 5 causal: rows without keys
+def test_sink_applied_to_kernel_output_matches_reference(causal, window, sq, sk):
+    torch.manual_seed(sq * 10 + sk)
+    q = torch.randn(2, sq, 4, 8, dtype=torch.float64)
+    k, v = (torch.randn(2, sk, 2, 8, dtype=torch.float64) for _ in range(2))
+    sink = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn_like(q)
+    variant = dict(causal=causal, window_size=window)
+
+    out0, lse0 = attention_reference(q, k, v, **variant)  # the kernels' convention: lse +inf without keys
+    if causal and sq > sk:
+        assert torch.isinf(lse0).any()  # the case of rows that see no key is exercised
+    out, lse = sinks.apply_sink(out0, lse0, sink.detach())
+    ref_out, ref_lse = attention_reference(q, k, v, sinks=sink, **variant)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse.detach(), rtol=1e-12, atol=1e-12)
+
+    (ref_grad,) = torch.autograd.grad(ref_out, sink, dout)
+    torch.testing.assert_close(sinks.sink_grad(dout, ref_out.detach(), ref_lse.detach(), sink.detach()), ref_grad,
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_sink_in_the_varlen_layout():
+    torch.manual_seed(3)
+    cu = torch.tensor([0, 3, 3, 10], dtype=torch.int32)  # an empty sequence among them
+    q, k, v = (torch.randn(10, 4, 8, dtype=torch.float64) for _ in range(3))
+    sink = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn_like(q)
+    out0, lse0 = attention_reference(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
+    out, lse = sinks.apply_sink(out0, lse0, sink.detach())
+    ref_out, ref_lse = attention_reference(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, sinks=sink)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse.detach(), rtol=1e-12, atol=1e-12)
+    (ref_grad,) = torch.autograd.grad(ref_out, sink, dout)
+    torch.testing.assert_close(sinks.sink_grad(dout, ref_out.detach(), ref_lse.detach(), sink.detach()), ref_grad,
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_a_row_without_keys_gets_the_sink_as_lse_and_zero_output():
+    out = torch.zeros(1, 1, 2, 4)
+    lse = torch.full((1, 2, 1), math.inf)
+    new_out, new_lse = sinks.apply_sink(out, lse, torch.tensor([0.5, -2.0]))
+    assert torch.equal(new_out, out)
+    assert torch.equal(new_lse, torch.tensor([0.5, -2.0]).view(1, 2, 1))
