@@ -20,7 +20,7 @@ def load(name, monkeypatch):
 @pytest.mark.parametrize("seqlen,window", [(1, 1), (7, 3), (16, 16), (16, 40), (100, 1)])
 def test_window_visited_pairs_counts_the_causal_window(seqlen, window, monkeypatch):
     pairs = sum(1 for i in range(seqlen) for j in range(seqlen) if i - window < j <= i)
-    assert load("benchmark_window", monkeypatch).visited_pairs(seqlen, window) == pairs
+    assert load("benchmark_features", monkeypatch).visited_pairs(seqlen, window) == pairs
 
 
 def test_sass_report_reads_the_wgmma_region_of_each_kernel(monkeypatch):
