@@ -171,6 +171,18 @@ void set_variant(FwdParams& p, const Variant& v) {
   }
 }
 
+// learnable_sink: fp32 (heads,) on q's device (the Python layer converts), or none.
+void set_sink(FwdParams& p, const std::optional<at::Tensor>& sink, const at::Tensor& q) {
+  p.sink = nullptr;
+  if (!sink.has_value()) return;
+  TORCH_CHECK(sink->is_cuda() && sink->device() == q.device(), "flash_attn_t: learnable_sink must be on q's device");
+  TORCH_CHECK(sink->scalar_type() == at::kFloat && sink->dim() == 1 && sink->is_contiguous() &&
+                  sink->size(0) == q.size(-2),
+              "flash_attn_t: learnable_sink must be a contiguous float32 tensor of shape (nheads,) = (", q.size(-2),
+              ",)");
+  p.sink = sink->data_ptr<float>();
+}
+
 void launch_fwd(FwdParams& p, const at::Tensor& q, const Variant& variant) {
   set_variant(p, variant);
   if (p.batch == 0 || p.seqlen_q == 0) return;
@@ -195,7 +207,8 @@ void launch_fwd(FwdParams& p, const at::Tensor& q, const Variant& variant) {
 // batch x kv_splits rows, one per (sequence, split) (see params.h).
 template <typename SetCache>
 std::tuple<at::Tensor, at::Tensor> batched_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                                               double softmax_scale, const Variant& variant, SetCache&& set_cache,
+                                               double softmax_scale, const Variant& variant,
+                                               const std::optional<at::Tensor>& sink, SetCache&& set_cache,
                                                int64_t kv_splits = 1) {
   const c10::cuda::CUDAGuard guard(q_.device());
   const at::Tensor q = aligned(q_), k = aligned(k_), v = aligned(v_);
@@ -209,6 +222,7 @@ std::tuple<at::Tensor, at::Tensor> batched_fwd(const at::Tensor& q_, const at::T
   p.batch_k = static_cast<int>(k.size(0));
   p.seqlen_q = static_cast<int>(sq);
   p.seqlen_k = static_cast<int>(k.size(1));
+  set_sink(p, sink, q);
   set_cache(p);
   launch_fwd(p, q, variant);
   return {out, lse};
@@ -216,9 +230,10 @@ std::tuple<at::Tensor, at::Tensor> batched_fwd(const at::Tensor& q_, const at::T
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
-                                       double softcap) {
+                                       double softcap, const std::optional<at::Tensor>& learnable_sink) {
   check_qkv(q, k, v, 4);
-  return batched_fwd(q, k, v, softmax_scale, {causal, window_left, window_right, softcap}, [](FwdParams&) {});
+  return batched_fwd(q, k, v, softmax_scale, {causal, window_left, window_right, softcap}, learnable_sink,
+                     [](FwdParams&) {});
 }
 
 void check_batch_index(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& q) {
@@ -239,7 +254,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
                                                const std::optional<at::Tensor>& kv_batch_idx,
                                                const std::optional<at::Tensor>& leftpad_k, double softmax_scale,
                                                bool causal, int64_t window_left, int64_t window_right,
-                                               double softcap, int64_t num_splits) {
+                                               double softcap, int64_t num_splits,
+                                               const std::optional<at::Tensor>& learnable_sink) {
   check_q(q, 4);
   check_tensor(k_cache, "k_cache", 4, q);
   check_tensor(v_cache, "v_cache", 4, q);
@@ -256,8 +272,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
               num_splits);
   TORCH_CHECK(num_splits == 1 || (!causal && window_left < 0 && window_right < 0),
               "flash_attn_t: num_splits > 1 takes no causal mask or window");
+  TORCH_CHECK(num_splits == 1 || !learnable_sink.has_value(),
+              "flash_attn_t: num_splits > 1 takes no learnable_sink (apply it to the merged splits)");
   return batched_fwd(
-      q, k_cache, v_cache, softmax_scale, {causal, window_left, window_right, softcap},
+      q, k_cache, v_cache, softmax_scale, {causal, window_left, window_right, softcap}, learnable_sink,
       [&](FwdParams& p) {
         p.seqused_k = seqused_k.data_ptr<int>();
         p.kv_batch_idx = kv_batch_idx.has_value() ? kv_batch_idx->data_ptr<int>() : nullptr;
@@ -270,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q_, const at::Te
                                               const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                               int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
                                               bool causal, int64_t window_left, int64_t window_right,
-                                              double softcap) {
+                                              double softcap, const std::optional<at::Tensor>& learnable_sink) {
   check_qkv(q_, k_, v_, 3);
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q_);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q_);
@@ -287,6 +305,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q_, const at::Te
   p.seqlen_k = static_cast<int>(max_seqlen_k);
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
   p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
+  set_sink(p, learnable_sink, q);
   if (q.size(0) > 0) launch_fwd(p, q, {causal, window_left, window_right, softcap});
   return {out, lse};
 }
@@ -305,11 +324,14 @@ void fill_bwd(BwdParams& p, const at::Tensor& dout, const at::Tensor& q, const a
 
 // Shared by the batched and varlen backward, once p holds the tensors: an fp32 dq_accum of q's
 // sizes with a leading split dimension (cleared by the dsum pass), the dsum pass, the main kernel,
-// then dq = (sum over splits) * softmax_scale in q's dtype.
-at::Tensor launch_bwd(BwdParams& p, const at::Tensor& q, const at::Tensor& lse, const Variant& variant,
-                      bool deterministic) {
+// then dq = (sum over splits) * softmax_scale in q's dtype. Returns dq and dsum = rowsum(dout *
+// out), laid out like lse (flash_attn's softmax_d; an attention sink's gradient is made of it).
+std::tuple<at::Tensor, at::Tensor> launch_bwd(BwdParams& p, const at::Tensor& q, const at::Tensor& lse,
+                                              const Variant& variant, bool deterministic) {
   set_variant(p, variant);
-  if (p.batch == 0 || p.seqlen_q == 0 || q.numel() == 0) return at::zeros(q.sizes(), q.options());
+  p.sink = nullptr;
+  if (p.batch == 0 || p.seqlen_q == 0 || q.numel() == 0)
+    return {at::zeros(q.sizes(), q.options()), at::zeros_like(lse)};
   int splits = 1;
   if (deterministic) {
     int sms = 0;
@@ -360,7 +382,7 @@ at::Tensor launch_bwd(BwdParams& p, const at::Tensor& q, const at::Tensor& lse, 
                               p, dq.data_ptr(), dq_batch_stride, dq_row_stride, dq_head_stride, stream);
                         }),
                "backward dq conversion");
-  return dq;
+  return {dq, dsum};
 }
 
 void check_bwd_extra(const at::Tensor& dout, const at::Tensor& out, const at::Tensor& q, const at::Tensor& lse,
@@ -377,7 +399,7 @@ void check_bwd_extra(const at::Tensor& dout, const at::Tensor& out, const at::Te
 // Shared by bwd and varlen_bwd once their own arguments are checked: set_lengths fills batch,
 // seqlens and, for varlen, the cu_seqlens pointers.
 template <typename SetLengths>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout_, const at::Tensor& q_,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout_, const at::Tensor& q_,
                                                         const at::Tensor& k_, const at::Tensor& v_,
                                                         const at::Tensor& out_, const at::Tensor& lse_,
                                                         double softmax_scale, const Variant& variant,
@@ -390,12 +412,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout_,
   BwdParams p{};
   fill_bwd(p, dout, q, k, v, out, lse, dk, dv, softmax_scale);
   set_lengths(p);
-  at::Tensor dq = launch_bwd(p, q, lse, variant, deterministic);
+  auto [dq, dsum] = launch_bwd(p, q, lse, variant, deterministic);
   if (p.seqlen_q == 0 || q.numel() == 0) dk.zero_(), dv.zero_();  // no query: the kernel never ran
-  return {dq, dk, dv};
+  return {dq, dk, dv, dsum};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q,
                                                    const at::Tensor& k, const at::Tensor& v,
                                                    const at::Tensor& out, const at::Tensor& lse,
                                                    double softmax_scale, bool causal, bool deterministic,
@@ -410,7 +432,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, double softmax_scale, bool causal, bool deterministic, int64_t window_left,
@@ -437,20 +459,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
 TORCH_LIBRARY(flash_attn_t, m) {
   // window_left / window_right: flash_attn's window_size, -1 for an unbounded edge.
   m.def("fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, int window_left=-1, "
-        "int window_right=-1, float softcap=0.0) -> (Tensor, Tensor)");
+        "int window_right=-1, float softcap=0.0, Tensor? learnable_sink=None) -> (Tensor, Tensor)");
+  // bwd / varlen_bwd return (dq, dk, dv, dsum): dsum = rowsum(dout * out), laid out like lse.
   m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale, "
         "bool causal, bool deterministic, int window_left=-1, int window_right=-1, float softcap=0.0) "
-        "-> (Tensor, Tensor, Tensor)");
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqused_k, Tensor? kv_batch_idx, "
         "Tensor? leftpad_k, float softmax_scale, bool causal, int window_left=-1, int window_right=-1, "
-        "float softcap=0.0, int num_splits=1) -> (Tensor, Tensor)");
+        "float softcap=0.0, int num_splits=1, Tensor? learnable_sink=None) -> (Tensor, Tensor)");
   m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left=-1, "
-        "int window_right=-1, float softcap=0.0) -> (Tensor, Tensor)");
+        "int window_right=-1, float softcap=0.0, Tensor? learnable_sink=None) -> (Tensor, Tensor)");
   m.def("varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
         "float softmax_scale, bool causal, bool deterministic, int window_left=-1, int window_right=-1, "
-        "float softcap=0.0) -> (Tensor, Tensor, Tensor)");
+        "float softcap=0.0) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(flash_attn_t, CUDA, m) {

@@ -52,6 +52,11 @@ struct FwdParams {
   float softmax_scale;
   float scale_log2;  // softmax_scale * log2(e): the exp2 argument is one FFMA away from the score
 
+  // Attention sinks: fp32 (heads,), a logit per query head (natural-log units, compared with the
+  // scaled scores) that joins each row's softmax normaliser and carries no value; null: none.
+  // Forward only (the backward takes the sink-normalised out and lse as they are).
+  const float* sink;
+
   int* tile_counter;  // sm90 forward: zeroed before each launch; tiles handed out past the first wave
 };
 
@@ -77,6 +82,11 @@ struct BwdParams : FwdParams {
   // key blocks in order, so no two CTAs add into the same fp32 slot.
   bool deterministic;
 };
+
+// The sink of query head `head` in log2 units (OnlineSoftmax::finalize), -inf when there is none.
+__host__ __device__ __forceinline__ float sink_log2(const FwdParams& p, int head) {
+  return p.sink != nullptr ? p.sink[head] * 1.4426950408889634f : -__builtin_huge_valf();
+}
 
 // Where column `col` of a dq_accum row lives: its 16-byte chunk index XOR-ed with 2 (row % 8),
 // so the backward's fp32 dQ staging stores (4 rows x 4 lanes of 8 bytes per half-warp, rows

@@ -116,7 +116,7 @@ def _local_backward(dout, q, k, v, out, lse, softmax_scale, causal, deterministi
     """This block's share of dq, dk, dv, from the final out and lse."""
     if q.is_cuda:
         padded = [t.contiguous() for t in _pad_head_dim(dout, q, k, v, out)]
-        grads = torch.ops.flash_attn_t.bwd(*padded, lse.contiguous(), softmax_scale, causal, deterministic)
+        grads = torch.ops.flash_attn_t.bwd(*padded, lse.contiguous(), softmax_scale, causal, deterministic)[:3]
         return [g[..., :q.shape[-1]] for g in grads]
     return attention_backward_reference(dout, q, k, v, out, lse, softmax_scale, causal,
                                         compute_dtype=_accumulation_dtype(q))

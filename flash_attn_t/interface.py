@@ -350,24 +350,30 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(q, k, v, softmax_scale, causal, variant):
+def _kernel_sink(sink):
+    """learnable_sink as the kernels take it: fp32, contiguous (the autograd graph keeps the
+    caller's tensor)."""
+    return None if sink is None else sink.detach().to(torch.float32).contiguous()
+
+
+def _forward(q, k, v, softmax_scale, causal, variant, sink):
     """The forward kernels for batched q, k, v: split-KV with the query heads of a kv head packed
     into rows when the queries are few and the keys many (decode.plan), the plain kernel otherwise.
     Either way (out, lse), which is all the backward needs. variant: (window_left, window_right,
-    softcap), the ops' trailing arguments."""
+    softcap), the ops' trailing arguments. The plain kernel adds the sink in its epilogue; the
+    split path adds it to the merged rows."""
     splits = decode.plan(q, k, causal, variant[:2])
     if splits:
         seqused = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
-        return decode.split_kv_attention(q, k, v, seqused, None, None, softmax_scale, splits, softcap=variant[2])
-    return torch.ops.flash_attn_t.fwd(q, k, v, softmax_scale, causal, *variant)
+        out, lse = decode.split_kv_attention(q, k, v, seqused, None, None, softmax_scale, splits, softcap=variant[2])
+        return sinks.apply_sink(out, lse, sink) if sink is not None else (out, lse)
+    return torch.ops.flash_attn_t.fwd(q, k, v, softmax_scale, causal, *variant, learnable_sink=_kernel_sink(sink))
 
 
 class FlashAttnFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, softmax_scale, causal, variant, deterministic, sink):
-        out, lse = _forward(q, k, v, softmax_scale, causal, variant)
-        if sink is not None:
-            out, lse = sinks.apply_sink(out, lse, sink)
+        out, lse = _forward(q, k, v, softmax_scale, causal, variant, sink)
         ctx.save_for_backward(q, k, v, out, lse, sink)
         ctx.softmax_scale, ctx.causal, ctx.variant, ctx.deterministic = softmax_scale, causal, variant, deterministic
         ctx.mark_non_differentiable(lse)
@@ -376,9 +382,9 @@ class FlashAttnFunc(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, sink = ctx.saved_tensors
-        dq, dk, dv = torch.ops.flash_attn_t.bwd(_last_dim_contiguous(dout), q, k, v, out, lse,
-                                                ctx.softmax_scale, ctx.causal, ctx.deterministic, *ctx.variant)
-        dsink = sinks.sink_grad(dout, out, lse, sink) if sink is not None and ctx.needs_input_grad[7] else None
+        dq, dk, dv, dsum = torch.ops.flash_attn_t.bwd(_last_dim_contiguous(dout), q, k, v, out, lse,
+                                                      ctx.softmax_scale, ctx.causal, ctx.deterministic, *ctx.variant)
+        dsink = sinks.sink_grad(dsum, lse, sink) if sink is not None and ctx.needs_input_grad[7] else None
         return dq, dk, dv, None, None, None, None, dsink
 
 
@@ -387,9 +393,8 @@ class FlashAttnVarlenFunc(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, variant,
                 deterministic, sink):
         out, lse = torch.ops.flash_attn_t.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                     max_seqlen_k, softmax_scale, causal, *variant)
-        if sink is not None:
-            out, lse = sinks.apply_sink(out, lse, sink)
+                                                     max_seqlen_k, softmax_scale, causal, *variant,
+                                                     learnable_sink=_kernel_sink(sink))
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sink)
         ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
         ctx.softmax_scale, ctx.causal, ctx.variant, ctx.deterministic = softmax_scale, causal, variant, deterministic
@@ -399,10 +404,10 @@ class FlashAttnVarlenFunc(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sink = ctx.saved_tensors
-        dq, dk, dv = torch.ops.flash_attn_t.varlen_bwd(
+        dq, dk, dv, dsum = torch.ops.flash_attn_t.varlen_bwd(
             _last_dim_contiguous(dout), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q,
             ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal, ctx.deterministic, *ctx.variant)
-        dsink = sinks.sink_grad(dout, out, lse, sink) if sink is not None and ctx.needs_input_grad[11] else None
+        dsink = sinks.sink_grad(dsum, lse, sink) if sink is not None and ctx.needs_input_grad[11] else None
         return dq, dk, dv, None, None, None, None, None, None, None, None, dsink
 
 
@@ -600,10 +605,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if splits:
         out, lse = decode.split_kv_attention(q_, k_cache_, v_cache_, seqlens, cache_batch_idx, cache_leftpad,
                                              softmax_scale, splits, softcap=softcap)
+        if learnable_sink is not None:
+            out, lse = sinks.apply_sink(out, lse, learnable_sink)
     else:
         out, lse = torch.ops.flash_attn_t.fwd_kvcache(q_, k_cache_, v_cache_, seqlens, cache_batch_idx,
-                                                      cache_leftpad, softmax_scale, bool(causal), *window_size, softcap)
-    if learnable_sink is not None:
-        out, lse = sinks.apply_sink(out, lse, learnable_sink)
+                                                      cache_leftpad, softmax_scale, bool(causal), *window_size, softcap,
+                                                      learnable_sink=_kernel_sink(learnable_sink))
     out = out[..., :head_dim]
     return (out, lse) if return_softmax_lse else out

@@ -1,16 +1,18 @@
 """Attention sinks (gpt-oss): a learnable logit per head that joins the softmax normaliser and
 carries no value. With lse the log-normaliser of a row over its keys and s the head's sink,
 
-    lse' = logaddexp(lse, s),    out' = out * exp(lse - lse'),
+    lse' = logaddexp(lse, s),    out' = out * exp(lse - lse').
 
-so the kernels run unchanged and the sink is applied to their (out, lse) exactly. The backward
-kernels take (out', lse'): P = exp(scores - lse') are then the sink-normalised probabilities and
-dS = P (dP - D) with D = rowsum(dO out') is already the right score gradient. The sink's own
-gradient is d loss / d s = -sum over rows of exp(s - lse') D.
+The forward kernels apply this in their epilogue (OnlineSoftmax::finalize); apply_sink does it
+to (out, lse) for the split-KV path, whose splits are merged before the sink may join. The
+backward kernels take (out', lse') as they are: P = exp(scores - lse') are then the
+sink-normalised probabilities and dS = P (dP - D) with D = rowsum(dO out') is already the right
+score gradient. The sink's own gradient is d loss / d s = -sum over rows of exp(s - lse') D, from
+the D the backward returns (dsum).
 
 Layouts: batched out (batch, seqlen, heads, d) with lse (batch, heads, seqlen); varlen out
-(total, heads, d) with lse (heads, total). lse is +inf on rows that see no key (the kernels'
-convention); such a row keeps out = 0 and gets lse' = s.
+(total, heads, d) with lse (heads, total); dsum like lse. lse is +inf on rows that see no key
+(the kernels' convention); such a row keeps out = 0 and gets lse' = s.
 """
 import math
 
@@ -40,9 +42,9 @@ def apply_sink(out, lse, sink):
     return (out.to(scale.dtype) * scale).to(out.dtype), new_lse
 
 
-def sink_grad(dout, out, lse, sink):
-    """d loss / d sink (heads,) in sink's dtype, from the sink-applied out and lse."""
-    accum = _accum(lse)
-    d = (dout.to(accum) * out.to(accum)).sum(-1)  # rows in out's layout: (batch, seqlen, heads) or (total, heads)
-    p_sink = _rows_to_out_layout(torch.exp(_sink_like_lse(sink, lse) - lse))
-    return -(p_sink * d).reshape(-1, d.shape[-1]).sum(0).to(sink.dtype)
+def sink_grad(dsum, lse, sink):
+    """d loss / d sink (heads,) in sink's dtype, from the sink-applied lse and dsum =
+    rowsum(dout * out) (laid out like lse)."""
+    p_sink = torch.exp(_sink_like_lse(sink, lse) - lse)
+    rows = (0, 2) if lse.dim() == 3 else (1,)
+    return -(p_sink * dsum.to(p_sink.dtype)).sum(rows).to(sink.dtype)

@@ -23,8 +23,9 @@ def test_fwd_bwd_meta(dtype):
     out, lse = torch.ops.flash_attn_t.fwd(q, k, v, 0.1, True)
     assert out.shape == q.shape and out.dtype == dtype and out.device.type == "meta" and out.is_contiguous()
     assert lse.shape == (2, 8, 33) and lse.dtype == torch.float32 and lse.device.type == "meta"
-    dq, dk, dv = torch.ops.flash_attn_t.bwd(out, q, k, v, out, lse, 0.1, True, False)
+    dq, dk, dv, dsum = torch.ops.flash_attn_t.bwd(out, q, k, v, out, lse, 0.1, True, False)
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+    assert dsum.shape == lse.shape and dsum.dtype == torch.float32
     assert dq.dtype == dk.dtype == dv.dtype == dtype
     assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
 
@@ -37,7 +38,8 @@ def test_varlen_meta():
     out, lse = torch.ops.flash_attn_t.varlen_fwd(q, k, k, cu, cu, 20, 30, 0.1, False)
     assert out.shape == q.shape and out.dtype == torch.bfloat16
     assert lse.shape == (8, 40) and lse.dtype == torch.float32
-    dq, dk, dv = torch.ops.flash_attn_t.varlen_bwd(out, q, k, k, out, lse, cu, cu, 20, 30, 0.1, False, True)
+    dq, dk, dv, dsum = torch.ops.flash_attn_t.varlen_bwd(out, q, k, k, out, lse, cu, cu, 20, 30, 0.1, False, True)
+    assert dsum.shape == lse.shape and dsum.dtype == torch.float32
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, k.shape)
     assert dq.dtype == dk.dtype == dv.dtype == torch.bfloat16
 
@@ -46,12 +48,12 @@ def test_varlen_meta():
 def test_ops_are_registered_with_the_contract_schemas():
     window = ["window_left", "window_right", "softcap"]
     arguments = {
-        "fwd": ["q", "k", "v", "softmax_scale", "causal", *window],
+        "fwd": ["q", "k", "v", "softmax_scale", "causal", *window, "learnable_sink"],
         "bwd": ["dout", "q", "k", "v", "out", "lse", "softmax_scale", "causal", "deterministic", *window],
         "fwd_kvcache": ["q", "k_cache", "v_cache", "seqused_k", "kv_batch_idx", "leftpad_k", "softmax_scale", "causal",
-                        *window, "num_splits"],
+                        *window, "num_splits", "learnable_sink"],
         "varlen_fwd": ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
-                       "softmax_scale", "causal", *window],
+                       "softmax_scale", "causal", *window, "learnable_sink"],
         "varlen_bwd": ["dout", "q", "k", "v", "out", "lse", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
                        "max_seqlen_k", "softmax_scale", "causal", "deterministic", *window],
     }
@@ -59,7 +61,7 @@ def test_ops_are_registered_with_the_contract_schemas():
         schema = getattr(torch.ops.flash_attn_t, name).default._schema
         assert schema.name == f"flash_attn_t::{name}"
         assert [a.name for a in schema.arguments] == args
-        assert len(schema.returns) == (3 if name.endswith("bwd") else 2)
+        assert len(schema.returns) == (4 if name.endswith("bwd") else 2)  # bwd: dq, dk, dv, dsum
 
 
 @requires_extension

@@ -1,6 +1,7 @@
-"""CPU: attention sinks applied to the kernels' (out, lse) (flash_attn_t.sinks) against the
-reference with sinks, forward and the sink's gradient, batched and varlen layouts, with rows that
-see no key. The GPU tests (test_attention_gpu.py, test_transformers_gpu.py) run it on the kernels."""
+"""CPU: attention sinks applied to (out, lse) as the split-KV path does (flash_attn_t.sinks)
+against the reference with sinks, forward and the sink's gradient from dsum = rowsum(dout * out),
+batched and varlen layouts, with rows that see no key. The GPU tests (test_attention_gpu.py,
+test_kvcache_gpu.py, test_transformers_gpu.py) run the kernels' own sink epilogue."""
 import math
 
 import pytest
@@ -8,6 +9,11 @@ import torch
 
 from flash_attn_t import sinks
 from flash_attn_t.reference import attention_reference
+
+
+def dsum_like_lse(dout, out):
+    """rowsum(dout * out) in lse's layout, as the backward op returns it."""
+    return (dout * out.detach()).sum(-1).transpose(-1, -2)
 
 
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (2, 1))])
@@ -29,7 +35,7 @@ def test_sink_applied_to_kernel_output_matches_reference(causal, window, sq, sk)
     torch.testing.assert_close(lse, ref_lse.detach(), rtol=1e-12, atol=1e-12)
 
     (ref_grad,) = torch.autograd.grad(ref_out, sink, dout)
-    torch.testing.assert_close(sinks.sink_grad(dout, ref_out.detach(), ref_lse.detach(), sink.detach()), ref_grad,
+    torch.testing.assert_close(sinks.sink_grad(dsum_like_lse(dout, ref_out), ref_lse.detach(), sink.detach()), ref_grad,
                                rtol=1e-10, atol=1e-12)
 
 
@@ -45,7 +51,7 @@ def test_sink_in_the_varlen_layout():
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lse, ref_lse.detach(), rtol=1e-12, atol=1e-12)
     (ref_grad,) = torch.autograd.grad(ref_out, sink, dout)
-    torch.testing.assert_close(sinks.sink_grad(dout, ref_out.detach(), ref_lse.detach(), sink.detach()), ref_grad,
+    torch.testing.assert_close(sinks.sink_grad(dsum_like_lse(dout, ref_out), ref_lse.detach(), sink.detach()), ref_grad,
                                rtol=1e-10, atol=1e-12)
 
 

@@ -94,23 +94,30 @@ struct OnlineSoftmax {
     }
   }
 
-  // Divides o by the row sums and returns each row's log-sum-exp in natural-log units;
-  // a row with no visible key gets zeros and lse = +inf.
+  // Divides o by the row sums and returns each row's log-sum-exp in natural-log units; a row with
+  // no visible key gets zeros and lse = +inf. sink_log2 (-inf: none) is a logit in log2 units
+  // that joins every row's normaliser and carries no value (attention sinks): the row's total is
+  // taken relative to the larger of its max and the sink, so neither can overflow the other, and
+  // a row without keys then gets zeros and lse = the sink.
   template <int OTiles>
   __device__ __forceinline__ void finalize(float (&o)[MTiles][OTiles][4], float scale_log2,
-                                           float (&lse)[MTiles][2]) {
+                                           float (&lse)[MTiles][2], float sink_log2 = -INFINITY) {
 #pragma unroll
     for (int mt = 0; mt < MTiles; ++mt) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const float l = TensorRowSum ? sum_acc[mt][2 * r] : quad_sum(row_sum[mt][r]);
-        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const float shift = l > 0.f ? row_max[mt][r] * scale_log2 : -INFINITY;  // the exp2 shift of l
+        const float top = fmaxf(shift, sink_log2);
+        const float keep = top == -INFINITY ? 0.f : fast_exp2(shift - top);
+        const float total = l * keep + (top == -INFINITY ? 0.f : fast_exp2(sink_log2 - top));
+        const float inv = total > 0.f ? keep / total : 0.f;
 #pragma unroll
         for (int ot = 0; ot < OTiles; ++ot) {
           o[mt][ot][2 * r] *= inv;
           o[mt][ot][2 * r + 1] *= inv;
         }
-        lse[mt][r] = l > 0.f ? (row_max[mt][r] * scale_log2 + __log2f(l)) * 0.69314718056f : INFINITY;
+        lse[mt][r] = total > 0.f ? (top + __log2f(total)) * 0.69314718056f : INFINITY;
       }
     }
   }

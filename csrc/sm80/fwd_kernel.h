@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   // ---- epilogue: normalise, stage O through this warp's own rows of sQ, 16-byte stores
   float row_lse[kMTiles][2];
-  softmax.finalize(acc_o, p.scale_log2, row_lse);
+  softmax.finalize(acc_o, p.scale_log2, row_lse, sink_log2(p, head));
   if (n_end > n_begin) __syncwarp();  // this warp's Q rows are no longer read (other warps' are theirs)
   const uint32_t o_pair = Frag<QTile>::lane_pair(smem_addr(sQ), lane);
 #pragma unroll

@@ -304,7 +304,7 @@ struct Consumer {
     using Ops = ElementOps<Element>;
     constexpr int kPitch = Traits::kOStagePitch, kChunksPerRow = Traits::kHeadDim / 8;
     float row_lse[1][2];
-    softmax.finalize(o, p.scale_log2, row_lse);
+    softmax.finalize(o, p.scale_log2, row_lse, sink_log2(p, blk.head));
     Element* stage = sm.o_stage(threadIdx.x / 32 - 4);  // warps 0-3 are the producer's
 #pragma unroll
     for (int r = 0; r < 2; ++r)
