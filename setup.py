@@ -75,6 +75,7 @@ nvcc_flags = [
     *(f"-DFAT_{name}={int(os.environ.get(f'FLASH_ATTN_T_{name}', default))}"
       for name, default in (("TENSOR_ROW_SUM", 1), ("SM90_TENSOR_ROW_SUM", 0), ("LAZY_RESCALE", 1), ("PINGPONG", 1),
                             ("SM90_HD64_WARPGROUPS", 3), ("TIMING_SKIP_SOFTMAX", 0),
+                            ("POLY_EXP2_SOFTCAP", 1),
                             ("BWD_TIMING_SKIP_ELEMENTWISE", 0), ("BWD_TIMING_SKIP_DQ_REDUCE", 0))),
     *sm90_flags,
 ]

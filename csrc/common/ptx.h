@@ -145,6 +145,24 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// 2^x on the FP32 and integer pipes instead of the MUFU unit (whose one exp2 per score is, with
+// softcap's tanh, as much work as the tensor cores' per score): x = j + f with j = round(x) (the
+// 1.5 * 2^23 addition rounds it into the low mantissa bits) and f in [-0.5, 0.5]; 2^f from a
+// degree-3 polynomial (relative error 1.2e-4, below the 2^-9 of P's bf16 rounding), 2^j added
+// to its exponent field. x is clamped at -127, where f = 0 and the result is exactly +0, as
+// ex2 gives for -inf (masked scores). The _rn intrinsics keep the rounding trick from being
+// folded away.
+__device__ __forceinline__ float poly_exp2(float x) {
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23
+  x = fmaxf(x, -127.f);
+  const float rounded = __fadd_rn(x, kRound);
+  const float f = __fsub_rn(x, __fsub_rn(rounded, kRound));
+  float p = fmaf(f, 0.0553351417f, 0.242297396f);
+  p = fmaf(p, f, 0.693225443f);
+  p = fmaf(p, f, 1.f);
+  return __int_as_float(__float_as_int(p) + (__float_as_int(rounded) << 23));
+}
+
 // Reductions over the 4 lanes of a quad: the lanes that share a row of an MMA accumulator.
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));

@@ -13,7 +13,10 @@
 
 namespace fat {
 
-template <int MTiles, bool TensorRowSum, bool LazyRescale = false>
+// PolyExp2Quarters: of every 4 accumulator column tiles, how many take their exp2 from poly_exp2
+// (FP32/integer pipes) instead of MUFU, to balance the two units (FA-T's tensor/vector balance,
+// one level down: MUFU against the FP32 pipe).
+template <int MTiles, bool TensorRowSum, bool LazyRescale = false, int PolyExp2Quarters = 0>
 struct OnlineSoftmax {
   static constexpr float kLazyThreshold = 8.f;  // log2 of the largest P a stale max may produce
 
@@ -154,7 +157,8 @@ struct OnlineSoftmax {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         float& x = s[mt][nt][2 * r + c];
-        x = fast_exp2(fmaf(x, scale_log2, -shift));
+        const float arg = fmaf(x, scale_log2, -shift);
+        x = nt % 4 < PolyExp2Quarters ? poly_exp2(arg) : fast_exp2(arg);
         if constexpr (!TensorRowSum) sum += x;
       }
     }

@@ -157,7 +157,8 @@ struct Consumer {
   using Element = typename Traits::Element;
   static constexpr int kSTiles = Traits::kSTiles, kOTiles = Traits::kOTiles, kPSlices = Traits::kBlockN / 16;
 
-  using Softmax = OnlineSoftmax<1, Traits::kTensorRowSum, Traits::kLazyRescale>;
+  using Softmax = OnlineSoftmax<1, Traits::kTensorRowSum, Traits::kLazyRescale,
+                                Mask::kSoftcap ? Traits::kPolyExp2QuartersSoftcap : 0>;
 
   const FwdBlock<Traits, Mask>& blk;
   const FwdSmem<Traits>& sm;

@@ -33,6 +33,11 @@
 #ifndef FAT_TIMING_SKIP_SOFTMAX
 #define FAT_TIMING_SKIP_SOFTMAX 0
 #endif
+// Softcap forward: 1 of every 4 score tiles takes exp2 from the FP32 pipe, beside the tanh and
+// exp2 the others put on MUFU; 0, 2 and 3 measured slower (benchmarks/NOTES.md).
+#ifndef FAT_POLY_EXP2_SOFTCAP
+#define FAT_POLY_EXP2_SOFTCAP 1
+#endif
 
 namespace fat::sm90 {
 
@@ -66,7 +71,7 @@ template <typename Element, int HeadDim>
 cudaError_t run_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   constexpr int warpgroups = HeadDim == 64 ? FAT_SM90_HD64_WARPGROUPS : 2;
   using Traits = sm90::FwdTraits<Element, HeadDim, warpgroups, FAT_SM90_TENSOR_ROW_SUM, FAT_LAZY_RESCALE,
-                                  FAT_PINGPONG, FAT_TIMING_SKIP_SOFTMAX>;
+                                  FAT_PINGPONG, FAT_POLY_EXP2_SOFTCAP, FAT_TIMING_SKIP_SOFTMAX>;
   return variant_switch(p, [&](auto variant) { return sm90::launch_fwd<Traits, typename decltype(variant)::type>(p, stream); });
 }
 

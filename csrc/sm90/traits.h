@@ -18,9 +18,11 @@ namespace fat::sm90 {
 //                 ring), so one's softmax runs on the vector units while another's GEMMs run.
 // ConsumerWarpgroups: 2 (BlockM 128) or 3 (BlockM 192: one more warp per SM sub-partition to
 // interleave its exp2s with the others', at 160 registers a thread instead of 240).
+// PolyExp2QuartersSoftcap: in the softcap variants (a tanh and an exp2 per score on MUFU), how
+// many of every 4 score column tiles take exp2 from a polynomial on the FP32 pipe (OnlineSoftmax).
 // TimingSkipSoftmax: a measurement build only (wrong output), see Consumer::scores_to_p.
 template <typename Element_, int HeadDim_, int ConsumerWarpgroups_, bool TensorRowSum_, bool LazyRescale_,
-          bool PingPong_, bool TimingSkipSoftmax_ = false>
+          bool PingPong_, int PolyExp2QuartersSoftcap_ = 0, bool TimingSkipSoftmax_ = false>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = HeadDim_;
@@ -28,6 +30,7 @@ struct FwdTraits {
   static constexpr bool kLazyRescale = LazyRescale_;
   static constexpr bool kPingPong = PingPong_;
   static constexpr bool kTimingSkipSoftmax = TimingSkipSoftmax_;
+  static constexpr int kPolyExp2QuartersSoftcap = PolyExp2QuartersSoftcap_;
   static constexpr int kConsumerWarpgroups = ConsumerWarpgroups_;
   static constexpr int kBlockM = 64 * kConsumerWarpgroups;
   static constexpr int kBlockN = 128;
