@@ -1,6 +1,6 @@
 """A small forward + backward through every kernel (both dtypes, both head dims, each mask variant:
-plain, causal, sliding window with and without causal; softcap; GQA, ragged lengths, varlen,
-deterministic),
+plain, causal, sliding window with and without causal; softcap; ALiBi; a learnable sink; GQA,
+ragged lengths, varlen, deterministic),
 a KV-cache step (append, cache_batch_idx, cache_leftpad, one index value out of range) and a
 split-KV decode step, sized for compute-sanitizer."""
 import torch
@@ -10,12 +10,18 @@ from flash_attn_t import flash_attn_func, flash_attn_varlen_func, flash_attn_wit
 torch.manual_seed(0)
 for dtype in (torch.bfloat16, torch.float16):
     for head_dim in (64, 128):
-        for causal, window, softcap in ((False, (-1, -1), 0.0), (True, (-1, -1), 0.0), (False, (33, 7), 0.0),
-                                        (True, (40, -1), 0.0), (False, (-1, -1), 20.0), (True, (40, -1), 20.0)):
+        for causal, window, softcap, alibi in (
+                (False, (-1, -1), 0.0, False), (True, (-1, -1), 0.0, False), (False, (33, 7), 0.0, False),
+                (True, (40, -1), 0.0, False), (False, (-1, -1), 20.0, False), (True, (40, -1), 20.0, False),
+                (False, (-1, -1), 0.0, True), (True, (-1, -1), 0.0, True), (False, (33, 7), 0.0, True)):
+            slopes = torch.rand(4, device="cuda") if alibi else None
+            varlen_slopes = torch.rand(3, 4, device="cuda") if alibi else None
+            sink = torch.randn(4, device="cuda", requires_grad=True) if causal else None
             q = torch.randn(2, 77, 4, head_dim, device="cuda", dtype=dtype, requires_grad=True)
             k = torch.randn(2, 131, 2, head_dim, device="cuda", dtype=dtype, requires_grad=True)
             v = torch.randn(2, 131, 2, head_dim, device="cuda", dtype=dtype, requires_grad=True)
-            out = flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap, deterministic=causal)
+            out = flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap, deterministic=causal,
+                                  alibi_slopes=slopes, learnable_sink=sink)
             out.sum().backward()
             lens_q, lens_k = [0, 1, 70], [5, 0, 140]
             cu_q = torch.tensor([0, 0, 1, 71], device="cuda", dtype=torch.int32)
@@ -24,7 +30,7 @@ for dtype in (torch.bfloat16, torch.float16):
             kv = torch.randn(145, 2, head_dim, device="cuda", dtype=dtype, requires_grad=True)
             vv = torch.randn(145, 2, head_dim, device="cuda", dtype=dtype, requires_grad=True)
             out = flash_attn_varlen_func(qv, kv, vv, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
-                                         window_size=window, softcap=softcap)
+                                         window_size=window, softcap=softcap, alibi_slopes=varlen_slopes)
             out.sum().backward()
             k_cache = torch.randn(3, 200, 2, head_dim, device="cuda", dtype=dtype)
             v_cache = torch.randn_like(k_cache)
@@ -32,7 +38,8 @@ for dtype in (torch.bfloat16, torch.float16):
             flash_attn_with_kvcache(q[:, :3].detach(), k_cache, v_cache, new_k, new_v, causal=causal,
                                     cache_seqlens=torch.tensor([0, 150], device="cuda", dtype=torch.int32),
                                     cache_batch_idx=torch.tensor([2, 7], device="cuda", dtype=torch.int32),
-                                    cache_leftpad=torch.tensor([0, 20], device="cuda", dtype=torch.int32))
+                                    cache_leftpad=torch.tensor([0, 20], device="cuda", dtype=torch.int32),
+                                    alibi_slopes=slopes)
             flash_attn_with_kvcache(q[:, :1].detach(), k_cache[:2], v_cache[:2], num_splits=3,  # split-KV decode
                                     cache_seqlens=torch.tensor([190, 7], device="cuda", dtype=torch.int32))
 torch.cuda.synchronize()

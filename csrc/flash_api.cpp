@@ -144,7 +144,25 @@ struct Variant {
   bool causal;
   int64_t window_left, window_right;
   double softcap;  // 0: none
+  const std::optional<at::Tensor>& alibi_slopes;
 };
+
+// alibi_slopes: fp32 (heads,) or (batch, heads), contiguous, on the device of the launch (p.batch
+// and p.kv_splits set: the slopes' batch is the query batch).
+void set_alibi(FwdParams& p, const std::optional<at::Tensor>& slopes) {
+  p.alibi = slopes.has_value();
+  if (!p.alibi) return;
+  TORCH_CHECK(!p.softcap, "flash_attn_t: alibi_slopes with softcap > 0 is not implemented");
+  const int64_t batch = p.batch / std::max(p.kv_splits, 1);
+  TORCH_CHECK(slopes->is_cuda() && slopes->scalar_type() == at::kFloat && slopes->is_contiguous() &&
+                  ((slopes->dim() == 1 && slopes->size(0) == p.heads) ||
+                   (slopes->dim() == 2 && slopes->size(0) == batch && slopes->size(1) == p.heads)),
+              "flash_attn_t: alibi_slopes must be a contiguous float32 CUDA tensor of shape (nheads,) = (", p.heads,
+              ",) or (batch, nheads) = (", batch, ", ", p.heads, ")");
+  p.alibi_slopes = slopes->data_ptr<float>();
+  p.alibi_batch_stride = slopes->dim() == 2 ? p.heads : 0;
+  p.alibi_scale = static_cast<float>(M_LOG2E / p.scale_log2);
+}
 
 // Into p, with flash_attn's conventions (p.seqlen_q, p.seqlen_k set): an edge that reaches past
 // every row's keys is unbounded (-1); causal is the window (-1, 0), so a causal call with a left
@@ -169,6 +187,7 @@ void set_variant(FwdParams& p, const Variant& v) {
     p.softcap_scale = static_cast<float>(p.softmax_scale / v.softcap);
     p.scale_log2 = static_cast<float>(v.softcap * M_LOG2E);
   }
+  set_alibi(p, v.alibi_slopes);
 }
 
 // learnable_sink: fp32 (heads,) on q's device (the Python layer converts), or none.
@@ -230,9 +249,10 @@ std::tuple<at::Tensor, at::Tensor> batched_fwd(const at::Tensor& q_, const at::T
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
-                                       double softcap, const std::optional<at::Tensor>& learnable_sink) {
+                                       double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                                       const std::optional<at::Tensor>& learnable_sink) {
   check_qkv(q, k, v, 4);
-  return batched_fwd(q, k, v, softmax_scale, {causal, window_left, window_right, softcap}, learnable_sink,
+  return batched_fwd(q, k, v, softmax_scale, {causal, window_left, window_right, softcap, alibi_slopes}, learnable_sink,
                      [](FwdParams&) {});
 }
 
@@ -254,8 +274,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
                                                const std::optional<at::Tensor>& kv_batch_idx,
                                                const std::optional<at::Tensor>& leftpad_k, double softmax_scale,
                                                bool causal, int64_t window_left, int64_t window_right,
-                                               double softcap, int64_t num_splits,
-                                               const std::optional<at::Tensor>& learnable_sink) {
+                                               double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                                               int64_t num_splits, const std::optional<at::Tensor>& learnable_sink) {
   check_q(q, 4);
   check_tensor(k_cache, "k_cache", 4, q);
   check_tensor(v_cache, "v_cache", 4, q);
@@ -270,12 +290,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
   check_batch_index(leftpad_k, "leftpad_k", q);
   TORCH_CHECK(num_splits >= 1 && num_splits <= 1024, "flash_attn_t: num_splits must be in [1, 1024], got ",
               num_splits);
-  TORCH_CHECK(num_splits == 1 || (!causal && window_left < 0 && window_right < 0),
-              "flash_attn_t: num_splits > 1 takes no causal mask or window");
+  TORCH_CHECK(num_splits == 1 || (!causal && window_left < 0 && window_right < 0 && !alibi_slopes.has_value()),
+              "flash_attn_t: num_splits > 1 takes no causal mask, window or alibi_slopes");
   TORCH_CHECK(num_splits == 1 || !learnable_sink.has_value(),
               "flash_attn_t: num_splits > 1 takes no learnable_sink (apply it to the merged splits)");
   return batched_fwd(
-      q, k_cache, v_cache, softmax_scale, {causal, window_left, window_right, softcap}, learnable_sink,
+      q, k_cache, v_cache, softmax_scale, {causal, window_left, window_right, softcap, alibi_slopes}, learnable_sink,
       [&](FwdParams& p) {
         p.seqused_k = seqused_k.data_ptr<int>();
         p.kv_batch_idx = kv_batch_idx.has_value() ? kv_batch_idx->data_ptr<int>() : nullptr;
@@ -288,7 +308,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q_, const at::Te
                                               const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                               int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
                                               bool causal, int64_t window_left, int64_t window_right,
-                                              double softcap, const std::optional<at::Tensor>& learnable_sink) {
+                                              double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                                              const std::optional<at::Tensor>& learnable_sink) {
   check_qkv(q_, k_, v_, 3);
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q_);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q_);
@@ -306,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q_, const at::Te
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
   p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
   set_sink(p, learnable_sink, q);
-  if (q.size(0) > 0) launch_fwd(p, q, {causal, window_left, window_right, softcap});
+  if (q.size(0) > 0) launch_fwd(p, q, {causal, window_left, window_right, softcap, alibi_slopes});
   return {out, lse};
 }
 
@@ -421,10 +442,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor&
                                                    const at::Tensor& k, const at::Tensor& v,
                                                    const at::Tensor& out, const at::Tensor& lse,
                                                    double softmax_scale, bool causal, bool deterministic,
-                                                   int64_t window_left, int64_t window_right, double softcap) {
+                                                   int64_t window_left, int64_t window_right, double softcap,
+                                                   const std::optional<at::Tensor>& alibi_slopes) {
   check_qkv(q, k, v, 4);
   check_bwd_extra(dout, out, q, lse, {q.size(0), q.size(2), q.size(1)});
-  return backward(dout, q, k, v, out, lse, softmax_scale, {causal, window_left, window_right, softcap}, deterministic,
+  return backward(dout, q, k, v, out, lse, softmax_scale, {causal, window_left, window_right, softcap, alibi_slopes},
+                  deterministic,
                   [&](BwdParams& p) {
     p.batch = p.batch_k = static_cast<int>(q.size(0));
     p.seqlen_q = static_cast<int>(q.size(1));
@@ -436,15 +459,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, double softmax_scale, bool causal, bool deterministic, int64_t window_left,
-    int64_t window_right, double softcap) {
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   check_qkv(q, k, v, 3);
   check_bwd_extra(dout, out, q, lse, {q.size(1), q.size(0)});
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
   TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel(),
               "flash_attn_t: cu_seqlens_q and cu_seqlens_k must have the same length");
-  return backward(dout, q, k, v, out, lse, softmax_scale, {causal, window_left, window_right, softcap}, deterministic,
-                  [&](BwdParams& p) {
+  return backward(dout, q, k, v, out, lse, softmax_scale, {causal, window_left, window_right, softcap, alibi_slopes},
+                  deterministic, [&](BwdParams& p) {
     p.batch = static_cast<int>(cu_seqlens_q.numel() - 1);
     p.seqlen_q = static_cast<int>(max_seqlen_q);
     p.seqlen_k = static_cast<int>(max_seqlen_k);
@@ -459,21 +482,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
 TORCH_LIBRARY(flash_attn_t, m) {
   // window_left / window_right: flash_attn's window_size, -1 for an unbounded edge.
   m.def("fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, int window_left=-1, "
-        "int window_right=-1, float softcap=0.0, Tensor? learnable_sink=None) -> (Tensor, Tensor)");
+        "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? learnable_sink=None) "
+        "-> (Tensor, Tensor)");
   // bwd / varlen_bwd return (dq, dk, dv, dsum): dsum = rowsum(dout * out), laid out like lse.
   m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale, "
-        "bool causal, bool deterministic, int window_left=-1, int window_right=-1, float softcap=0.0) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "bool causal, bool deterministic, int window_left=-1, int window_right=-1, float softcap=0.0, "
+        "Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqused_k, Tensor? kv_batch_idx, "
         "Tensor? leftpad_k, float softmax_scale, bool causal, int window_left=-1, int window_right=-1, "
-        "float softcap=0.0, int num_splits=1, Tensor? learnable_sink=None) -> (Tensor, Tensor)");
+        "float softcap=0.0, Tensor? alibi_slopes=None, int num_splits=1, Tensor? learnable_sink=None) "
+        "-> (Tensor, Tensor)");
   m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left=-1, "
-        "int window_right=-1, float softcap=0.0, Tensor? learnable_sink=None) -> (Tensor, Tensor)");
+        "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? learnable_sink=None) "
+        "-> (Tensor, Tensor)");
   m.def("varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
         "float softmax_scale, bool causal, bool deterministic, int window_left=-1, int window_right=-1, "
-        "float softcap=0.0) -> (Tensor, Tensor, Tensor, Tensor)");
+        "float softcap=0.0, Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(flash_attn_t, CUDA, m) {

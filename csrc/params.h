@@ -48,6 +48,12 @@ struct FwdParams {
   // softcap * log2(e) instead of softmax_scale * log2(e).
   bool softcap;
   float softcap_scale;
+  // ALiBi (common/mask.h Variant): fp32 slopes (heads,) or (batch, heads) (alibi_batch_stride 0
+  // for the former); alibi_scale = log2(e) / scale_log2. Not with softcap.
+  bool alibi;
+  const float* alibi_slopes;
+  int64_t alibi_batch_stride;
+  float alibi_scale;
 
   float softmax_scale;
   float scale_log2;  // softmax_scale * log2(e): the exp2 argument is one FFMA away from the score

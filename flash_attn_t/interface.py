@@ -101,7 +101,7 @@ KERNEL_FEATURES = {
     "dropout": False,     # dropout_p > 0
     "window": True,       # window_size != (-1, -1); transformers' sliding_window
     "softcap": True,      # softcap > 0
-    "alibi": False,       # alibi_slopes
+    "alibi": True,        # alibi_slopes
     "paged_kv": False,    # block_table
     "sinks": True,        # learnable_sink: a sink logit per head (transformers' s_aux)
 }
@@ -143,6 +143,25 @@ def check_softcap(softcap):
     if not (math.isfinite(softcap) and softcap >= 0):
         raise ValueError(f"softcap must be a finite number >= 0 (0: no soft-capping), got {softcap}")
     return softcap
+
+
+def check_alibi_slopes(alibi_slopes, q, batch, heads, softcap):
+    """alibi_slopes: None, or fp32 (nheads,) or (batch, nheads) on q's device (flash_attn's rule);
+    returns it contiguous. Not combined with softcap."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a tensor or None, got {type(alibi_slopes).__name__}")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must have shape (nheads,) = ({heads},) or (batch, nheads) = "
+                         f"({batch}, {heads}), got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes must be on q's device ({q.device}), got {alibi_slopes.device}")
+    if softcap:
+        raise NotImplementedError("alibi_slopes together with softcap > 0 is not implemented (pass one of them)")
+    return alibi_slopes.detach().contiguous()
 
 
 def check_learnable_sink(learnable_sink, q, heads):
@@ -356,46 +375,49 @@ def _kernel_sink(sink):
     return None if sink is None else sink.detach().to(torch.float32).contiguous()
 
 
-def _forward(q, k, v, softmax_scale, causal, variant, sink):
+def _forward(q, k, v, softmax_scale, causal, variant, sink, alibi):
     """The forward kernels for batched q, k, v: split-KV with the query heads of a kv head packed
-    into rows when the queries are few and the keys many (decode.plan), the plain kernel otherwise.
-    Either way (out, lse), which is all the backward needs. variant: (window_left, window_right,
-    softcap), the ops' trailing arguments. The plain kernel adds the sink in its epilogue; the
-    split path adds it to the merged rows."""
-    splits = decode.plan(q, k, causal, variant[:2])
+    into rows when the queries are few and the keys many (decode.plan; not with ALiBi, whose bias
+    follows each row's head and position), the plain kernel otherwise. Either way (out, lse),
+    which is all the backward needs. variant: (window_left, window_right, softcap), the ops'
+    trailing arguments. The plain kernel adds the sink in its epilogue; the split path adds it to
+    the merged rows."""
+    splits = decode.plan(q, k, causal, variant[:2]) if alibi is None else 0
     if splits:
         seqused = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
         out, lse = decode.split_kv_attention(q, k, v, seqused, None, None, softmax_scale, splits, softcap=variant[2])
         return sinks.apply_sink(out, lse, sink) if sink is not None else (out, lse)
-    return torch.ops.flash_attn_t.fwd(q, k, v, softmax_scale, causal, *variant, learnable_sink=_kernel_sink(sink))
+    return torch.ops.flash_attn_t.fwd(q, k, v, softmax_scale, causal, *variant, alibi_slopes=alibi,
+                                      learnable_sink=_kernel_sink(sink))
 
 
 class FlashAttnFunc(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, causal, variant, deterministic, sink):
-        out, lse = _forward(q, k, v, softmax_scale, causal, variant, sink)
-        ctx.save_for_backward(q, k, v, out, lse, sink)
+    def forward(ctx, q, k, v, softmax_scale, causal, variant, deterministic, sink, alibi):
+        out, lse = _forward(q, k, v, softmax_scale, causal, variant, sink, alibi)
+        ctx.save_for_backward(q, k, v, out, lse, sink, alibi)
         ctx.softmax_scale, ctx.causal, ctx.variant, ctx.deterministic = softmax_scale, causal, variant, deterministic
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, sink = ctx.saved_tensors
+        q, k, v, out, lse, sink, alibi = ctx.saved_tensors
         dq, dk, dv, dsum = torch.ops.flash_attn_t.bwd(_last_dim_contiguous(dout), q, k, v, out, lse,
-                                                      ctx.softmax_scale, ctx.causal, ctx.deterministic, *ctx.variant)
+                                                      ctx.softmax_scale, ctx.causal, ctx.deterministic, *ctx.variant,
+                                                      alibi_slopes=alibi)
         dsink = sinks.sink_grad(dsum, lse, sink) if sink is not None and ctx.needs_input_grad[7] else None
-        return dq, dk, dv, None, None, None, None, dsink
+        return dq, dk, dv, None, None, None, None, dsink, None
 
 
 class FlashAttnVarlenFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, variant,
-                deterministic, sink):
+                deterministic, sink, alibi):
         out, lse = torch.ops.flash_attn_t.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                     max_seqlen_k, softmax_scale, causal, *variant,
+                                                     max_seqlen_k, softmax_scale, causal, *variant, alibi_slopes=alibi,
                                                      learnable_sink=_kernel_sink(sink))
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sink)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sink, alibi)
         ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
         ctx.softmax_scale, ctx.causal, ctx.variant, ctx.deterministic = softmax_scale, causal, variant, deterministic
         ctx.mark_non_differentiable(lse)
@@ -403,12 +425,12 @@ class FlashAttnVarlenFunc(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sink = ctx.saved_tensors
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sink, alibi = ctx.saved_tensors
         dq, dk, dv, dsum = torch.ops.flash_attn_t.varlen_bwd(
             _last_dim_contiguous(dout), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q,
-            ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal, ctx.deterministic, *ctx.variant)
+            ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal, ctx.deterministic, *ctx.variant, alibi_slopes=alibi)
         dsink = sinks.sink_grad(dsum, lse, sink) if sink is not None and ctx.needs_input_grad[11] else None
-        return dq, dk, dv, None, None, None, None, None, None, None, None, dsink
+        return dq, dk, dv, None, None, None, None, None, None, None, None, dsink, None
 
 
 def _result(out, lse, return_attn_probs):
@@ -432,7 +454,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     right) keeps keys [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right] (-1: no
     bound; with causal, right is 0), and the kernels never load the key blocks outside it.
     softcap > 0 turns each scaled score x into softcap * tanh(x / softcap) before the softmax
-    (Gemma 2), with its exact derivative in the backward.
+    (Gemma 2), with its exact derivative in the backward. alibi_slopes, fp32 (nheads,) or (batch,
+    nheads), adds -slope * |i + seqlen_k - seqlen_q - j| to the scaled score of query i and key j
+    (ALiBi, as flash_attn; not together with softcap).
     deterministic=True makes the backward bitwise reproducible. learnable_sink (nheads,) adds a
     logit per head to each row's softmax normaliser that carries no value (gpt-oss's attention
     sinks; FlashAttention-4's keyword); its gradient flows back like q's.
@@ -446,12 +470,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     window_size = check_window_size(window_size)
     softcap = check_softcap(softcap)
     check_unimplemented(dropout_p, window_size, softcap, alibi_slopes)
+    alibi_slopes = check_alibi_slopes(alibi_slopes, q, q.shape[0], q.shape[2], softcap)
     check_learnable_sink(learnable_sink, q, q.shape[2])
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
     ops.require_extension()
     head_dim = q.shape[-1]
     out, lse = FlashAttnFunc.apply(*_pad_head_dim(q, k, v), softmax_scale, bool(causal), (*window_size, softcap),
-                                   bool(deterministic), learnable_sink)
+                                   bool(deterministic), learnable_sink, alibi_slopes)
     return _result(out[..., :head_dim], lse, return_attn_probs)
 
 
@@ -492,6 +517,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     window_size = check_window_size(window_size)
     softcap = check_softcap(softcap)
     check_unimplemented(dropout_p, window_size, softcap, alibi_slopes, block_table)
+    alibi_slopes = check_alibi_slopes(alibi_slopes, q, cu_seqlens_q.shape[0] - 1, q.shape[1], softcap)
     check_learnable_sink(learnable_sink, q, q.shape[1])
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
     check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -499,7 +525,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     head_dim = q.shape[-1]
     out, lse = FlashAttnVarlenFunc.apply(*_pad_head_dim(q, k, v), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                          int(max_seqlen_k), softmax_scale, bool(causal), (*window_size, softcap),
-                                         bool(deterministic), learnable_sink)
+                                         bool(deterministic), learnable_sink, alibi_slopes)
     return _result(out[..., :head_dim], lse, return_attn_probs)
 
 
@@ -576,7 +602,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     flash_attn_func.
     No host synchronisation: values of the index tensors outside their ranges are clamped by the
     kernels, never read or written out of bounds; FLASH_ATTN_T_CHECK_VALUES=1 checks them instead.
-    alibi_slopes and block_table accept only their defaults for now.
+    alibi_slopes as in flash_attn_func (then no split-KV); block_table accepts only None for now.
     """
     optional = (("k", k), ("v", v), ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin),
                 ("cache_seqlens", cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None),
@@ -586,6 +612,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     window_size = check_window_size(window_size)
     softcap = check_softcap(softcap)
     check_unimplemented(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, block_table=block_table)
+    alibi_slopes = check_alibi_slopes(alibi_slopes, q, q.shape[0], q.shape[2], softcap)
     check_learnable_sink(learnable_sink, q, q.shape[2])
     check_rotary(rotary_cos, rotary_sin, q.shape[-1], k is not None)
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
@@ -601,7 +628,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         seqlens = seqlens + k.shape[1]
     head_dim = q.shape[-1]
     q_, k_cache_, v_cache_ = _pad_head_dim(q, k_cache, v_cache)
-    splits = decode.plan(q_, k_cache_, causal, window_size, operator.index(num_splits))
+    splits = 0 if alibi_slopes is not None else decode.plan(q_, k_cache_, causal, window_size,
+                                                            operator.index(num_splits))
     if splits:
         out, lse = decode.split_kv_attention(q_, k_cache_, v_cache_, seqlens, cache_batch_idx, cache_leftpad,
                                              softmax_scale, splits, softcap=softcap)
@@ -610,6 +638,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     else:
         out, lse = torch.ops.flash_attn_t.fwd_kvcache(q_, k_cache_, v_cache_, seqlens, cache_batch_idx,
                                                       cache_leftpad, softmax_scale, bool(causal), *window_size, softcap,
-                                                      learnable_sink=_kernel_sink(learnable_sink))
+                                                      alibi_slopes=alibi_slopes, learnable_sink=_kernel_sink(learnable_sink))
     out = out[..., :head_dim]
     return (out, lse) if return_softmax_lse else out

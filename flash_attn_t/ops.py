@@ -43,30 +43,32 @@ def _grads(q, k, v):
 if extension_available():
 
     @torch.library.register_fake("flash_attn_t::fwd")
-    def _fwd_fake(q, k, v, softmax_scale, causal, window_left=-1, window_right=-1, softcap=0.0,
+    def _fwd_fake(q, k, v, softmax_scale, causal, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
                   learnable_sink=None):
         batch, seqlen_q, heads, _ = q.shape
         return _out_and_lse(q, (batch, heads, seqlen_q))
 
     @torch.library.register_fake("flash_attn_t::fwd_kvcache")
     def _fwd_kvcache_fake(q, k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, softmax_scale, causal,
-                          window_left=-1, window_right=-1, softcap=0.0, num_splits=1, learnable_sink=None):
+                          window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, num_splits=1,
+                          learnable_sink=None):
         batch, seqlen_q, heads, dim = q.shape
         out = q.new_empty(batch * num_splits, seqlen_q, heads, dim)
         return out, q.new_empty(batch * num_splits, heads, seqlen_q, dtype=torch.float32)
 
     @torch.library.register_fake("flash_attn_t::bwd")
     def _bwd_fake(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, window_left=-1, window_right=-1,
-                  softcap=0.0):
+                  softcap=0.0, alibi_slopes=None):
         return (*_grads(q, k, v), lse.new_empty(lse.shape))
 
     @torch.library.register_fake("flash_attn_t::varlen_fwd")
     def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                         window_left=-1, window_right=-1, softcap=0.0, learnable_sink=None):
+                         window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, learnable_sink=None):
         total_q, heads, _ = q.shape
         return _out_and_lse(q, (heads, total_q))
 
     @torch.library.register_fake("flash_attn_t::varlen_bwd")
     def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         softmax_scale, causal, deterministic, window_left=-1, window_right=-1, softcap=0.0):
+                         softmax_scale, causal, deterministic, window_left=-1, window_right=-1, softcap=0.0,
+                         alibi_slopes=None):
         return (*_grads(q, k, v), lse.new_empty(lse.shape))

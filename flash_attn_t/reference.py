@@ -51,7 +51,11 @@ def _attention_bhsd(q, k, v, softmax_scale, causal, window_size=(-1, -1), softca
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
     if alibi_slopes is not None:
-        scores = scores + alibi_bias(alibi_slopes.to(scores.dtype), seqlen_q, seqlen_k, causal)
+        # flash_attn's causal form of the bias wherever its kernel runs as causal: a window (-1, 0),
+        # with a left edge that reaches every key dropped first
+        left, right = window_size
+        causal_form = (causal or right == 0) and (left < 0 or left >= seqlen_k)
+        scores = scores + alibi_bias(alibi_slopes.to(scores.dtype), seqlen_q, seqlen_k, causal_form)
     visible = visible_keys(seqlen_q, seqlen_k, causal, window_size, q.device)
     has_key = visible.any(dim=-1, keepdim=True)  # (sq, 1)
     # Rows without keys take finite placeholder scores, so logsumexp and its gradient stay finite;

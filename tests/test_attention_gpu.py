@@ -41,23 +41,27 @@ def make_inputs(batch, sq, sk, heads, heads_k, head_dim, dtype, scale=1.0, seed=
     return q, k, v, dout
 
 
-def reference_and_pytorch(q, k, v, dout, causal, softmax_scale=None, window_size=(-1, -1), softcap=0.0):
+def reference_and_pytorch(q, k, v, dout, causal, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
+                          alibi_slopes=None):
     """fp64 reference (out, lse, grads) and PyTorch's math in q's dtype (out, grads)."""
     results = []
     for compute_dtype in (torch.float64, q.dtype):
         leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
         out, lse = attention_reference(*leaves, softmax_scale=softmax_scale, causal=causal,
-                                       compute_dtype=compute_dtype, window_size=window_size, softcap=softcap)
+                                       compute_dtype=compute_dtype, window_size=window_size, softcap=softcap,
+                                       alibi_slopes=alibi_slopes)
         grads = torch.autograd.grad(out, leaves, dout.to(compute_dtype))
         results.append((out, lse, grads))
     return results
 
 
-def run_ours(q, k, v, dout, causal, deterministic=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0):
+def run_ours(q, k, v, dout, causal, deterministic=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
+             alibi_slopes=None):
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     poison_allocator()
     out, lse, _ = flash_attn_func(*leaves, softmax_scale=softmax_scale, causal=causal, deterministic=deterministic,
-                                  window_size=window_size, softcap=softcap, return_attn_probs=True)
+                                  window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                                  return_attn_probs=True)
     poison_allocator()
     grads = torch.autograd.grad(out, leaves, dout)
     return out, lse, grads
@@ -67,7 +71,7 @@ def check_against_reference(q, k, v, dout, causal, **kwargs):
     out, lse, grads = run_ours(q, k, v, dout, causal, **kwargs)
     (ref_out, ref_lse, ref_grads), (pt_out, _, pt_grads) = reference_and_pytorch(
         q, k, v, dout, causal, kwargs.get("softmax_scale"), kwargs.get("window_size", (-1, -1)),
-        kwargs.get("softcap", 0.0))
+        kwargs.get("softcap", 0.0), kwargs.get("alibi_slopes"))
     assert_close_to_ref(out, ref_out, pt_out, "out")
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isinf(lse), ~finite), "lse must be +inf exactly on rows that see no key"
@@ -93,6 +97,29 @@ def test_sliding_window_against_fp64(window, causal, sq, sk, head_dim, dtype):
     one-sided; GQA; ragged lengths, sq != sk, and rows that see no key."""
     q, k, v, dout = make_inputs(2, sq, sk, 8, 2, head_dim, dtype, seed=sq + sk + window[0])
     check_against_reference(q, k, v, dout, causal, window_size=window)
+
+
+@pytest.mark.parametrize("per_batch", [False, True])
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 7)), (True, (100, -1)),
+                                           (False, (-1, 0))])
+@pytest.mark.parametrize("sq,sk", [(200, 200), (97, 300), (300, 97), (1, 513)])
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.bfloat16), (128, torch.float16)])
+def test_alibi_against_fp64(per_batch, causal, window, sq, sk, head_dim, dtype):
+    """alibi_slopes (nheads,) or (batch, nheads), flash_attn's bias: -slope |i + sk - sq - j|, and
+    slope j where the kernel runs causal (causal, or a (-1, 0) window; lse as flash_attn returns
+    it); with windows, GQA, sq != sk, one query row. PyTorch's own bf16/fp16 math adds the bias in
+    that dtype (large errors at these distances), so the error is also held to an absolute bound
+    that a wrong bias could not meet."""
+    q, k, v, dout = make_inputs(2, sq, sk, 8, 2, head_dim, dtype, seed=sq + sk + window[0])
+    slopes = 2.0 ** -torch.arange(1, 9, device="cuda", dtype=torch.float32)  # the ALiBi paper's, 8 heads
+    if per_batch:
+        slopes = torch.stack([slopes, slopes.flip(0) / 2])
+    check_against_reference(q, k, v, dout, causal, window_size=window, alibi_slopes=slopes)
+    out, _, grads = run_ours(q, k, v, dout, causal, window_size=window, alibi_slopes=slopes)
+    (ref_out, _, ref_grads), _ = reference_and_pytorch(q, k, v, dout, causal, None, window, 0.0, slopes)
+    for name, x, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
+        err = (x.double() - ref).norm() / ref.norm().clamp_min(1e-12)
+        assert err < 1e-2, f"{name}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("softcap", [5.0, 50.0])

@@ -29,7 +29,9 @@ def test_sass_report_reads_the_wgmma_region_of_each_kernel(monkeypatch):
             "LDL R3, [R1+0x4]", "STL [R1+0x8], R3", "MUFU.EX2 R5, R5", "WARPGROUP.DEPBAR.LE gsb0, 0x0",
             "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24", "STL [R1+0xc], R4", "EXIT"]
     code = "\n".join(line.format(16 * i, ins) for i, ins in enumerate(body))
-    sass = ("\n\tcode for sm_90a\n\t\tFunction : _ZN3fat4sm9010bwd_kernelINS_7VariantINS_7KeyMaskILb1ELb0EEELb1EEEE\n" + code +
+    kernel = "\n\t\tFunction : _ZN3fat4sm9010bwd_kernelINS_7VariantINS_7KeyMaskILb{}ELb{}EEELb{}ELb{}EEEE\n"
+    sass = ("\n\tcode for sm_90a" + kernel.format(1, 0, 1, 0) + code + kernel.format(0, 1, 0, 1) + code +
             "\n\t\tFunction : _ZN3fat9no_mma_kernelE\n" + line.format(0, "EXIT") + "\n")
     rows = list(load("sass_report", monkeypatch).kernel_rows(sass))
-    assert rows == [("causal+softcap", dict(instructions=6, ldl=1, stl=1, full_waits=1, mufu=1))]
+    stats = dict(instructions=6, ldl=1, stl=1, full_waits=1, mufu=1)
+    assert rows == [("causal+softcap", stats), ("local+alibi", stats)]

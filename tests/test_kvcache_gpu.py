@@ -49,7 +49,7 @@ CASES = [
     (1, 1, "plain"), (1, 0, "plain"), (5, 5, "plain"), (40, 40, "plain"), (3, 0, "plain"),
     (1, 1, "int_seqlens"), (1, 1, "batch_idx"), (4, 4, "leftpad"),
     (1, 1, "rotary_interleaved"), (6, 6, "rotary_neox"), (6, 6, "rotary_interleaved_partial"),
-    (1, 1, "window"), (6, 6, "window"),
+    (1, 1, "window"), (6, 6, "window"), (1, 1, "alibi"), (6, 6, "alibi"),
 ]
 
 
@@ -79,6 +79,7 @@ def test_kvcache_against_reference(dtype, head_dim, causal, seqlen_q, seqlen_new
     if feature == "int_seqlens":
         seqlens = torch.full((batch,), 200, dtype=torch.int32, device="cuda")
     window = (50, 0 if causal else 9) if feature == "window" else (-1, -1)
+    slopes = torch.rand(batch, heads, device="cuda") if feature == "alibi" else None  # per (sequence, head)
     expected_k, expected_v, sequences = expected_step(
         q, k_cache, v_cache, k, v, seqlens, batch_idx if batch_idx is not None else range(batch),
         leftpad if leftpad is not None else [0] * batch, rotary, causal)
@@ -88,7 +89,7 @@ def test_kvcache_against_reference(dtype, head_dim, causal, seqlen_q, seqlen_new
         q, k_cache, v_cache, k, v, rotary_cos=rotary[0] if rotary else None,
         rotary_sin=rotary[1] if rotary else None, cache_seqlens=200 if feature == "int_seqlens" else seqlens,
         cache_batch_idx=batch_idx, cache_leftpad=leftpad, causal=causal, window_size=window,
-        rotary_interleaved=rotary[2] if rotary else True, return_softmax_lse=True)
+        rotary_interleaved=rotary[2] if rotary else True, alibi_slopes=slopes, return_softmax_lse=True)
 
     # the append: new rows as the reference wrote them (rotary: within one rounding), the rest untouched
     tol = {"rtol": 0, "atol": 0} if rotary is None else {"rtol": 2 ** -7, "atol": 1e-3}
@@ -96,9 +97,11 @@ def test_kvcache_against_reference(dtype, head_dim, causal, seqlen_q, seqlen_new
     assert torch.equal(v_cache, expected_v)
     assert out.shape == q.shape and lse.shape == (batch, heads, seqlen_q)
     for b, (q_b, k_b, v_b) in enumerate(sequences):
+        slopes_b = None if slopes is None else slopes[b]
         ref_out, ref_lse = attention_reference(q_b.double(), k_b.double(), v_b.double(), causal=causal,
-                                               compute_dtype=torch.float64, window_size=window)
-        pt_out, _ = attention_reference(q_b, k_b, v_b, causal=causal, compute_dtype=dtype, window_size=window)
+                                               compute_dtype=torch.float64, window_size=window, alibi_slopes=slopes_b)
+        pt_out, _ = attention_reference(q_b, k_b, v_b, causal=causal, compute_dtype=dtype, window_size=window,
+                                        alibi_slopes=slopes_b)
         assert_close_to_ref(out[b:b + 1], ref_out, pt_out, f"out[{b}] {feature}")
         finite = torch.isfinite(ref_lse)
         assert torch.equal(torch.isinf(lse[b:b + 1]), ~finite)

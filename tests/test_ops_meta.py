@@ -46,7 +46,7 @@ def test_varlen_meta():
 
 @requires_extension
 def test_ops_are_registered_with_the_contract_schemas():
-    window = ["window_left", "window_right", "softcap"]
+    window = ["window_left", "window_right", "softcap", "alibi_slopes"]
     arguments = {
         "fwd": ["q", "k", "v", "softmax_scale", "causal", *window, "learnable_sink"],
         "bwd": ["dout", "q", "k", "v", "out", "lse", "softmax_scale", "causal", "deterministic", *window],
@@ -80,7 +80,7 @@ def test_public_api_on_fake_cuda_tensors():
 def test_autograd_functions_on_meta_tensors(batch):
     """Backward wiring: a packed qkv gets its gradient packed, GQA k/v get k/v-shaped gradients."""
     qkv = torch.empty(batch, 33, 3, 4, 64, dtype=torch.bfloat16, device="meta", requires_grad=True)
-    out, lse = FlashAttnFunc.apply(*qkv.unbind(2), 0.125, True, (-1, -1), False, None)
+    out, lse = FlashAttnFunc.apply(*qkv.unbind(2), 0.125, True, (-1, -1, 0.0), False, None, None)
     assert out.shape == (batch, 33, 4, 64) and lse.shape == (batch, 4, 33) and not lse.requires_grad
     (dqkv,) = torch.autograd.grad(out, qkv, torch.ones_like(out))
     assert dqkv.shape == qkv.shape and dqkv.dtype == qkv.dtype
@@ -88,7 +88,7 @@ def test_autograd_functions_on_meta_tensors(batch):
     q = torch.empty(50, 8, 128, dtype=torch.float16, device="meta", requires_grad=True)
     k, v = (torch.empty(70, 2, 128, dtype=torch.float16, device="meta", requires_grad=True) for _ in range(2))
     cu = torch.empty(3, dtype=torch.int32, device="meta")
-    out, lse = FlashAttnVarlenFunc.apply(q, k, v, cu, cu, 30, 40, 0.1, False, (16, 3), True, None)
+    out, lse = FlashAttnVarlenFunc.apply(q, k, v, cu, cu, 30, 40, 0.1, False, (16, 3, 0.0), True, None, None)
     assert out.shape == q.shape and lse.shape == (8, 50)
     grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]

@@ -131,12 +131,14 @@ def naive_variant_attention(q, k, v, scale, causal, window, softcap, slopes, sin
     """One row at a time, straight from flash_attn's definitions: row i at key position
     p = i + sk - sq sees keys j with (not causal or j <= p), j >= p - left (left >= 0),
     j <= p + right (right >= 0, non-causal); score = softcap * tanh(q.k scale / softcap) (softcap
-    > 0), plus -slope |p - j| (non-causal) or slope j (causal); a sink logit joins the normaliser."""
+    > 0), plus -slope |p - j|, or slope j where flash_attn runs its causal kernel (causal or right
+    = 0, with no left edge short of the keys); a sink logit joins the normaliser."""
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     out = torch.zeros(b, sq, h, d, dtype=torch.float64)
     lse = torch.full((b, h, sq), float("inf"), dtype=torch.float64)
     left, right = window
+    causal_form = (causal or right == 0) and (left < 0 or left >= sk)
     for bi in range(b):
         for hi in range(h):
             kh = hi // (h // hk)
@@ -151,7 +153,7 @@ def naive_variant_attention(q, k, v, scale, causal, window, softcap, slopes, sin
                         s = softcap * math.tanh(s / softcap)
                     if slopes is not None:
                         slope = float(slopes[hi] if slopes.dim() == 1 else slopes[bi, hi])
-                        s += slope * j if causal else -slope * abs(p - j)
+                        s += slope * j if causal_form else -slope * abs(p - j)
                     logits.append(s)
                 everything = logits + ([float(sinks[hi])] if sinks is not None else [])
                 if not everything:

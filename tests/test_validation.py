@@ -86,7 +86,6 @@ def test_every_entry_point_checks_dtype_head_dim_and_heads(fake_cuda):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(dropout_p=0.1), "dropout_p"),
-    (dict(alibi_slopes=torch.ones(4)), "alibi_slopes"),
 ])
 def test_every_entry_point_rejects_unimplemented_features(fake_cuda, kwargs, match):
     q, k, v = batched(hk=4, device="cuda")
@@ -270,6 +269,31 @@ def test_every_entry_point_takes_a_learnable_sink(fake_cuda):
             flash_attn_t.flash_attn_func(q, k, v, learnable_sink=bad)
 
 
+def test_every_entry_point_takes_alibi_slopes(fake_cuda):
+    """alibi_slopes, fp32 (nheads,) or (batch, nheads): accepted by every entry point, its rules
+    named in the errors; with softcap a clear NotImplementedError."""
+    q, k, v = batched(hk=4, device="cuda")
+    batch, heads = q.shape[0], q.shape[2]
+    for slopes in (torch.ones(heads, device="cuda"), torch.ones(batch, heads, device="cuda")):
+        names = []
+        for name, call in call_every_entry_point(q, k, v, alibi_slopes=slopes):
+            assert call().shape[-2:] == q.shape[-2:], name
+            names.append(name)
+        assert len(names) == 6
+    for bad, error, match in [(torch.ones(heads + 1, device="cuda"), ValueError, r"shape \(nheads,\)"),
+                              (torch.ones(batch + 1, heads, device="cuda"), ValueError, r"\(batch, nheads\)"),
+                              (torch.ones(heads, dtype=torch.float16, device="cuda"), TypeError, "float32"),
+                              ([1.0] * heads, TypeError, "must be a tensor"),
+                              (torch.ones(heads), ValueError, "q's device")]:
+        with pytest.raises(error, match=match):
+            flash_attn_t.flash_attn_func(q, k, v, alibi_slopes=bad)
+    with pytest.raises(NotImplementedError, match="softcap"):
+        flash_attn_t.flash_attn_func(q, k, v, alibi_slopes=torch.ones(heads, device="cuda"), softcap=5.0)
+    k_cache = torch.zeros(batch, 64, k.shape[2], k.shape[3], dtype=k.dtype, device="cuda")
+    out = flash_attn_t.flash_attn_with_kvcache(q, k_cache, k_cache.clone(), alibi_slopes=torch.ones(heads, device="cuda"))
+    assert out.shape == q.shape
+
+
 def test_every_entry_point_takes_a_window(fake_cuda):
     if not ops.extension_available():
         pytest.skip("flash_attn_t._C is not built (the fake kernels come with it)")
@@ -287,7 +311,6 @@ def test_every_entry_point_takes_a_window(fake_cuda):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(dropout_p=0.1), r"dropout_p=0.1"),
-    (dict(alibi_slopes=torch.ones(4)), "alibi_slopes"),
     (dict(block_table=torch.zeros(1, 1, dtype=torch.int32)), "block_table"),
 ])
 def test_unimplemented_arguments(kwargs, match):

@@ -73,15 +73,36 @@ struct KeyMask {
 // their unscaled q.k accumulators s as t = tanh(s * softmax_scale / softcap) (score()) and run
 // the softmax on t with scale_log2 = softcap * log2(e) (set on the host, params.h), so lse comes
 // out in the natural units; the backward multiplies dS by dt/dx = 1 - t^2 (score_grad()).
-template <typename Mask, bool Softcap>
+// Alibi: the scaled score gets the bias -slope * |row + shift - key| (flash_attn's ALiBi: the
+// distance from the query's position to the key), slope per (batch,) head; under a causal mask
+// flash_attn adds slope * key instead (the same softmax, as key <= row + shift; lse differs by
+// the row's constant) and so do we, to return its lse. In the kernels' units (s, before
+// scale_log2) the slope is -alibi_coef(head) (alibi_bias). A constant per row shifts nothing, so
+// the backward's dS is unchanged. Not combined with softcap.
+template <typename Mask, bool Softcap, bool Alibi = false>
 struct Variant : Mask {
-  static constexpr bool kSoftcap = Softcap;
-  float softcap_scale;  // softmax_scale / softcap
+  static_assert(!(Softcap && Alibi), "softcap with ALiBi is not built");
+  static constexpr bool kSoftcap = Softcap, kAlibi = Alibi;
+  float softcap_scale;        // softmax_scale / softcap
+  const float* alibi_slopes;  // this sequence's slopes, one per query head (natural units)
+  float alibi_scale;          // log2(e) / scale_log2: natural units to the kernels' score units
 
   __device__ __forceinline__ Variant(const SeqInfo& seq, const FwdParams& p)
-      : Mask(seq, p), softcap_scale(p.softcap_scale) {}
+      : Mask(seq, p),
+        softcap_scale(p.softcap_scale),
+        alibi_slopes(Alibi ? p.alibi_slopes + seq.batch * p.alibi_batch_stride : nullptr),
+        alibi_scale(p.alibi_scale) {}
   __device__ __forceinline__ float score(float s) const { return Softcap ? fast_tanh(s * softcap_scale) : s; }
   __device__ __forceinline__ float score_grad(float t) const { return Softcap ? 1.f - t * t : 1.f; }
+  // -slope of head `head` in score units (0 without ALiBi).
+  __device__ __forceinline__ float alibi_coef(int head) const {
+    return Alibi ? -alibi_slopes[head] * alibi_scale : 0.f;
+  }
+  // s plus the ALiBi bias of query position `position` (row + shift) and key `key`, both as floats
+  // (the callers form them as a per-lane base plus constants: no integer conversion per score).
+  __device__ __forceinline__ float alibi_bias(float s, float coef, float position, float key) const {
+    return Mask::kCausal ? fmaf(-coef, key, s) : fmaf(coef, fabsf(position - key), s);
+  }
 };
 
 // A type tag: launchers receive the variant policy as Tag<Variant<...>> from variant_switch.
@@ -90,15 +111,40 @@ struct Tag {
   using type = T;
 };
 
-// f(Tag<Variant<KeyMask<...>, softcap>>{}) for the variant p asks for: no mask, causal, or local
-// (flash_attn_api normalises a causal window to local with right = 0), each with or without
-// softcap.
+// f(Tag<Variant<KeyMask<...>, softcap, alibi>>{}) for the variant p asks for: no mask, causal, or
+// local (flash_attn_api normalises a causal window to local with right = 0), each plain, with
+// softcap or with ALiBi (nine instantiations).
 template <typename F>
 decltype(auto) variant_switch(const FwdParams& p, F&& f) {
-  return bool_switch(p.softcap, [&](auto softcap) {
-    if (p.local) return f(Tag<Variant<KeyMask<false, true>, softcap>>{});
-    return bool_switch(p.causal, [&](auto causal) { return f(Tag<Variant<KeyMask<causal>, softcap>>{}); });
-  });
+  auto with_mask = [&](auto softcap, auto alibi) {
+    constexpr bool kSoftcap = decltype(softcap)::value, kAlibi = decltype(alibi)::value;
+    if (p.local) return f(Tag<Variant<KeyMask<false, true>, kSoftcap, kAlibi>>{});
+    return bool_switch(p.causal, [&](auto causal) { return f(Tag<Variant<KeyMask<causal>, kSoftcap, kAlibi>>{}); });
+  };
+  if (p.alibi) return with_mask(std::false_type{}, std::true_type{});
+  return bool_switch(p.softcap, [&](auto softcap) { return with_mask(softcap, std::false_type{}); });
+}
+
+// Adds the ALiBi bias (Variant::alibi_bias) to every score of a warp's tiles (m16n8 accumulator
+// layout, as mask_scores): position and key as a per-lane float base plus the tiles' constant
+// offsets, so a score costs an FADD and an FFMA.
+template <typename Mask, int MTiles, int NTiles>
+__device__ __forceinline__ void add_alibi(float (&s)[MTiles][NTiles][4], const Mask& mask, float coef,
+                                          int first_row, int first_col) {
+  const int lane = threadIdx.x % 32;
+  const float key_base = static_cast<float>(first_col + 2 * (lane % 4));
+#pragma unroll
+  for (int mt = 0; mt < MTiles; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float position = static_cast<float>(first_row + mt * 16 + lane / 4 + 8 * r + mask.shift);
+#pragma unroll
+      for (int nt = 0; nt < NTiles; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+          s[mt][nt][2 * r + c] =
+              mask.alibi_bias(s[mt][nt][2 * r + c], coef, position, key_base + static_cast<float>(nt * 8 + c));
+    }
 }
 
 // Sets masked scores of a warp's tiles to -inf (m16n8 accumulator layout: a lane holds rows

@@ -257,6 +257,7 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
 
     // ---- P = exp2(S * scale_log2 - lse * log2 e), dS = P (dP - D), both to shared memory.
     const bool needs_mask = mask.block_needs_mask(first_row, kBlockM, first_key, kBlockN);
+    const float alibi_coef = mask.alibi_coef(head);
 #pragma unroll
     for (int mt = 0; mt < kSM; ++mt)
 #pragma unroll
@@ -265,6 +266,9 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
         const float lse_log2 = sm.lse_rows(stage)[row] * 1.4426950409f, dsum = sm.dsum_rows(stage)[row];
         const int col_limit = mask.key_end(first_row + row) - first_key;
         const int col_first = mask.key_begin(first_row + row) - first_key;
+        // ALiBi: this row's position and the lane's first key as floats (Variant::alibi_bias)
+        const float alibi_position = static_cast<float>(first_row + row + mask.shift);
+        const float alibi_key = static_cast<float>(first_key + sdp_key + 2 * (lane % 4));
 #pragma unroll
         for (int nt = 0; nt < kSN; ++nt) {
           float pr[2], dsr[2];
@@ -272,7 +276,10 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             const float score = mask.score(s[mt][nt][2 * r + c]);
-            float pv = fast_exp2(fmaf(score, p.scale_log2, -lse_log2));
+            const float biased = Mask::kAlibi ? mask.alibi_bias(score, alibi_coef, alibi_position,
+                                                                 alibi_key + static_cast<float>(nt * 8 + c))
+                                              : score;
+            float pv = fast_exp2(fmaf(biased, p.scale_log2, -lse_log2));
             if (needs_mask && (col + c >= col_limit || (Mask::kLocal && col + c < col_first))) pv = 0.f;
             pr[c] = pv;
             dsr[c] = pv * (dp[mt][nt][2 * r + c] - dsum) * mask.score_grad(score);

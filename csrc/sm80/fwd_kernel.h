@@ -169,6 +169,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #pragma unroll
           for (int j = 0; j < 4; ++j) s[mt][nt][j] = mask.score(s[mt][nt][j]);
     }
+    if constexpr (Mask::kAlibi) add_alibi(s, mask, mask.alibi_coef(head), first_row + warp_row, first_col);
 
     if (mask.block_needs_mask(first_row, kBlockM, first_col, kBlockN))
       mask_scores(s, mask, first_row + warp_row, first_col);

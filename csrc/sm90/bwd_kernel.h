@@ -273,22 +273,30 @@ struct BwdConsumer {
   // cross the diagonal test elements: two loops, not one with a per-element test, which ptxas
   // turned into predicated compares on every element of every block (hd64 causal ran at half
   // the speed of the same build without element-wise work).
+  // alibi_coef: the step's head's ALiBi factor (Variant::alibi_coef; unused without ALiBi).
   __device__ __forceinline__ void scores_to_p(float (&s)[kSTiles][4], const BwdKeyBlock<Traits, Mask>& blk,
-                                              int first_row, int stage, float scale_log2) const {
+                                              int first_row, int stage, float scale_log2, float alibi_coef) const {
     if (blk.mask.block_needs_mask(first_row, kBlockM, blk.first_key + 64 * wg, 64))
-      exponentiate<true>(s, blk, first_row, stage, scale_log2);
+      exponentiate<true>(s, blk, first_row, stage, scale_log2, alibi_coef);
     else
-      exponentiate<false>(s, blk, first_row, stage, scale_log2);
+      exponentiate<false>(s, blk, first_row, stage, scale_log2, alibi_coef);
   }
   template <bool MaskElements>
   __device__ __forceinline__ void exponentiate(float (&s)[kSTiles][4], const BwdKeyBlock<Traits, Mask>& blk,
-                                               int first_row, int stage, float scale_log2) const {
+                                               int first_row, int stage, float scale_log2, float alibi_coef) const {
     const float* lse = sm.lse_log2(stage);
+    // ALiBi: the query position (row + shift) and key of element (t, j) are these lane bases plus
+    // 8 t + j % 2 and 8 (j / 2) (col_of, key_of)
+    const float alibi_position = static_cast<float>(first_row + blk.mask.shift + col_of(0, 0));
+    const float alibi_key = static_cast<float>(blk.first_key + key_of(0));
 #pragma unroll
     for (int t = 0; t < kSTiles; ++t) {
       const float2 l = *reinterpret_cast<const float2*>(lse + col_of(t, 0));
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
+        if constexpr (Mask::kAlibi)
+          s[t][j] = blk.mask.alibi_bias(s[t][j], alibi_coef, alibi_position + static_cast<float>(8 * t + j % 2),
+                                        alibi_key + static_cast<float>(8 * (j / 2)));
         float p = fast_exp2(fmaf(s[t][j], scale_log2, -(j % 2 ? l.y : l.x)));
         if constexpr (MaskElements) {
           if (blk.mask.masked(first_row + col_of(t, j), blk.first_key + key_of(j))) p = 0.f;
@@ -422,7 +430,8 @@ struct BwdConsumer {
           wgmma_wait<1>();  // S^T done; dP^T may still run
           fence_operand(s);
 #if !FAT_BWD_TIMING_SKIP_ELEMENTWISE
-          scores_to_p(s, blk, first_row, stage, p.scale_log2);
+          scores_to_p(s, blk, first_row, stage, p.scale_log2,
+                      Mask::kAlibi ? blk.mask.alibi_coef(blk.head(s_idx, p.heads / p.heads_k)) : 0.f);
 #endif
           wgmma_wait<0>();
           fence_operand(dp);

@@ -236,6 +236,8 @@ struct Consumer {
 #pragma unroll
           for (int j = 0; j < 4; ++j) s[0][t][j] = blk.mask.score(s[0][t][j]);
       }
+      if constexpr (Mask::kAlibi)
+        add_alibi(s, blk.mask, blk.mask.alibi_coef(blk.head), warp_first_row, block_of(i) * Traits::kBlockN);
       mask(s[0], i);
       softmax.exponentiate(s, scale_log2, correction);
     }
