@@ -290,8 +290,8 @@ def test_every_entry_point_takes_alibi_slopes(fake_cuda):
     with pytest.raises(NotImplementedError, match="softcap"):
         flash_attn_t.flash_attn_func(q, k, v, alibi_slopes=torch.ones(heads, device="cuda"), softcap=5.0)
     k_cache = torch.zeros(batch, 64, k.shape[2], k.shape[3], dtype=k.dtype, device="cuda")
-    out = flash_attn_t.flash_attn_with_kvcache(q, k_cache, k_cache.clone(), alibi_slopes=torch.ones(heads, device="cuda"))
-    assert out.shape == q.shape
+    slopes = torch.ones(heads, device="cuda")
+    assert flash_attn_t.flash_attn_with_kvcache(q, k_cache, k_cache.clone(), alibi_slopes=slopes).shape == q.shape
 
 
 def test_every_entry_point_takes_a_window(fake_cuda):
