@@ -162,8 +162,9 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
     load_tile_async<QTile, kThreads>(sm.dout(stage),
                                      do_seq + head * p.dout_head_stride + first_row * p.dout_row_stride,
                                      p.dout_row_stride, rows);
-    // Rows past the end are zero-filled: with Q = dO = 0 there, P = 1 but dP = D = 0, so dS = 0
-    // and P^T dO = 0 -- no mask needed for them.
+    // Rows past the end are zero-filled (Q = dO = 0, so dP = D = 0 and dS = 0); the P loop gives
+    // them lse = +inf, so P = 0 too (with ALiBi a zero Q row's P would be exp2(bias), which may
+    // overflow: inf x 0 = NaN in P^T dO).
     static_assert(kBlockM <= kThreads, "one thread per row of lse / D");
     if (threadIdx.x < kBlockM) {
       const int64_t offset = seq.lse_offset(p, head) + first_row + threadIdx.x;
@@ -263,7 +264,8 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = sdp_row + mt * 16 + lane / 4 + 8 * r;
-        const float lse_log2 = sm.lse_rows(stage)[row] * 1.4426950409f, dsum = sm.dsum_rows(stage)[row];
+        const float lse_log2 = first_row + row < seq.len_q ? sm.lse_rows(stage)[row] * 1.4426950409f : INFINITY;
+        const float dsum = sm.dsum_rows(stage)[row];
         const int col_limit = mask.key_end(first_row + row) - first_key;
         const int col_first = mask.key_begin(first_row + row) - first_key;
         // ALiBi: this row's position and the lane's first key as floats (Variant::alibi_bias)
