@@ -126,25 +126,41 @@ decltype(auto) variant_switch(const FwdParams& p, F&& f) {
 }
 
 // Adds the ALiBi bias (Variant::alibi_bias) to every score of a warp's tiles (m16n8 accumulator
-// layout, as mask_scores): position and key as a per-lane float base plus the tiles' constant
-// offsets, so a score costs an FADD and an FFMA.
+// layout, as mask_scores), in the fewest instructions per score: the causal form's bias depends
+// on the key only, so each of the lane's columns gets it once and every row adds it (an FADD per
+// score, an FFMA per column); the distance form takes position - key as a per-row float base
+// less the column's constant offset (an FADD and an FFMA with |.| per score).
 template <typename Mask, int MTiles, int NTiles>
 __device__ __forceinline__ void add_alibi(float (&s)[MTiles][NTiles][4], const Mask& mask, float coef,
                                           int first_row, int first_col) {
   const int lane = threadIdx.x % 32;
-  const float key_base = static_cast<float>(first_col + 2 * (lane % 4));
+  const int key_base = first_col + 2 * (lane % 4);
+  if constexpr (Mask::kCausal) {
+    const float bias_base = -coef * static_cast<float>(key_base);
 #pragma unroll
-  for (int mt = 0; mt < MTiles; ++mt)
+    for (int nt = 0; nt < NTiles; ++nt)
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float position = static_cast<float>(first_row + mt * 16 + lane / 4 + 8 * r + mask.shift);
+      for (int c = 0; c < 2; ++c) {
+        const float bias = fmaf(-coef, static_cast<float>(nt * 8 + c), bias_base);
 #pragma unroll
-      for (int nt = 0; nt < NTiles; ++nt)
+        for (int mt = 0; mt < MTiles; ++mt)
 #pragma unroll
-        for (int c = 0; c < 2; ++c)
-          s[mt][nt][2 * r + c] =
-              mask.alibi_bias(s[mt][nt][2 * r + c], coef, position, key_base + static_cast<float>(nt * 8 + c));
-    }
+          for (int r = 0; r < 2; ++r) s[mt][nt][2 * r + c] += bias;
+      }
+  } else {
+#pragma unroll
+    for (int mt = 0; mt < MTiles; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float distance = static_cast<float>(first_row + mt * 16 + lane / 4 + 8 * r + mask.shift - key_base);
+#pragma unroll
+        for (int nt = 0; nt < NTiles; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c)
+            s[mt][nt][2 * r + c] =
+                fmaf(coef, fabsf(distance - static_cast<float>(nt * 8 + c)), s[mt][nt][2 * r + c]);
+      }
+  }
 }
 
 // Sets masked scores of a warp's tiles to -inf (m16n8 accumulator layout: a lane holds rows
