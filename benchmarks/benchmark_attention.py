@@ -43,8 +43,10 @@ class Timer:
         for _ in range(self.reps):
             self.flush_buffer.zero_()
             # Keep the GPU busy while Python prepares the call, so the events time GPU work and
-            # not the host-side overhead of one backend's wrapper against another's.
-            torch.cuda._sleep(1_000_000)
+            # not the host-side overhead of one backend's wrapper against another's. ~2 ms: a
+            # fwd+bwd call's forward wrapper plus autograd outran 0.5 ms now and then (the same
+            # build's fwd+bwd at 16k tokens read 516-618 TFLOP/s run to run).
+            torch.cuda._sleep(4_000_000)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
