@@ -476,6 +476,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
   });
 }
 
+// Split-KV's merge: out_partial (batch x num_splits, rows, heads_k, dim) and lse_partial (batch x
+// num_splits, heads_k, rows) from fwd_kvcache(num_splits) on packed rows (query, head in group)
+// -> out (batch, rows / group, heads_k x group, dim), lse (batch, heads_k x group, rows / group).
+std::tuple<at::Tensor, at::Tensor> merge_splits(const at::Tensor& out_partial, const at::Tensor& lse_partial,
+                                                int64_t num_splits, int64_t group) {
+  TORCH_CHECK(out_partial.is_cuda() && out_partial.dim() == 4 && out_partial.is_contiguous() &&
+                  (out_partial.scalar_type() == at::kHalf || out_partial.scalar_type() == at::kBFloat16),
+              "flash_attn_t: out_partial must be a contiguous fp16/bf16 CUDA tensor (batch x splits, rows, heads_k, "
+              "dim)");
+  TORCH_CHECK(num_splits >= 1 && group >= 1 && out_partial.size(0) % num_splits == 0 &&
+                  out_partial.size(1) % group == 0,
+              "flash_attn_t: merge_splits needs batch x num_splits partial rows and rows a multiple of group");
+  const int64_t batch = out_partial.size(0) / num_splits, rows = out_partial.size(1), heads_k = out_partial.size(2);
+  TORCH_CHECK(lse_partial.is_cuda() && lse_partial.device() == out_partial.device() &&
+                  lse_partial.scalar_type() == at::kFloat && lse_partial.is_contiguous() &&
+                  lse_partial.sizes() == at::IntArrayRef({out_partial.size(0), heads_k, rows}),
+              "flash_attn_t: lse_partial must be contiguous float32 (batch x splits, heads_k, rows)");
+  const c10::cuda::CUDAGuard guard(out_partial.device());
+  const int64_t seqlen_q = rows / group;
+  at::Tensor out = at::empty({batch, seqlen_q, heads_k * group, out_partial.size(3)}, out_partial.options());
+  at::Tensor lse = at::empty({batch, heads_k * group, seqlen_q}, lse_partial.options());
+  MergeParams p{out_partial.data_ptr(), lse_partial.data_ptr<float>(), out.data_ptr(), lse.data_ptr<float>(),
+                static_cast<int>(batch), static_cast<int>(num_splits), static_cast<int>(rows),
+                static_cast<int>(heads_k), static_cast<int>(group), static_cast<int>(seqlen_q)};
+  check_launch(dispatch(out_partial.scalar_type(), static_cast<int>(out_partial.size(3)),
+                        [&](auto element, auto dim) {
+                          return run_merge_splits<decltype(element), decltype(dim)::value>(
+                              p, c10::cuda::getCurrentCUDAStream());
+                        }),
+               "split merge");
+  return {out, lse};
+}
+
 }  // namespace
 }  // namespace fat
 
@@ -500,6 +533,7 @@ TORCH_LIBRARY(flash_attn_t, m) {
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
         "float softmax_scale, bool causal, bool deterministic, int window_left=-1, int window_right=-1, "
         "float softcap=0.0, Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("merge_splits(Tensor out_partial, Tensor lse_partial, int num_splits, int group) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(flash_attn_t, CUDA, m) {
@@ -508,6 +542,7 @@ TORCH_LIBRARY_IMPL(flash_attn_t, CUDA, m) {
   m.impl("fwd_kvcache", &fat::fwd_kvcache);
   m.impl("varlen_fwd", &fat::varlen_fwd);
   m.impl("varlen_bwd", &fat::varlen_bwd);
+  m.impl("merge_splits", &fat::merge_splits);
 }
 
 // `import flash_attn_t._C` runs the registrations above; the module itself is empty.

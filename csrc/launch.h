@@ -33,6 +33,10 @@ template <typename Element, int HeadDim>
 cudaError_t run_bwd_dq_convert(const BwdParams& params, void* dq, int64_t batch_stride, int64_t row_stride,
                                int64_t head_stride, cudaStream_t stream);
 
+// Split-KV's merge of the splits' partial outputs (combine/merge_splits.h).
+template <typename Element, int HeadDim>
+cudaError_t run_merge_splits(const MergeParams& params, cudaStream_t stream);
+
 // Key block of the backward kernels (flash_api sizes the deterministic dq_accum splits by it).
 constexpr int kBwdBlockN = 128;
 

@@ -89,6 +89,18 @@ struct BwdParams : FwdParams {
   bool deterministic;
 };
 
+// Split-KV's merge (combine/merge_splits.h): out_partial (batch x splits, rows, heads_k, dim) in
+// the element type and lse_partial (batch x splits, heads_k, rows) fp32, rows = seqlen_q x group
+// packed (query, head in group); out (batch, seqlen_q, heads_k x group, dim) and lse (batch,
+// heads_k x group, seqlen_q), all contiguous.
+struct MergeParams {
+  const void* out_partial;
+  const float* lse_partial;
+  void* out;
+  float* lse;
+  int batch, splits, rows, heads_k, group, seqlen_q;
+};
+
 // The sink of query head `head` in log2 units (OnlineSoftmax::finalize), -inf when there is none.
 __host__ __device__ __forceinline__ float sink_log2(const FwdParams& p, int head) {
   return p.sink != nullptr ? p.sink[head] * 1.4426950408889634f : -__builtin_huge_valf();

@@ -3,10 +3,12 @@ cut into splits that run as separate CTAs, and the query heads sharing a kv head
 one block of rows, so each K/V tile is read once for its whole group; the partial outputs are then
 merged exactly through their log-sum-exp.
 
-Both halves ride on the KV-cache form of the forward kernel (torch.ops.flash_attn_t.fwd_kvcache
-with num_splits): the kernels cut each sequence's keys [leftpad_b, seqused_b) into equal parts
-themselves and write one output row per (sequence, split), so nothing is computed or copied per
-split on the host side and a decode step stays capturable in a CUDA graph. Packing turns the
+A decode step is two launches: the KV-cache form of the forward kernel
+(torch.ops.flash_attn_t.fwd_kvcache with num_splits), which cuts each sequence's keys
+[leftpad_b, seqused_b) into equal parts itself and writes one output row per (sequence, split),
+and torch.ops.flash_attn_t.merge_splits, which merges them and puts each packed row back in its
+(query, head) place. Nothing is computed or copied per split on the host side, and a step stays
+capturable in a CUDA graph. Packing turns the
 group's heads into rows, which changes what a row's position is, so it is used when the mask
 does not depend on positions: one query row, or no causal mask.
 """
@@ -66,21 +68,32 @@ def split_kv_attention(q, k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, 
     query heads of each kv head packed into rows. Returns (out like q, lse (batch, nheads,
     seqlen_q) fp32, +inf for rows that see no key). softcap as in flash_attn_func (the merge is
     exact for it too: each split's lse is of the capped scores). `attend` computes one fwd_kvcache
-    call (the kernel by default; the CPU tests pass an exact emulation)."""
-    attend = attend or (lambda q, k, v, used, idx, pad, scale, splits: torch.ops.flash_attn_t.fwd_kvcache(
-        q, k, v, used, idx, pad, scale, False, softcap=softcap, num_splits=splits))
+    call (the kernel by default, then merged by the merge_splits kernel; the CPU tests pass an exact
+    emulation, merged here by merge_splits below)."""
+    if attend is None:
+        out, lse = torch.ops.flash_attn_t.fwd_kvcache(
+            _packed_rows(q, k_cache.shape[2]), k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, softmax_scale,
+            False, softcap=softcap, num_splits=num_splits)
+        return torch.ops.flash_attn_t.merge_splits(out, lse, num_splits, q.shape[2] // k_cache.shape[2])
     batch, seqlen_q, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     group, rows, splits = heads // kv_heads, seqlen_q * heads // kv_heads, num_splits
-    # rows ordered (query, head in group): packed[b, s * group + g, j] = q[b, s, j * group + g]
-    # (a view, no copy, for one query row)
-    packed = q.view(batch, seqlen_q, kv_heads, group, head_dim).transpose(2, 3).reshape(batch, rows, kv_heads,
-                                                                                        head_dim)
+    packed = _packed_rows(q, kv_heads)
     out, lse = attend(packed, k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, softmax_scale, splits)
     out, lse = merge_splits(out.view(batch, splits, rows, kv_heads, head_dim), lse.view(batch, splits, kv_heads, rows))
     out = out.view(batch, seqlen_q, group, kv_heads, head_dim).transpose(2, 3).reshape(q.shape).to(q.dtype)
     lse = lse.view(batch, kv_heads, seqlen_q, group).transpose(2, 3).reshape(batch, heads, seqlen_q)
     return out, lse
+
+
+def _packed_rows(q, kv_heads):
+    """q (batch, seqlen_q, heads, d) with the heads of each kv head packed into rows, ordered
+    (query, head in group): packed[b, s * group + g, j] = q[b, s, j * group + g] (a view, no copy,
+    for one query row)."""
+    batch, seqlen_q, heads, head_dim = q.shape
+    group = heads // kv_heads
+    return q.view(batch, seqlen_q, kv_heads, group, head_dim).transpose(2, 3).reshape(batch, seqlen_q * group,
+                                                                                    kv_heads, head_dim)
 
 
 def merge_splits(out, lse):

@@ -1,6 +1,6 @@
 """The compiled kernels as torch.library ops, with fake (meta) implementations for torch.compile.
 
-csrc/flash_api.cpp defines torch.ops.flash_attn_t.fwd / bwd / fwd_kvcache / varlen_fwd / varlen_bwd and
+csrc/flash_api.cpp defines torch.ops.flash_attn_t.fwd / bwd / fwd_kvcache / varlen_fwd / varlen_bwd / merge_splits and
 their CUDA implementations; importing flash_attn_t._C registers them. Without the extension the package
 still imports (the reference and the argument checks work); calling a kernel raises ImportError.
 An extension built for another torch release makes the import itself fail (build_info.check).
@@ -66,6 +66,13 @@ if extension_available():
                          window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, learnable_sink=None):
         total_q, heads, _ = q.shape
         return _out_and_lse(q, (heads, total_q))
+
+    @torch.library.register_fake("flash_attn_t::merge_splits")
+    def _merge_splits_fake(out_partial, lse_partial, num_splits, group):
+        splits_batch, rows, heads_k, dim = out_partial.shape
+        batch, seqlen_q = splits_batch // num_splits, rows // group
+        return (out_partial.new_empty(batch, seqlen_q, heads_k * group, dim),
+                lse_partial.new_empty(batch, heads_k * group, seqlen_q))
 
     @torch.library.register_fake("flash_attn_t::varlen_bwd")
     def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

@@ -253,3 +253,30 @@ def test_flash_attn_func_one_query_row_against_many_keys(heads, heads_k):
     assert (lse.double() - ref_lse).abs().max().item() < 2e-2
     for name, g, ref_g, pt_g in zip(("dq", "dk", "dv"), grads, ref_grads, pt_grads):
         assert_close_to_ref(g, ref_g, pt_g, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("splits,seqlen_q,group", [(1, 1, 4), (7, 1, 4), (40, 2, 3), (3, 5, 1)])
+def test_merge_splits_kernel_matches_the_merge(dtype, head_dim, splits, seqlen_q, group):
+    """torch.ops.flash_attn_t.merge_splits against decode.merge_splits (fp64) and the row-to-head
+    unpacking: splits without keys (lse +inf) and a row that no split saw (out 0, lse +inf)."""
+    from flash_attn_t import decode
+    batch, heads_k = 3, 2
+    rows = seqlen_q * group
+    torch.manual_seed(splits + seqlen_q + head_dim)
+    out = torch.randn(batch * splits, rows, heads_k, head_dim, device="cuda").to(dtype)
+    lse = torch.randn(batch * splits, heads_k, rows, device="cuda") * 4
+    lse[::2, 0, 0] = float("inf")  # splits that saw no key
+    lse.view(batch, splits, heads_k, rows)[1, :, 1, -1] = float("inf")  # a row no split saw
+    got_out, got_lse = torch.ops.flash_attn_t.merge_splits(out, lse, splits, group)
+    ref_out, ref_lse = decode.merge_splits(out.double().view(batch, splits, rows, heads_k, head_dim),
+                                           lse.double().view(batch, splits, heads_k, rows))
+    ref_out = ref_out.view(batch, seqlen_q, group, heads_k, head_dim).transpose(2, 3).reshape(got_out.shape)
+    ref_lse = ref_lse.view(batch, heads_k, seqlen_q, group).transpose(2, 3).reshape(got_lse.shape)
+    assert got_out.dtype == dtype and got_lse.dtype == torch.float32
+    torch.testing.assert_close(got_out.double(), ref_out, rtol=1e-2, atol=1e-2)
+    assert torch.equal(torch.isinf(got_lse), torch.isinf(ref_lse)) and torch.isinf(got_lse).any()
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(got_lse[finite].double(), ref_lse[finite], rtol=1e-5, atol=1e-5)
+    assert (got_out.view(batch, seqlen_q, heads_k * group, head_dim)[~finite.transpose(1, 2)] == 0).all()

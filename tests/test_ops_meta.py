@@ -56,6 +56,7 @@ def test_ops_are_registered_with_the_contract_schemas():
                        "softmax_scale", "causal", *window, "learnable_sink"],
         "varlen_bwd": ["dout", "q", "k", "v", "out", "lse", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
                        "max_seqlen_k", "softmax_scale", "causal", "deterministic", *window],
+        "merge_splits": ["out_partial", "lse_partial", "num_splits", "group"],
     }
     for name, args in arguments.items():
         schema = getattr(torch.ops.flash_attn_t, name).default._schema
