@@ -350,7 +350,6 @@ void fill_bwd(BwdParams& p, const at::Tensor& dout, const at::Tensor& q, const a
 std::tuple<at::Tensor, at::Tensor> launch_bwd(BwdParams& p, const at::Tensor& q, const at::Tensor& lse,
                                               const Variant& variant, bool deterministic) {
   set_variant(p, variant);
-  p.sink = nullptr;
   if (p.batch == 0 || p.seqlen_q == 0 || q.numel() == 0)
     return {at::zeros(q.sizes(), q.options()), at::zeros_like(lse)};
   int splits = 1;

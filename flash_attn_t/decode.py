@@ -8,9 +8,9 @@ A decode step is two launches: the KV-cache form of the forward kernel
 [leftpad_b, seqused_b) into equal parts itself and writes one output row per (sequence, split),
 and torch.ops.flash_attn_t.merge_splits, which merges them and puts each packed row back in its
 (query, head) place. Nothing is computed or copied per split on the host side, and a step stays
-capturable in a CUDA graph. Packing turns the
-group's heads into rows, which changes what a row's position is, so it is used when the mask
-does not depend on positions: one query row, or no causal mask.
+capturable in a CUDA graph. Packing turns the group's heads into rows, which changes what a row's
+position is, so it is used when the mask does not depend on positions: one query row, or no
+causal mask.
 """
 import math
 
