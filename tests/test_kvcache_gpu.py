@@ -280,3 +280,34 @@ def test_merge_splits_kernel_matches_the_merge(dtype, head_dim, splits, seqlen_q
     finite = torch.isfinite(ref_lse)
     torch.testing.assert_close(got_lse[finite].double(), ref_lse[finite], rtol=1e-5, atol=1e-5)
     assert (got_out.view(batch, seqlen_q, heads_k * group, head_dim)[~finite.transpose(1, 2)] == 0).all()
+
+
+@pytest.mark.parametrize("page_size", [16, 256])
+@pytest.mark.parametrize("seqlen_q,causal", [(1, True), (5, True), (3, False)])
+def test_paged_kvcache_matches_the_contiguous_cache(page_size, seqlen_q, causal):
+    """block_table: a paged cache (pages shuffled, a table longer than some sequences need) gives
+    the contiguous cache's output and lse exactly, with an append that crosses page boundaries,
+    lengths 0 and not a multiple of the page size, split-KV (one query row) or not."""
+    batch, heads, heads_k, head_dim, pages_per_seq = 3, 8, 2, 128, 1024 // page_size
+    torch.manual_seed(page_size + seqlen_q)
+    q = torch.randn(batch, seqlen_q, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    k_new, v_new = (torch.randn(batch, seqlen_q, heads_k, head_dim, device="cuda", dtype=torch.bfloat16)
+                    for _ in range(2))
+    contiguous_k = torch.randn(batch, pages_per_seq * page_size, heads_k, head_dim, device="cuda",
+                               dtype=torch.bfloat16)
+    contiguous_v = torch.randn_like(contiguous_k)
+    table = torch.randperm(batch * pages_per_seq + 2, device="cuda")[:batch * pages_per_seq]
+    table = table.view(batch, pages_per_seq).to(torch.int32)
+    paged_k = torch.zeros(batch * pages_per_seq + 2, page_size, heads_k, head_dim, device="cuda", dtype=torch.bfloat16)
+    paged_v = torch.zeros_like(paged_k)
+    paged_k[table.long()] = contiguous_k.view(batch, pages_per_seq, page_size, heads_k, head_dim)
+    paged_v[table.long()] = contiguous_v.view(batch, pages_per_seq, page_size, heads_k, head_dim)
+    seqlens = torch.tensor([0, page_size - 1, 1000], dtype=torch.int32, device="cuda")
+    expected = flash_attn_with_kvcache(q, contiguous_k, contiguous_v, k_new, v_new, cache_seqlens=seqlens,
+                                       causal=causal, return_softmax_lse=True)
+    poison_allocator()
+    got = flash_attn_with_kvcache(q, paged_k, paged_v, k_new, v_new, cache_seqlens=seqlens, block_table=table,
+                                  causal=causal, return_softmax_lse=True)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    flat = lambda paged: paged[table.long()].flatten(1, 2)  # noqa: E731
+    assert torch.equal(flat(paged_k), contiguous_k) and torch.equal(flat(paged_v), contiguous_v)
