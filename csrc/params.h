@@ -38,6 +38,14 @@ struct FwdParams {
   // virtual sequences; virtual b reads query batch b / kv_splits and the (b % kv_splits)-th of
   // kv_splits equal parts of that sequence's keys, and writes out / lse at batch row b.
   int kv_splits;
+  // Paged KV cache (sm90 forward, batched, no kv_batch_idx / leftpad_k): k and v are pools of
+  // batch_k pages of page_size rows (k_batch_stride apart); key j of query batch b sits in row
+  // j % page_size of page block_table[b * block_table_stride + j / page_size] (max_pages entries;
+  // values clamped into range). Split boundaries are rounded down to multiples of
+  // min(page_size, 128), so that no key block straddles a page. Null: not paged.
+  const int* block_table;
+  int64_t block_table_stride;
+  int max_pages, page_size;
 
   // The attention variant (csrc/common/mask.h): the launchers turn these flags into template
   // parameters (variant_switch). causal: the window (-1, 0); local: any other bounded window

@@ -282,13 +282,6 @@ def _paged_rows(block_table, positions, page_size, num_pages):
     return block_table.gather(1, slot).clamp(0, num_pages - 1).long(), (positions % page_size).long()
 
 
-def _gather_pages(cache, block_table):
-    """The paged cache as contiguous per-sequence caches (batch, max_pages x page_size, nheads_k,
-    headdim): a copy, read by the kernels like any KV cache."""
-    pages = block_table.clamp(0, cache.shape[0] - 1).long()
-    return cache[pages].flatten(1, 2)
-
-
 def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, capacity=None):
     """q (batch, seqlen_q, nheads, headdim); k_cache, v_cache (batch_cache, seqlen_cache, nheads_k,
     headdim), or paged (num_pages, page_size, nheads_k, headdim) with capacity (check_block_table)
@@ -678,20 +671,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         positional = causal or window_size != (-1, -1)  # q's rows at their own positions (flash_attn's rule)
         q = _append_to_cache(q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, rotary, positional, block_table)
         seqlens = seqlens + k.shape[1]
-    if block_table is not None:  # the pages gathered into contiguous caches (a copy; see README)
-        k_cache, v_cache = _gather_pages(k_cache, block_table), _gather_pages(v_cache, block_table)
     head_dim = q.shape[-1]
     q_, k_cache_, v_cache_ = _pad_head_dim(q, k_cache, v_cache)
     splits = 0 if alibi_slopes is not None else decode.plan(q_, k_cache_, causal, window_size,
-                                                            operator.index(num_splits))
+                                                            operator.index(num_splits), capacity)
     if splits:
         out, lse = decode.split_kv_attention(q_, k_cache_, v_cache_, seqlens, cache_batch_idx, cache_leftpad,
-                                             softmax_scale, splits, softcap=softcap)
+                                             softmax_scale, splits, softcap=softcap, block_table=block_table)
         if learnable_sink is not None:
             out, lse = sinks.apply_sink(out, lse, learnable_sink)
     else:
         out, lse = torch.ops.flash_attn_t.fwd_kvcache(
             q_, k_cache_, v_cache_, seqlens, cache_batch_idx, cache_leftpad, softmax_scale, bool(causal), *window_size,
-            softcap, alibi_slopes=alibi_slopes, learnable_sink=_kernel_sink(learnable_sink))
+            softcap, alibi_slopes=alibi_slopes, learnable_sink=_kernel_sink(learnable_sink), block_table=block_table)
     out = out[..., :head_dim]
     return (out, lse) if return_softmax_lse else out

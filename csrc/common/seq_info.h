@@ -37,8 +37,10 @@ struct SeqInfo {
         first_k = pad;
         len_k -= pad;
       }
-      if (splits > 1) {  // this split's part of the keys
-        const int begin = len_k * split / splits, end = len_k * (split + 1) / splits;
+      if (splits > 1) {  // this split's part of the keys (page-aligned starts when paged, params.h)
+        const int align = p.block_table != nullptr ? min(p.page_size, 128) : 1;
+        const int begin = split == 0 ? 0 : len_k * split / splits / align * align;
+        const int end = split == splits - 1 ? len_k : len_k * (split + 1) / splits / align * align;
         first_k += begin;
         len_k = end - begin;
       }

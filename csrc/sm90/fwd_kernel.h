@@ -118,6 +118,33 @@ struct FwdBlock {
   __device__ __forceinline__ int kv_batch_coord() const { return seq.varlen ? 0 : seq.batch_k; }
 };
 
+// One K or V block (kBlockN keys from sequence row `row`) into `dst`: one TMA box per 64-column
+// slab, or, from a paged cache, one per slab and page-sized run of rows (box rows = min(page size,
+// kBlockN); split starts are aligned to it, so a box never straddles a page). Boxes land at their
+// rows' offsets in the slab: the 128-byte swizzle follows the shared-memory address, so the
+// pieces form the same tile one box would.
+template <typename Traits>
+__device__ __forceinline__ void load_kv_block(typename Traits::Element* dst, const CUtensorMap* map, uint64_t* full,
+                                              const FwdParams& p, int row, int head_k, int b_k) {
+  constexpr int kSlabElems = 64;
+  if (p.block_table == nullptr) {
+#pragma unroll
+    for (int slab = 0; slab < Traits::kSlabs; ++slab)
+      tma_load_4d(dst + slab * Traits::kBlockN * kSlabElems, map, full, slab * kSlabElems, row, head_k, b_k);
+    return;
+  }
+  const int box = min(p.page_size, Traits::kBlockN);
+  const int* table = p.block_table + b_k * p.block_table_stride;
+  for (int first = 0; first < Traits::kBlockN; first += box) {
+    const int key = row + first;
+    const int page = min(max(table[min(key / p.page_size, p.max_pages - 1)], 0), p.batch_k - 1);
+#pragma unroll
+    for (int slab = 0; slab < Traits::kSlabs; ++slab)
+      tma_load_4d(dst + (slab * Traits::kBlockN + first) * kSlabElems, map, full, slab * kSlabElems,
+                  key % p.page_size, head_k, page);
+  }
+}
+
 // ---- producer: one thread keeps the ring full, one tile after another.
 template <typename Traits, typename Mask>
 __device__ __forceinline__ void produce(const FwdBlock<Traits, Mask>& blk, const FwdParams& p,
@@ -138,16 +165,10 @@ __device__ __forceinline__ void produce(const FwdBlock<Traits, Mask>& blk, const
     // (RingPosition::wait_empty spelled out: in that form ptxas unrolls this loop twice as far.)
     if (use > 0) mbar_wait(sm.k_empty(stage), (use - 1) & 1);  // consumers done with its last use
     mbar_arrive_expect_tx(sm.k_full(stage), Traits::kKVBytes);
-#pragma unroll
-    for (int slab = 0; slab < Traits::kSlabs; ++slab)
-      tma_load_4d(sm.k(stage) + slab * Traits::kBlockN * kSlabElems, tma_k, sm.k_full(stage), slab * kSlabElems, row,
-                  head_k, b_k);
+    load_kv_block<Traits>(sm.k(stage), tma_k, sm.k_full(stage), p, row, head_k, b_k);
     if (use > 0) mbar_wait(sm.v_empty(stage), (use - 1) & 1);
     mbar_arrive_expect_tx(sm.v_full(stage), Traits::kKVBytes);
-#pragma unroll
-    for (int slab = 0; slab < Traits::kSlabs; ++slab)
-      tma_load_4d(sm.v(stage) + slab * Traits::kBlockN * kSlabElems, tma_v, sm.v_full(stage), slab * kSlabElems, row,
-                  head_k, b_k);
+    load_kv_block<Traits>(sm.v(stage), tma_v, sm.v_full(stage), p, row, head_k, b_k);
   }
 }
 
