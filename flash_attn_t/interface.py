@@ -248,7 +248,7 @@ def check_index_tensor(t, name, batch):
         raise ValueError(f"{name} must be 1-D with one entry per sequence ({batch}), got shape {tuple(t.shape)}")
 
 
-def check_block_table(block_table, q, k_cache, cache_batch_idx):
+def check_block_table(block_table, q, k_cache, cache_batch_idx, cache_leftpad):
     """block_table: None, or int32 (batch, max_pages) on q's device naming each sequence's pages of
     the paged caches (num_pages, page_size, nheads_k, headdim), page_size a multiple of 16.
     Returns the sequences' capacity in keys (max_pages x page_size), or None when not paged."""
@@ -269,6 +269,8 @@ def check_block_table(block_table, q, k_cache, cache_batch_idx):
     if cache_batch_idx is not None:
         raise NotImplementedError("cache_batch_idx with block_table: the block table already maps each sequence "
                                   "to its pages")
+    if cache_leftpad is not None:
+        raise NotImplementedError("cache_leftpad with block_table is not implemented yet")
     pages = k_cache.shape[0]
     if checking_values() and block_table.numel() and not 0 <= block_table.min() <= block_table.max() < pages:
         raise ValueError(f"block_table values must lie in [0, {pages}) (the number of pages)")
@@ -652,7 +654,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 ("cache_seqlens", cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None),
                 ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad), ("block_table", block_table))
     check_devices(q=q, k_cache=k_cache, v_cache=v_cache, **{name: t for name, t in optional if t is not None})
-    capacity = check_block_table(block_table, q, k_cache, cache_batch_idx)
+    capacity = check_block_table(block_table, q, k_cache, cache_batch_idx, cache_leftpad)
     seqlens = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, capacity)
     window_size = check_window_size(window_size)
     softcap = check_softcap(softcap)

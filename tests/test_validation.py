@@ -440,6 +440,8 @@ def test_paged_append_matches_a_contiguous_cache():
      "multiple of 16"),
     (lambda: dict(block_table=int32([[0], [1]]), cache_batch_idx=int32([1, 0])), NotImplementedError,
      "cache_batch_idx with block_table"),
+    (lambda: dict(block_table=int32([[0], [1]]), cache_leftpad=int32([0, 0])), NotImplementedError,
+     "cache_leftpad with block_table"),
     (lambda: dict(window_size=(-3, 0)), ValueError, "window_size entries must be >= -1"),
     (lambda: dict(softcap=-5.0), ValueError, "softcap must be a finite number >= 0"),
 ])
