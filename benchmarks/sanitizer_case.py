@@ -42,9 +42,10 @@ for dtype in (torch.bfloat16, torch.float16):
                                     alibi_slopes=slopes)
             flash_attn_with_kvcache(q[:, :1].detach(), k_cache[:2], v_cache[:2], num_splits=3,  # split-KV decode
                                     cache_seqlens=torch.tensor([190, 7], device="cuda", dtype=torch.int32))
-            pages = k_cache.view(-1, 16, 2, head_dim)[:30], v_cache.view(-1, 16, 2, head_dim)[:30]  # paged, page 16
-            flash_attn_with_kvcache(q[:, :1].detach(), *pages, num_splits=3, block_table=torch.tensor(
-                [[29, 3, 7, 1, 0, 2, 9, 4, 5, 6, 8, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]],
-                device="cuda", dtype=torch.int32), cache_seqlens=torch.tensor([190, 7], device="cuda", dtype=torch.int32))
+            pages = [torch.randn(30, 16, 2, head_dim, device="cuda", dtype=dtype) for _ in range(2)]  # page 16
+            table = torch.tensor([[29, 3, 7, 1, 0, 2, 9, 4, 5, 6, 8, 10], list(range(11, 23))], device="cuda",
+                                 dtype=torch.int32)
+            flash_attn_with_kvcache(q[:, :1].detach(), *pages, num_splits=3, block_table=table,
+                                    cache_seqlens=torch.tensor([190, 7], device="cuda", dtype=torch.int32))
 torch.cuda.synchronize()
 print("sanitizer case done")
