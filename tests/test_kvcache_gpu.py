@@ -282,14 +282,16 @@ def test_merge_splits_kernel_matches_the_merge(dtype, head_dim, splits, seqlen_q
     assert (got_out.view(batch, seqlen_q, heads_k * group, head_dim)[~finite.transpose(1, 2)] == 0).all()
 
 
-@pytest.mark.parametrize("page_size", [16, 256])
+@pytest.mark.parametrize("page_size", [16, 48, 144, 256, 384])
 @pytest.mark.parametrize("seqlen_q,causal", [(1, True), (5, True), (3, False)])
 def test_paged_kvcache_matches_the_contiguous_cache(page_size, seqlen_q, causal):
     """block_table: a paged cache (pages shuffled, a table longer than some sequences need) gives
     the contiguous cache's output and lse, with an append that crosses page boundaries, lengths 0
-    and not a multiple of the page size, split-KV (one query row: the paged splits start at page
-    boundaries, so the merge order differs a little) or not."""
-    batch, heads, heads_k, head_dim, pages_per_seq = 3, 8, 2, 128, 1024 // page_size
+    and not a multiple of the page size, split-KV (one query row: the paged splits start at
+    multiples of the kernel's box, so the merge order differs a little) or not. Page sizes that
+    divide the 128-key block, are multiples of it, and neither (48, 144: boxes of 16 rows)."""
+    batch, heads, heads_k, head_dim = 3, 8, 2, 128
+    pages_per_seq = -(-1024 // page_size)
     torch.manual_seed(page_size + seqlen_q)
     q = torch.randn(batch, seqlen_q, heads, head_dim, device="cuda", dtype=torch.bfloat16)
     k_new, v_new = (torch.randn(batch, seqlen_q, heads_k, head_dim, device="cuda", dtype=torch.bfloat16)

@@ -38,7 +38,7 @@ struct SeqInfo {
         len_k -= pad;
       }
       if (splits > 1) {  // this split's part of the keys (page-aligned starts when paged, params.h)
-        const int align = p.block_table != nullptr ? min(p.page_size, 128) : 1;
+        const int align = p.block_table != nullptr ? paged_box_rows(p) : 1;
         const int begin = split == 0 ? 0 : len_k * split / splits / align * align;
         const int end = split == splits - 1 ? len_k : len_k * (split + 1) / splits / align * align;
         first_k += begin;

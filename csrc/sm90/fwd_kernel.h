@@ -64,6 +64,7 @@ struct FwdSmem {
   __device__ __forceinline__ int* tile_slot(int slot) const {
     return reinterpret_cast<int*>(base + Traits::kTileSlotOffset) + slot;
   }
+  __device__ __forceinline__ int* pages() const { return reinterpret_cast<int*>(base + Traits::kPageOffset); }
 };
 
 // Where this CTA stands in its two rings: Q (one slot, filled once per tile) and K/V (Stages
@@ -118,58 +119,93 @@ struct FwdBlock {
   __device__ __forceinline__ int kv_batch_coord() const { return seq.varlen ? 0 : seq.batch_k; }
 };
 
-// One K or V block (kBlockN keys from sequence row `row`) into `dst`: one TMA box per 64-column
-// slab, or, from a paged cache, one per slab and page-sized run of rows (box rows = min(page size,
-// kBlockN); split starts are aligned to it, so a box never straddles a page). Boxes land at their
-// rows' offsets in the slab: the 128-byte swizzle follows the shared-memory address, so the
-// pieces form the same tile one box would.
+// A paged cache's key block from sequence row `row` is loaded as boxes of paged_box_rows() rows,
+// box r from page pages[r] (each box lies in one page: params.h). Each page index is a global load in front of a TMA issue: read one by one they, not the
+// copies, bound a small-page decode. The producer copies a block's indices into shared memory
+// with cp.async right after issuing the block before it (no registers held while it waits for
+// a free slot), and waits for them only when it issues that block.
 template <typename Traits>
+__device__ __forceinline__ void prefetch_pages(int* pages, const FwdParams& p, int row, int b_k) {
+  const int* table = p.block_table + b_k * p.block_table_stride;
+  const int box = paged_box_rows(p);
+#pragma unroll
+  for (int r = 0; r < Traits::kMaxPagesPerBlock; ++r)
+    if (r * box < Traits::kBlockN)
+      cp_async_4(smem_addr(pages + r), table + min((row + r * box) / p.page_size, p.max_pages - 1), true);
+  cp_async_commit();
+}
+
+// One K or V block (kBlockN keys from sequence row `row`) into `dst`: one TMA box per 64-column
+// slab, or, from a paged cache, one per slab and box (pages as prefetch_pages left them). Boxes
+// land at their rows' offsets in the slab: the 128-byte swizzle follows the shared-memory
+// address, so the pieces form the same tile one box would.
+template <typename Traits, bool kPaged>
 __device__ __forceinline__ void load_kv_block(typename Traits::Element* dst, const CUtensorMap* map, uint64_t* full,
-                                              const FwdParams& p, int row, int head_k, int b_k) {
+                                              const FwdParams& p, int row, int head_k, int b_k, const int* pages) {
   constexpr int kSlabElems = 64;
-  if (p.block_table == nullptr) {
+  if constexpr (!kPaged) {
 #pragma unroll
     for (int slab = 0; slab < Traits::kSlabs; ++slab)
       tma_load_4d(dst + slab * Traits::kBlockN * kSlabElems, map, full, slab * kSlabElems, row, head_k, b_k);
-    return;
-  }
-  const int box = min(p.page_size, Traits::kBlockN);
-  const int* table = p.block_table + b_k * p.block_table_stride;
-  for (int first = 0; first < Traits::kBlockN; first += box) {
-    const int key = row + first;
-    const int page = min(max(table[min(key / p.page_size, p.max_pages - 1)], 0), p.batch_k - 1);
+  } else {
+    const int box = paged_box_rows(p);
+    for (int first = 0, r = 0; first < Traits::kBlockN; first += box, ++r) {
+      const int page = min(max(pages[r], 0), p.batch_k - 1), offset = (row + first) % p.page_size;
 #pragma unroll
-    for (int slab = 0; slab < Traits::kSlabs; ++slab)
-      tma_load_4d(dst + (slab * Traits::kBlockN + first) * kSlabElems, map, full, slab * kSlabElems,
-                  key % p.page_size, head_k, page);
+      for (int slab = 0; slab < Traits::kSlabs; ++slab)
+        tma_load_4d(dst + (slab * Traits::kBlockN + first) * kSlabElems, map, full, slab * kSlabElems, offset,
+                    head_k, page);
+    }
   }
 }
 
 // ---- producer: one thread keeps the ring full, one tile after another.
 template <typename Traits, typename Mask>
-__device__ __forceinline__ void produce(const FwdBlock<Traits, Mask>& blk, const FwdParams& p,
-                                        const CUtensorMap* tma_q, const CUtensorMap* tma_k, const CUtensorMap* tma_v,
-                                        const FwdSmem<Traits>& sm, const RingCounters<Traits::kStages>& ring) {
+__device__ __forceinline__ void produce_q(const FwdBlock<Traits, Mask>& blk, const FwdParams& p,
+                                          const CUtensorMap* tma_q, const FwdSmem<Traits>& sm,
+                                          const RingCounters<Traits::kStages>& ring) {
   constexpr int kSlabElems = 64;
-  const int head_k = blk.head / (p.heads / p.heads_k), b = blk.batch_coord(), b_k = blk.kv_batch_coord();
   ring.q.wait_empty(sm.q_empty());  // consumers done with the last Q
   mbar_arrive_expect_tx(sm.q_full(), Traits::kQBytes);
 #pragma unroll
   for (int slab = 0; slab < Traits::kSlabs; ++slab)
     tma_load_4d(sm.q() + slab * Traits::kBlockM * kSlabElems, tma_q, sm.q_full(), slab * kSlabElems,
-                blk.q_row(blk.first_row), blk.head, b);
+                blk.q_row(blk.first_row), blk.head, blk.batch_coord());
+}
+
+template <bool kPaged, typename Traits, typename Mask>
+__device__ __forceinline__ void produce_kv(const FwdBlock<Traits, Mask>& blk, const FwdParams& p,
+                                           const CUtensorMap* tma_k, const CUtensorMap* tma_v,
+                                           const FwdSmem<Traits>& sm, const RingCounters<Traits::kStages>& ring) {
+  const int head_k = blk.head / (p.heads / p.heads_k), b_k = blk.kv_batch_coord();
+  if constexpr (kPaged) prefetch_pages<Traits>(sm.pages(), p, blk.k_row((blk.n_end - 1) * Traits::kBlockN), b_k);
   for (int i = 0; i < blk.blocks(); ++i) {
     const RingPosition<Traits::kStages> slot = ring.block(i);
     const int n = blk.n_end - 1 - i, stage = slot.stage(), use = slot.use();
     const int row = blk.k_row(n * Traits::kBlockN);
     // (RingPosition::wait_empty spelled out: in that form ptxas unrolls this loop twice as far.)
     if (use > 0) mbar_wait(sm.k_empty(stage), (use - 1) & 1);  // consumers done with its last use
+    if constexpr (kPaged) cp_async_wait_all();  // this block's page indices
     mbar_arrive_expect_tx(sm.k_full(stage), Traits::kKVBytes);
-    load_kv_block<Traits>(sm.k(stage), tma_k, sm.k_full(stage), p, row, head_k, b_k);
+    load_kv_block<Traits, kPaged>(sm.k(stage), tma_k, sm.k_full(stage), p, row, head_k, b_k, sm.pages());
     if (use > 0) mbar_wait(sm.v_empty(stage), (use - 1) & 1);
     mbar_arrive_expect_tx(sm.v_full(stage), Traits::kKVBytes);
-    load_kv_block<Traits>(sm.v(stage), tma_v, sm.v_full(stage), p, row, head_k, b_k);
+    load_kv_block<Traits, kPaged>(sm.v(stage), tma_v, sm.v_full(stage), p, row, head_k, b_k, sm.pages());
+    if constexpr (kPaged) {
+      if (i + 1 < blk.blocks()) prefetch_pages<Traits>(sm.pages(), p, row - Traits::kBlockN, b_k);
+    }
   }
+}
+
+template <typename Traits, typename Mask>
+__device__ __forceinline__ void produce(const FwdBlock<Traits, Mask>& blk, const FwdParams& p,
+                                        const CUtensorMap* tma_q, const CUtensorMap* tma_k, const CUtensorMap* tma_v,
+                                        const FwdSmem<Traits>& sm, const RingCounters<Traits::kStages>& ring) {
+  produce_q(blk, p, tma_q, sm, ring);
+  if (p.block_table != nullptr)
+    produce_kv<true>(blk, p, tma_k, tma_v, sm, ring);
+  else
+    produce_kv<false>(blk, p, tma_k, tma_v, sm, ring);
 }
 
 // ---- consumer: one warpgroup, 64 query rows.
