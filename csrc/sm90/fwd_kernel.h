@@ -119,29 +119,37 @@ struct FwdBlock {
   __device__ __forceinline__ int kv_batch_coord() const { return seq.varlen ? 0 : seq.batch_k; }
 };
 
-// A paged cache's key block from sequence row `row` is loaded as boxes of paged_box_rows() rows,
-// box r from page pages[r] (each box lies in one page: params.h). Each page index is a global load in front of a TMA issue: read one by one they, not the
-// copies, bound a small-page decode. The producer copies a block's indices into shared memory
-// with cp.async right after issuing the block before it (no registers held while it waits for
-// a free slot), and waits for them only when it issues that block.
+// A paged cache's key block from sequence row `row` is loaded as boxes of paged_box_rows() rows
+// (each inside one page: params.h), box r from page pages[r]. Each page index is a global load in
+// front of a TMA issue; the producer copies a block's indices into shared memory with cp.async
+// right after issuing the block before it (no registers held while it waits for a free slot) and
+// waits for them only when it issues that block. The producer is one thread issuing up to 32
+// boxes per block at small pages: no divisions in these loops (a box never straddles a page, so
+// the next box starts at offset + box, or at row 0 of the next page).
 template <typename Traits>
 __device__ __forceinline__ void prefetch_pages(int* pages, const FwdParams& p, int row, int b_k) {
   const int* table = p.block_table + b_k * p.block_table_stride;
-  const int box = paged_box_rows(p);
+  const int box = paged_box_rows(p), last = p.max_pages - 1;
+  int slot = row / p.page_size, offset = row - slot * p.page_size;
 #pragma unroll
-  for (int r = 0; r < Traits::kMaxPagesPerBlock; ++r)
-    if (r * box < Traits::kBlockN)
-      cp_async_4(smem_addr(pages + r), table + min((row + r * box) / p.page_size, p.max_pages - 1), true);
+  for (int r = 0; r < Traits::kMaxPagesPerBlock; ++r) {
+    if (r * box < Traits::kBlockN) {
+      cp_async_4(smem_addr(pages + r), table + min(slot, last), true);
+      offset += box;
+      if (offset == p.page_size) offset = 0, ++slot;
+    }
+  }
   cp_async_commit();
 }
 
 // One K or V block (kBlockN keys from sequence row `row`) into `dst`: one TMA box per 64-column
-// slab, or, from a paged cache, one per slab and box (pages as prefetch_pages left them). Boxes
-// land at their rows' offsets in the slab: the 128-byte swizzle follows the shared-memory
-// address, so the pieces form the same tile one box would.
+// slab, or, from a paged cache, one per slab and box (pages as prefetch_pages left them; `row`'s
+// offset in its page given). Boxes land at their rows' offsets in the slab: the 128-byte swizzle
+// follows the shared-memory address, so the pieces form the same tile one box would.
 template <typename Traits, bool kPaged>
 __device__ __forceinline__ void load_kv_block(typename Traits::Element* dst, const CUtensorMap* map, uint64_t* full,
-                                              const FwdParams& p, int row, int head_k, int b_k, const int* pages) {
+                                              const FwdParams& p, int row, int head_k, int b_k, const int* pages,
+                                              int page_offset) {
   constexpr int kSlabElems = 64;
   if constexpr (!kPaged) {
 #pragma unroll
@@ -149,12 +157,17 @@ __device__ __forceinline__ void load_kv_block(typename Traits::Element* dst, con
       tma_load_4d(dst + slab * Traits::kBlockN * kSlabElems, map, full, slab * kSlabElems, row, head_k, b_k);
   } else {
     const int box = paged_box_rows(p);
-    for (int first = 0, r = 0; first < Traits::kBlockN; first += box, ++r) {
-      const int page = min(max(pages[r], 0), p.batch_k - 1), offset = (row + first) % p.page_size;
 #pragma unroll
-      for (int slab = 0; slab < Traits::kSlabs; ++slab)
-        tma_load_4d(dst + (slab * Traits::kBlockN + first) * kSlabElems, map, full, slab * kSlabElems, offset,
-                    head_k, page);
+    for (int r = 0; r < Traits::kMaxPagesPerBlock; ++r) {
+      if (r * box < Traits::kBlockN) {
+        const int page = min(max(pages[r], 0), p.batch_k - 1);
+#pragma unroll
+        for (int slab = 0; slab < Traits::kSlabs; ++slab)
+          tma_load_4d(dst + (slab * Traits::kBlockN + r * box) * kSlabElems, map, full, slab * kSlabElems,
+                      page_offset, head_k, page);
+        page_offset += box;
+        if (page_offset == p.page_size) page_offset = 0;
+      }
     }
   }
 }
@@ -183,14 +196,17 @@ __device__ __forceinline__ void produce_kv(const FwdBlock<Traits, Mask>& blk, co
     const RingPosition<Traits::kStages> slot = ring.block(i);
     const int n = blk.n_end - 1 - i, stage = slot.stage(), use = slot.use();
     const int row = blk.k_row(n * Traits::kBlockN);
+    const int page_offset = kPaged ? row % p.page_size : 0;
     // (RingPosition::wait_empty spelled out: in that form ptxas unrolls this loop twice as far.)
     if (use > 0) mbar_wait(sm.k_empty(stage), (use - 1) & 1);  // consumers done with its last use
     if constexpr (kPaged) cp_async_wait_all();  // this block's page indices
     mbar_arrive_expect_tx(sm.k_full(stage), Traits::kKVBytes);
-    load_kv_block<Traits, kPaged>(sm.k(stage), tma_k, sm.k_full(stage), p, row, head_k, b_k, sm.pages());
+    load_kv_block<Traits, kPaged>(sm.k(stage), tma_k, sm.k_full(stage), p, row, head_k, b_k, sm.pages(),
+                                  page_offset);
     if (use > 0) mbar_wait(sm.v_empty(stage), (use - 1) & 1);
     mbar_arrive_expect_tx(sm.v_full(stage), Traits::kKVBytes);
-    load_kv_block<Traits, kPaged>(sm.v(stage), tma_v, sm.v_full(stage), p, row, head_k, b_k, sm.pages());
+    load_kv_block<Traits, kPaged>(sm.v(stage), tma_v, sm.v_full(stage), p, row, head_k, b_k, sm.pages(),
+                                  page_offset);
     if constexpr (kPaged) {
       if (i + 1 < blk.blocks()) prefetch_pages<Traits>(sm.pages(), p, row - Traits::kBlockN, b_k);
     }
