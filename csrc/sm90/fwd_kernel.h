@@ -192,12 +192,14 @@ __device__ __forceinline__ void produce_kv(const FwdBlock<Traits, Mask>& blk, co
                                            const FwdSmem<Traits>& sm, const RingCounters<Traits::kStages>& ring) {
   const int head_k = blk.head / (p.heads / p.heads_k), b_k = blk.kv_batch_coord();
   if constexpr (kPaged) prefetch_pages<Traits>(sm.pages(), p, blk.k_row((blk.n_end - 1) * Traits::kBlockN), b_k);
+  // Not unrolled: with the paged loop beside it, the unrolled plain loop spilled a register
+  // around every TMA issue at the producer's 40-register budget.
+#pragma unroll 1
   for (int i = 0; i < blk.blocks(); ++i) {
     const RingPosition<Traits::kStages> slot = ring.block(i);
     const int n = blk.n_end - 1 - i, stage = slot.stage(), use = slot.use();
     const int row = blk.k_row(n * Traits::kBlockN);
     const int page_offset = kPaged ? row % p.page_size : 0;
-    // (RingPosition::wait_empty spelled out: in that form ptxas unrolls this loop twice as far.)
     if (use > 0) mbar_wait(sm.k_empty(stage), (use - 1) & 1);  // consumers done with its last use
     if constexpr (kPaged) cp_async_wait_all();  // this block's page indices
     mbar_arrive_expect_tx(sm.k_full(stage), Traits::kKVBytes);
