@@ -271,8 +271,8 @@ void check_batch_index(const std::optional<at::Tensor>& t, const char* name, con
 // num_splits > 1: each sequence's keys cut into num_splits equal parts, one output row per
 // (sequence, split), batch-major, for flash_attn_t.decode to merge (no mask: positions would move).
 // block_table (batch, max_pages) int32: k_cache, v_cache are pools of pages (num_pages,
-// page_size, heads_k, dim); the sm90 kernel reads the pages in place (params.h), the sm80 one
-// gets them gathered into contiguous caches first.
+// page_size, heads_k, dim); the sm90 kernels without softcap or ALiBi read the pages in place
+// (params.h), the others get them gathered into contiguous caches first.
 std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Tensor& k_cache_,
                                                const at::Tensor& v_cache_, const at::Tensor& seqused_k,
                                                const std::optional<at::Tensor>& kv_batch_idx,
@@ -295,8 +295,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
     TORCH_CHECK(!kv_batch_idx.has_value() && !leftpad_k.has_value(),
                 "flash_attn_t: block_table takes no kv_batch_idx or leftpad_k");
   }
-  // The sm80 kernel reads contiguous caches: the pages gathered (a copy).
-  const bool gather = paged && !sm90_kernels_available();
+  // The sm80 kernels and the sm90 ones with softcap or ALiBi read contiguous caches: the pages
+  // gathered (a copy).
+  const bool gather = paged && (!sm90_kernels_available() || softcap > 0 || alibi_slopes.has_value());
   auto gathered = [&](const at::Tensor& pool) {
     return pool.index({block_table->clamp(0, pool.size(0) - 1).to(at::kLong)}).flatten(1, 2);
   };
@@ -328,6 +329,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
           p.block_table_stride = block_table->stride(0);
           p.max_pages = static_cast<int>(block_table->size(1));
           p.page_size = static_cast<int>(k_cache.size(1));
+          p.split_round_bits = paged_box_rows(p) - 1;
           p.seqlen_k = p.max_pages * p.page_size;  // a sequence's capacity
         }
       },

@@ -46,6 +46,7 @@ struct FwdParams {
   const int* block_table;
   int64_t block_table_stride;
   int max_pages, page_size;
+  int split_round_bits;  // paged_box_rows() - 1 when paged, else 0: split starts are multiples of the box
 
   // The attention variant (csrc/common/mask.h): the launchers turn these flags into template
   // parameters (variant_switch). causal: the window (-1, 0); local: any other bounded window

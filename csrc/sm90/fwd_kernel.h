@@ -148,7 +148,7 @@ __device__ __forceinline__ void prefetch_pages(int* pages, const FwdParams& p, i
 // follows the shared-memory address, so the pieces form the same tile one box would.
 template <typename Traits, bool kPaged>
 __device__ __forceinline__ void load_kv_block(typename Traits::Element* dst, const CUtensorMap* map, uint64_t* full,
-                                              const FwdParams& p, int row, int head_k, int b_k, const int* pages,
+                                              int row, int head_k, int b_k, const FwdParams& p, const int* pages,
                                               int page_offset) {
   constexpr int kSlabElems = 64;
   if constexpr (!kPaged) {
@@ -174,56 +174,68 @@ __device__ __forceinline__ void load_kv_block(typename Traits::Element* dst, con
 
 // ---- producer: one thread keeps the ring full, one tile after another.
 template <typename Traits, typename Mask>
-__device__ __forceinline__ void produce_q(const FwdBlock<Traits, Mask>& blk, const FwdParams& p,
-                                          const CUtensorMap* tma_q, const FwdSmem<Traits>& sm,
-                                          const RingCounters<Traits::kStages>& ring) {
+__device__ __forceinline__ void produce(const FwdBlock<Traits, Mask>& blk, const FwdParams& p,
+                                        const CUtensorMap* tma_q, const CUtensorMap* tma_k, const CUtensorMap* tma_v,
+                                        const FwdSmem<Traits>& sm, const RingCounters<Traits::kStages>& ring) {
   constexpr int kSlabElems = 64;
+  const int head_k = blk.head / (p.heads / p.heads_k), b = blk.batch_coord(), b_k = blk.kv_batch_coord();
   ring.q.wait_empty(sm.q_empty());  // consumers done with the last Q
   mbar_arrive_expect_tx(sm.q_full(), Traits::kQBytes);
 #pragma unroll
   for (int slab = 0; slab < Traits::kSlabs; ++slab)
     tma_load_4d(sm.q() + slab * Traits::kBlockM * kSlabElems, tma_q, sm.q_full(), slab * kSlabElems,
-                blk.q_row(blk.first_row), blk.head, blk.batch_coord());
-}
-
-template <bool kPaged, typename Traits, typename Mask>
-__device__ __forceinline__ void produce_kv(const FwdBlock<Traits, Mask>& blk, const FwdParams& p,
-                                           const CUtensorMap* tma_k, const CUtensorMap* tma_v,
-                                           const FwdSmem<Traits>& sm, const RingCounters<Traits::kStages>& ring) {
-  const int head_k = blk.head / (p.heads / p.heads_k), b_k = blk.kv_batch_coord();
-  if constexpr (kPaged) prefetch_pages<Traits>(sm.pages(), p, blk.k_row((blk.n_end - 1) * Traits::kBlockN), b_k);
-  // Not unrolled: with the paged loop beside it, the unrolled plain loop spilled a register
-  // around every TMA issue at the producer's 40-register budget.
-#pragma unroll 1
+                blk.q_row(blk.first_row), blk.head, b);
   for (int i = 0; i < blk.blocks(); ++i) {
     const RingPosition<Traits::kStages> slot = ring.block(i);
     const int n = blk.n_end - 1 - i, stage = slot.stage(), use = slot.use();
     const int row = blk.k_row(n * Traits::kBlockN);
-    const int page_offset = kPaged ? row % p.page_size : 0;
+    // (RingPosition::wait_empty spelled out: in that form ptxas unrolls this loop twice as far.)
     if (use > 0) mbar_wait(sm.k_empty(stage), (use - 1) & 1);  // consumers done with its last use
-    if constexpr (kPaged) cp_async_wait_all();  // this block's page indices
     mbar_arrive_expect_tx(sm.k_full(stage), Traits::kKVBytes);
-    load_kv_block<Traits, kPaged>(sm.k(stage), tma_k, sm.k_full(stage), p, row, head_k, b_k, sm.pages(),
-                                  page_offset);
+#pragma unroll
+    for (int slab = 0; slab < Traits::kSlabs; ++slab)
+      tma_load_4d(sm.k(stage) + slab * Traits::kBlockN * kSlabElems, tma_k, sm.k_full(stage), slab * kSlabElems, row,
+                  head_k, b_k);
     if (use > 0) mbar_wait(sm.v_empty(stage), (use - 1) & 1);
     mbar_arrive_expect_tx(sm.v_full(stage), Traits::kKVBytes);
-    load_kv_block<Traits, kPaged>(sm.v(stage), tma_v, sm.v_full(stage), p, row, head_k, b_k, sm.pages(),
-                                  page_offset);
-    if constexpr (kPaged) {
-      if (i + 1 < blk.blocks()) prefetch_pages<Traits>(sm.pages(), p, row - Traits::kBlockN, b_k);
-    }
+#pragma unroll
+    for (int slab = 0; slab < Traits::kSlabs; ++slab)
+      tma_load_4d(sm.v(stage) + slab * Traits::kBlockN * kSlabElems, tma_v, sm.v_full(stage), slab * kSlabElems, row,
+                  head_k, b_k);
   }
 }
 
+// The same from a paged cache (a kernel of its own: beside the paged loop, ptxas spilled in the
+// plain producer's per-tile path, 1-4% on short causal sequences). Each block's page indices
+// are prefetched one block ahead (prefetch_pages); the loop is not unrolled (spills).
 template <typename Traits, typename Mask>
-__device__ __forceinline__ void produce(const FwdBlock<Traits, Mask>& blk, const FwdParams& p,
-                                        const CUtensorMap* tma_q, const CUtensorMap* tma_k, const CUtensorMap* tma_v,
-                                        const FwdSmem<Traits>& sm, const RingCounters<Traits::kStages>& ring) {
-  produce_q(blk, p, tma_q, sm, ring);
-  if (p.block_table != nullptr)
-    produce_kv<true>(blk, p, tma_k, tma_v, sm, ring);
-  else
-    produce_kv<false>(blk, p, tma_k, tma_v, sm, ring);
+__device__ __forceinline__ void produce_paged(const FwdBlock<Traits, Mask>& blk, const FwdParams& p,
+                                              const CUtensorMap* tma_q, const CUtensorMap* tma_k,
+                                              const CUtensorMap* tma_v, const FwdSmem<Traits>& sm,
+                                              const RingCounters<Traits::kStages>& ring) {
+  constexpr int kSlabElems = 64;
+  const int head_k = blk.head / (p.heads / p.heads_k), b = blk.batch_coord(), b_k = blk.kv_batch_coord();
+  prefetch_pages<Traits>(sm.pages(), p, blk.k_row((blk.n_end - 1) * Traits::kBlockN), b_k);
+  ring.q.wait_empty(sm.q_empty());
+  mbar_arrive_expect_tx(sm.q_full(), Traits::kQBytes);
+#pragma unroll
+  for (int slab = 0; slab < Traits::kSlabs; ++slab)
+    tma_load_4d(sm.q() + slab * Traits::kBlockM * kSlabElems, tma_q, sm.q_full(), slab * kSlabElems,
+                blk.q_row(blk.first_row), blk.head, b);
+#pragma unroll 1
+  for (int i = 0; i < blk.blocks(); ++i) {
+    const RingPosition<Traits::kStages> slot = ring.block(i);
+    const int n = blk.n_end - 1 - i, stage = slot.stage(), use = slot.use();
+    const int row = blk.k_row(n * Traits::kBlockN), page_offset = row % p.page_size;
+    if (use > 0) mbar_wait(sm.k_empty(stage), (use - 1) & 1);
+    cp_async_wait_all();  // this block's page indices
+    mbar_arrive_expect_tx(sm.k_full(stage), Traits::kKVBytes);
+    load_kv_block<Traits, true>(sm.k(stage), tma_k, sm.k_full(stage), row, head_k, b_k, p, sm.pages(), page_offset);
+    if (use > 0) mbar_wait(sm.v_empty(stage), (use - 1) & 1);
+    mbar_arrive_expect_tx(sm.v_full(stage), Traits::kKVBytes);
+    load_kv_block<Traits, true>(sm.v(stage), tma_v, sm.v_full(stage), row, head_k, b_k, p, sm.pages(), page_offset);
+    if (i + 1 < blk.blocks()) prefetch_pages<Traits>(sm.pages(), p, row - Traits::kBlockN, b_k);
+  }
 }
 
 // ---- consumer: one warpgroup, 64 query rows.
@@ -411,7 +423,8 @@ struct Consumer {
   }
 };
 
-template <typename Traits, typename Mask>
+// kPaged: K and V from a paged cache (FwdParams::block_table).
+template <typename Traits, typename Mask, bool kPaged>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     fwd_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ CUtensorMap tma_q,
                const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v) {
@@ -451,7 +464,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       if (tile >= tiles.count) break;
       const FwdBlock<Traits, Mask> blk(p, tiles, tile);
       if (!blk.has_keys()) continue;
-      produce(blk, p, &tma_q, &tma_k, &tma_v, sm, ring);
+      if constexpr (kPaged)
+        produce_paged(blk, p, &tma_q, &tma_k, &tma_v, sm, ring);
+      else
+        produce(blk, p, &tma_q, &tma_k, &tma_v, sm, ring);
       ring.advance(blk.blocks());
     }
   } else {
