@@ -1,8 +1,8 @@
 """A small forward + backward through every kernel (both dtypes, both head dims, each mask variant:
 plain, causal, sliding window with and without causal; softcap; ALiBi; a learnable sink; GQA,
 ragged lengths, varlen, deterministic),
-a KV-cache step (append, cache_batch_idx, cache_leftpad, one index value out of range) and a
-split-KV decode step, sized for compute-sanitizer."""
+a KV-cache step (append, cache_batch_idx, cache_leftpad, one index value out of range), a
+split-KV decode step and a paged one, sized for compute-sanitizer."""
 import torch
 
 from flash_attn_t import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
@@ -41,6 +41,11 @@ for dtype in (torch.bfloat16, torch.float16):
                                     cache_leftpad=torch.tensor([0, 20], device="cuda", dtype=torch.int32),
                                     alibi_slopes=slopes)
             flash_attn_with_kvcache(q[:, :1].detach(), k_cache[:2], v_cache[:2], num_splits=3,  # split-KV decode
+                                    cache_seqlens=torch.tensor([190, 7], device="cuda", dtype=torch.int32))
+            pages = [torch.randn(30, 16, 2, head_dim, device="cuda", dtype=dtype) for _ in range(2)]  # page 16
+            table = torch.tensor([[29, 3, 7, 1, 0, 2, 9, 4, 5, 6, 8, 10], list(range(11, 23))], device="cuda",
+                                 dtype=torch.int32)
+            flash_attn_with_kvcache(q[:, :1].detach(), *pages, num_splits=3, block_table=table,
                                     cache_seqlens=torch.tensor([190, 7], device="cuda", dtype=torch.int32))
 torch.cuda.synchronize()
 print("sanitizer case done")

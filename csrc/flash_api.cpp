@@ -124,9 +124,8 @@ cudaError_t dispatch(at::ScalarType dtype, int head_dim, F&& f) {
 // The kernels for this call: the sm90 ones (TMA + wgmma, forward and backward) on Hopper when the
 // build has sm_90a, unless FLASH_ATTN_T_FORCE_SM80=1 asks for the portable sm80 ones (to compare),
 // or a tensor has no rows (a TMA map cannot describe it; such all-empty cases take the sm80 ones).
-bool use_sm90_kernels(const FwdParams& p) {
+bool sm90_kernels_available() {
 #ifdef FAT_SM90
-  if (p.rows_q == 0 || p.rows_k == 0) return false;
   const char* force = std::getenv("FLASH_ATTN_T_FORCE_SM80");
   if (force != nullptr && std::string(force) == "1") return false;
   int device = 0, major = 0;  // the current device is q's (callers hold a device guard)
@@ -138,6 +137,8 @@ bool use_sm90_kernels(const FwdParams& p) {
   return false;
 #endif
 }
+
+bool use_sm90_kernels(const FwdParams& p) { return p.rows_q > 0 && p.rows_k > 0 && sm90_kernels_available(); }
 
 // The attention variant an op asks for: causal, and flash_attn's window_size (left, right).
 struct Variant {
@@ -269,21 +270,44 @@ void check_batch_index(const std::optional<at::Tensor>& t, const char* name, con
 // the end of those keys. The values are clamped into range in the kernels (see params.h).
 // num_splits > 1: each sequence's keys cut into num_splits equal parts, one output row per
 // (sequence, split), batch-major, for flash_attn_t.decode to merge (no mask: positions would move).
-std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Tensor& k_cache,
-                                               const at::Tensor& v_cache, const at::Tensor& seqused_k,
+// block_table (batch, max_pages) int32: k_cache, v_cache are pools of pages (num_pages,
+// page_size, heads_k, dim); the sm90 kernels without softcap or ALiBi read the pages in place
+// (params.h), the others get them gathered into contiguous caches first.
+std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Tensor& k_cache_,
+                                               const at::Tensor& v_cache_, const at::Tensor& seqused_k,
                                                const std::optional<at::Tensor>& kv_batch_idx,
                                                const std::optional<at::Tensor>& leftpad_k, double softmax_scale,
                                                bool causal, int64_t window_left, int64_t window_right,
                                                double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                                               int64_t num_splits, const std::optional<at::Tensor>& learnable_sink) {
+                                               int64_t num_splits, const std::optional<at::Tensor>& learnable_sink,
+                                               const std::optional<at::Tensor>& block_table) {
   check_q(q, 4);
-  check_tensor(k_cache, "k_cache", 4, q);
-  check_tensor(v_cache, "v_cache", 4, q);
+  check_tensor(k_cache_, "k_cache", 4, q);
+  check_tensor(v_cache_, "v_cache", 4, q);
+  const bool paged = block_table.has_value();
+  if (paged) {
+    TORCH_CHECK(block_table->is_cuda() && block_table->device() == q.device() &&
+                    block_table->scalar_type() == at::kInt && block_table->dim() == 2 &&
+                    block_table->size(0) == q.size(0) && block_table->size(1) > 0 && block_table->stride(1) == 1,
+                "flash_attn_t: block_table must be an int32 tensor (batch, max_pages) on q's device, rows contiguous");
+    TORCH_CHECK(k_cache_.size(1) % 16 == 0 && k_cache_.size(0) > 0,
+                "flash_attn_t: a paged cache needs pages and a page size that is a multiple of 16");
+    TORCH_CHECK(!kv_batch_idx.has_value() && !leftpad_k.has_value(),
+                "flash_attn_t: block_table takes no kv_batch_idx or leftpad_k");
+  }
+  // The sm80 kernels and the sm90 ones with softcap or ALiBi read contiguous caches: the pages
+  // gathered (a copy).
+  const bool gather = paged && (!sm90_kernels_available() || softcap > 0 || alibi_slopes.has_value());
+  auto gathered = [&](const at::Tensor& pool) {
+    return pool.index({block_table->clamp(0, pool.size(0) - 1).to(at::kLong)}).flatten(1, 2);
+  };
+  const at::Tensor k_cache = gather ? gathered(k_cache_) : k_cache_;
+  const at::Tensor v_cache = gather ? gathered(v_cache_) : v_cache_;
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "flash_attn_t: k_cache and v_cache must have the same shape");
   TORCH_CHECK(k_cache.size(-1) == q.size(-1), "flash_attn_t: k_cache must have q's head dim");
   TORCH_CHECK(k_cache.size(-2) > 0 && q.size(-2) % k_cache.size(-2) == 0,
               "flash_attn_t: q's head count must be a multiple of k_cache's");
-  TORCH_CHECK(kv_batch_idx.has_value() ? k_cache.size(0) > 0 : k_cache.size(0) == q.size(0),
+  TORCH_CHECK(paged || (kv_batch_idx.has_value() ? k_cache.size(0) > 0 : k_cache.size(0) == q.size(0)),
               "flash_attn_t: k_cache must have q's batch size (or kv_batch_idx must select its rows)");
   check_batch_index(seqused_k, "seqused_k", q);
   check_batch_index(kv_batch_idx, "kv_batch_idx", q);
@@ -300,6 +324,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
         p.seqused_k = seqused_k.data_ptr<int>();
         p.kv_batch_idx = kv_batch_idx.has_value() ? kv_batch_idx->data_ptr<int>() : nullptr;
         p.leftpad_k = leftpad_k.has_value() ? leftpad_k->data_ptr<int>() : nullptr;
+        if (paged && !gather) {
+          p.block_table = block_table->data_ptr<int>();
+          p.block_table_stride = block_table->stride(0);
+          p.max_pages = static_cast<int>(block_table->size(1));
+          p.page_size = static_cast<int>(k_cache.size(1));
+          p.split_round_bits = paged_box_rows(p) - 1;
+          p.seqlen_k = p.max_pages * p.page_size;  // a sequence's capacity
+        }
       },
       num_splits);
 }
@@ -522,8 +554,8 @@ TORCH_LIBRARY(flash_attn_t, m) {
         "Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqused_k, Tensor? kv_batch_idx, "
         "Tensor? leftpad_k, float softmax_scale, bool causal, int window_left=-1, int window_right=-1, "
-        "float softcap=0.0, Tensor? alibi_slopes=None, int num_splits=1, Tensor? learnable_sink=None) "
-        "-> (Tensor, Tensor)");
+        "float softcap=0.0, Tensor? alibi_slopes=None, int num_splits=1, Tensor? learnable_sink=None, "
+        "Tensor? block_table=None) -> (Tensor, Tensor)");
   m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left=-1, "
         "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? learnable_sink=None) "

@@ -38,6 +38,15 @@ struct FwdParams {
   // virtual sequences; virtual b reads query batch b / kv_splits and the (b % kv_splits)-th of
   // kv_splits equal parts of that sequence's keys, and writes out / lse at batch row b.
   int kv_splits;
+  // Paged KV cache (sm90 forward, batched, no kv_batch_idx / leftpad_k): k and v are pools of
+  // batch_k pages of page_size rows (k_batch_stride apart); key j of query batch b sits in row
+  // j % page_size of page block_table[b * block_table_stride + j / page_size] (max_pages entries;
+  // values clamped into range). The kernel loads a key block as boxes of paged_box_rows() rows,
+  // each inside one page; split boundaries are rounded down to multiples of it. Null: not paged.
+  const int* block_table;
+  int64_t block_table_stride;
+  int max_pages, page_size;
+  int split_round_bits;  // paged_box_rows() - 1 when paged, else 0: split starts are multiples of the box
 
   // The attention variant (csrc/common/mask.h): the launchers turn these flags into template
   // parameters (variant_switch). causal: the window (-1, 0); local: any other bounded window
@@ -104,6 +113,14 @@ struct MergeParams {
 // The sink of query head `head` in log2 units (OnlineSoftmax::finalize), -inf when there is none.
 __host__ __device__ __forceinline__ float sink_log2(const FwdParams& p, int head) {
   return p.sink != nullptr ? p.sink[head] * 1.4426950408889634f : -__builtin_huge_valf();
+}
+
+// The rows of one TMA box of a paged K/V block: the largest power of two dividing both the page
+// size (a multiple of 16) and the 128-key block, so that boxes starting at multiples of it never
+// straddle a page (pages of 48 rows: boxes of 16; of 384: 128).
+__host__ __device__ __forceinline__ int paged_box_rows(const FwdParams& p) {
+  const int low_bit = p.page_size & -p.page_size;
+  return low_bit < 128 ? low_bit : 128;
 }
 
 // Where column `col` of a dq_accum row lives: its 16-byte chunk index XOR-ed with 2 (row % 8),

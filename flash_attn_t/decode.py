@@ -43,15 +43,16 @@ def _sms(device):
     return torch.cuda.get_device_properties(device.index or 0).multi_processor_count if torch.cuda.is_available() else 1
 
 
-def plan(q, k, causal, window=(-1, -1), num_splits=0):
+def plan(q, k, causal, window=(-1, -1), num_splits=0, max_keys=None):
     """The number of splits for split_kv_attention, or 0 when the plain kernel path is the better
     one: more than MAX_PACKED_ROWS packed rows, a position-dependent mask over several query rows
     (causal with seqlen_q > 1: packing would move rows off their positions), a sliding window (a
     split's keys would move the window's alignment; the kernel skips the keys outside it anyway),
     too few keys to split when the count is left to us, or nothing to gain (no group to pack and
-    one split). num_splits: 0 = choose from the SM count."""
+    one split). num_splits: 0 = choose from the SM count. max_keys: a sequence's most keys (k's
+    length by default; a paged cache's capacity)."""
     batch, seqlen_q, heads, _ = q.shape
-    kv_heads, max_keys = k.shape[2], k.shape[1]
+    kv_heads, max_keys = k.shape[2], k.shape[1] if max_keys is None else max_keys
     rows = seqlen_q * (heads // kv_heads)
     positional = (causal and seqlen_q > 1) or tuple(window) != (-1, -1)
     if rows > MAX_PACKED_ROWS or positional or (not num_splits and max_keys < 2 * MIN_KEYS_PER_SPLIT):
@@ -61,7 +62,7 @@ def plan(q, k, causal, window=(-1, -1), num_splits=0):
 
 
 def split_kv_attention(q, k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, softmax_scale, num_splits,
-                       softcap=0.0, attend=None):
+                       softcap=0.0, attend=None, block_table=None):
     """Non-causal attention of q (batch, seqlen_q, nheads, d) against cache rows kv_batch_idx[b]
     (b when None), keys [leftpad_k[b] (0 when None), seqused_k[b]) of k_cache / v_cache
     (batch_cache, seqlen_cache, nheads_k, d), through num_splits splits per sequence with the
@@ -69,11 +70,12 @@ def split_kv_attention(q, k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, 
     seqlen_q) fp32, +inf for rows that see no key). softcap as in flash_attn_func (the merge is
     exact for it too: each split's lse is of the capped scores). `attend` computes one fwd_kvcache
     call (the kernel by default, then merged by the merge_splits kernel; the CPU tests pass an exact
-    emulation, merged here by merge_splits below)."""
+    emulation, merged here by merge_splits below). block_table: the caches are paged (the kernel
+    path only)."""
     if attend is None:
         out, lse = torch.ops.flash_attn_t.fwd_kvcache(
             _packed_rows(q, k_cache.shape[2]), k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, softmax_scale,
-            False, softcap=softcap, num_splits=num_splits)
+            False, softcap=softcap, num_splits=num_splits, block_table=block_table)
         return torch.ops.flash_attn_t.merge_splits(out, lse, num_splits, q.shape[2] // k_cache.shape[2])
     batch, seqlen_q, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]

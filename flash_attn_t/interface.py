@@ -102,7 +102,7 @@ KERNEL_FEATURES = {
     "window": True,       # window_size != (-1, -1); transformers' sliding_window
     "softcap": True,      # softcap > 0
     "alibi": True,        # alibi_slopes
-    "paged_kv": False,    # block_table
+    "paged_kv": True,     # block_table
     "sinks": True,        # learnable_sink: a sink logit per head (transformers' s_aux)
 }
 
@@ -248,10 +248,47 @@ def check_index_tensor(t, name, batch):
         raise ValueError(f"{name} must be 1-D with one entry per sequence ({batch}), got shape {tuple(t.shape)}")
 
 
-def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad):
+def check_block_table(block_table, q, k_cache, cache_batch_idx, cache_leftpad):
+    """block_table: None, or int32 (batch, max_pages) on q's device naming each sequence's pages of
+    the paged caches (num_pages, page_size, nheads_k, headdim), page_size a multiple of 16.
+    Returns the sequences' capacity in keys (max_pages x page_size), or None when not paged."""
+    if block_table is None:
+        return None
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(f"block_table must be an int32 tensor or None, got {type(block_table).__name__}")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must be int32, got {block_table.dtype}")
+    if block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
+        raise ValueError(f"block_table must have shape (batch, max_pages) with batch = {q.shape[0]}, got "
+                         f"{tuple(block_table.shape)}")
+    if block_table.device != q.device:
+        raise ValueError(f"block_table must be on q's device ({q.device}), got {block_table.device}")
+    page_size = k_cache.shape[1]
+    if page_size % 16 != 0:
+        raise ValueError(f"the paged cache's page size (k_cache.shape[1] = {page_size}) must be a multiple of 16")
+    if cache_batch_idx is not None:
+        raise NotImplementedError("cache_batch_idx with block_table: the block table already maps each sequence "
+                                  "to its pages")
+    if cache_leftpad is not None:
+        raise NotImplementedError("cache_leftpad with block_table is not implemented yet")
+    pages = k_cache.shape[0]
+    if checking_values() and block_table.numel() and not 0 <= block_table.min() <= block_table.max() < pages:
+        raise ValueError(f"block_table values must lie in [0, {pages}) (the number of pages)")
+    return block_table.shape[1] * page_size
+
+
+def _paged_rows(block_table, positions, page_size, num_pages):
+    """(page, offset) long index tensors of the paged caches for positions (batch, n) of each
+    sequence, clamped into the caches (no host check)."""
+    slot = (positions // page_size).clamp(0, block_table.shape[1] - 1).long()
+    return block_table.gather(1, slot).clamp(0, num_pages - 1).long(), (positions % page_size).long()
+
+
+def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, capacity=None):
     """q (batch, seqlen_q, nheads, headdim); k_cache, v_cache (batch_cache, seqlen_cache, nheads_k,
-    headdim); the new k, v (batch, seqlen_new, nheads_k, headdim); the index tensors int32 (batch,).
-    Returns cache_seqlens as an int32 tensor (batch,) on q's device, or None."""
+    headdim), or paged (num_pages, page_size, nheads_k, headdim) with capacity (check_block_table)
+    keys per sequence; the new k, v (batch, seqlen_new, nheads_k, headdim); the index tensors int32
+    (batch,). Returns cache_seqlens as an int32 tensor (batch,) on q's device, or None."""
     check_dtypes(q, k_cache, v_cache)
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dim() != 4:
@@ -261,19 +298,20 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cac
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
                          f"{tuple(v_cache.shape)}")
     batch, batch_cache = q.shape[0], k_cache.shape[0]
-    if cache_batch_idx is None and batch_cache != batch:
+    seqlen_cache = k_cache.shape[1] if capacity is None else capacity
+    if capacity is None and cache_batch_idx is None and batch_cache != batch:
         raise ValueError(f"k_cache's batch size ({batch_cache}) must equal q's ({batch}) unless cache_batch_idx "
                          "selects its rows")
     if batch_cache == 0 and batch > 0:
         raise ValueError("k_cache has no rows (batch_cache = 0) for a non-empty batch")
     check_heads(q, k_cache, "k_cache")
     check_strides(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
-    seqlen_new = _check_new_kv(q, k_cache, k, v, cache_seqlens)
+    seqlen_new = _check_new_kv(q, k_cache, k, v, cache_seqlens, seqlen_cache)
     if cache_batch_idx is not None:
         check_index_tensor(cache_batch_idx, "cache_batch_idx", batch)
         if checking_values() and batch and not 0 <= cache_batch_idx.min() <= cache_batch_idx.max() < batch_cache:
             raise ValueError(f"cache_batch_idx values must lie in [0, {batch_cache})")
-    seqlens = _cache_seqlens(cache_seqlens, batch, k_cache.shape[1], seqlen_new, q.device)
+    seqlens = _cache_seqlens(cache_seqlens, batch, seqlen_cache, seqlen_new, q.device)
     if cache_leftpad is not None:
         check_index_tensor(cache_leftpad, "cache_leftpad", batch)
         if checking_values() and batch and not (0 <= cache_leftpad.min() and
@@ -282,7 +320,7 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cac
     return seqlens
 
 
-def _check_new_kv(q, k_cache, k, v, cache_seqlens):
+def _check_new_kv(q, k_cache, k, v, cache_seqlens, seqlen_cache):
     """The new keys and values (None or both (batch, seqlen_new, nheads_k, headdim)): their seqlen_new."""
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (the new keys and values to append) or both be None")
@@ -295,8 +333,8 @@ def _check_new_kv(q, k_cache, k, v, cache_seqlens):
             raise ValueError(f"{name} must have shape (batch, seqlen_new, nheads_k, headdim) = {expected}, got "
                              f"{tuple(t.shape)}")
     check_strides(q, k, v)
-    if k.shape[1] > k_cache.shape[1]:
-        raise ValueError(f"k has {k.shape[1]} new tokens but the cache holds only {k_cache.shape[1]}")
+    if k.shape[1] > seqlen_cache:
+        raise ValueError(f"k has {k.shape[1]} new tokens but the cache holds only {seqlen_cache}")
     if cache_seqlens is None:
         raise ValueError("cache_seqlens is required with k and v: it says where each sequence's new keys go")
     return k.shape[1]
@@ -516,7 +554,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     check_qkv(q, k, v, varlen=True)
     window_size = check_window_size(window_size)
     softcap = check_softcap(softcap)
-    check_unimplemented(dropout_p, window_size, softcap, alibi_slopes, block_table)
+    check_unimplemented(dropout_p, window_size, softcap, alibi_slopes)
+    if block_table is not None:
+        raise NotImplementedError("block_table in flash_attn_varlen_func (paged prefill) is not implemented yet "
+                                  "(flash_attn_with_kvcache takes a paged cache)")
     alibi_slopes = check_alibi_slopes(alibi_slopes, q, cu_seqlens_q.shape[0] - 1, q.shape[1], softcap)
     check_learnable_sink(learnable_sink, q, q.shape[1])
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
@@ -554,10 +595,11 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                   return_attn_probs, learnable_sink=learnable_sink)
 
 
-def _append_to_cache(q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, rotary, positional):
-    """Writes k, v into the caches at rows seqlens[b] + i of cache row cache_batch_idx[b] (indices
-    clamped into the caches: no host check), rotary-embedded first when rotary = (cos, sin,
-    interleaved) is given; returns q, rotated likewise (flash_attn_with_kvcache's positions)."""
+def _append_to_cache(q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, rotary, positional, block_table=None):
+    """Writes k, v into the caches at rows seqlens[b] + i of cache row cache_batch_idx[b], or of
+    sequence b's pages when block_table is given (indices clamped into the caches: no host check),
+    rotary-embedded first when rotary = (cos, sin, interleaved) is given; returns q, rotated
+    likewise (flash_attn_with_kvcache's positions)."""
     batch, seqlen_q = q.shape[:2]
     seqlen_new = k.shape[1]
     steps = torch.arange(max(seqlen_new, seqlen_q), device=q.device, dtype=torch.int32)
@@ -567,9 +609,13 @@ def _append_to_cache(q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, rotary
         k = apply_rotary(k, cos, sin, (seqlens[:, None] + steps[None, :seqlen_new]).clamp(0, last), interleaved)
         q_steps = steps[None, :seqlen_q] if positional else torch.zeros_like(steps[None, :seqlen_q])
         q = apply_rotary(q, cos, sin, (seqlens[:, None] + q_steps).clamp(0, last), interleaved)
-    rows = (seqlens[:, None] + steps[None, :seqlen_new]).clamp(0, k_cache.shape[1] - 1).long()
-    cache_rows = (cache_batch_idx if cache_batch_idx is not None
-                  else torch.arange(batch, device=q.device)).clamp(0, k_cache.shape[0] - 1).long()[:, None]
+    positions = seqlens[:, None] + steps[None, :seqlen_new]
+    if block_table is not None:
+        cache_rows, rows = _paged_rows(block_table, positions.clamp(min=0), k_cache.shape[1], k_cache.shape[0])
+    else:
+        rows = positions.clamp(0, k_cache.shape[1] - 1).long()
+        cache_rows = (cache_batch_idx if cache_batch_idx is not None
+                      else torch.arange(batch, device=q.device)).clamp(0, k_cache.shape[0] - 1).long()[:, None]
     k_cache[cache_rows, rows] = k
     v_cache[cache_rows, rows] = v
     return q
@@ -608,7 +654,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 ("cache_seqlens", cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None),
                 ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad), ("block_table", block_table))
     check_devices(q=q, k_cache=k_cache, v_cache=v_cache, **{name: t for name, t in optional if t is not None})
-    seqlens = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad)
+    capacity = check_block_table(block_table, q, k_cache, cache_batch_idx, cache_leftpad)
+    seqlens = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, capacity)
     window_size = check_window_size(window_size)
     softcap = check_softcap(softcap)
     check_unimplemented(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, block_table=block_table)
@@ -620,24 +667,24 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     ops.require_extension()
 
     if seqlens is None:
-        seqlens = torch.full((q.shape[0],), k_cache.shape[1], dtype=torch.int32, device=q.device)
+        seqlens = torch.full((q.shape[0],), capacity or k_cache.shape[1], dtype=torch.int32, device=q.device)
     if k is not None:
         rotary = (rotary_cos, rotary_sin, rotary_interleaved) if rotary_cos is not None else None
         positional = causal or window_size != (-1, -1)  # q's rows at their own positions (flash_attn's rule)
-        q = _append_to_cache(q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, rotary, positional)
+        q = _append_to_cache(q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, rotary, positional, block_table)
         seqlens = seqlens + k.shape[1]
     head_dim = q.shape[-1]
     q_, k_cache_, v_cache_ = _pad_head_dim(q, k_cache, v_cache)
     splits = 0 if alibi_slopes is not None else decode.plan(q_, k_cache_, causal, window_size,
-                                                            operator.index(num_splits))
+                                                            operator.index(num_splits), capacity)
     if splits:
         out, lse = decode.split_kv_attention(q_, k_cache_, v_cache_, seqlens, cache_batch_idx, cache_leftpad,
-                                             softmax_scale, splits, softcap=softcap)
+                                             softmax_scale, splits, softcap=softcap, block_table=block_table)
         if learnable_sink is not None:
             out, lse = sinks.apply_sink(out, lse, learnable_sink)
     else:
-        out, lse = torch.ops.flash_attn_t.fwd_kvcache(q_, k_cache_, v_cache_, seqlens, cache_batch_idx,
-                                                      cache_leftpad, softmax_scale, bool(causal), *window_size, softcap,
-                                                      alibi_slopes=alibi_slopes, learnable_sink=_kernel_sink(learnable_sink))
+        out, lse = torch.ops.flash_attn_t.fwd_kvcache(
+            q_, k_cache_, v_cache_, seqlens, cache_batch_idx, cache_leftpad, softmax_scale, bool(causal), *window_size,
+            softcap, alibi_slopes=alibi_slopes, learnable_sink=_kernel_sink(learnable_sink), block_table=block_table)
     out = out[..., :head_dim]
     return (out, lse) if return_softmax_lse else out

@@ -280,3 +280,74 @@ def test_merge_splits_kernel_matches_the_merge(dtype, head_dim, splits, seqlen_q
     finite = torch.isfinite(ref_lse)
     torch.testing.assert_close(got_lse[finite].double(), ref_lse[finite], rtol=1e-5, atol=1e-5)
     assert (got_out.view(batch, seqlen_q, heads_k * group, head_dim)[~finite.transpose(1, 2)] == 0).all()
+
+
+def paged_copy(contiguous_k, contiguous_v, page_size):
+    """The caches (batch, pages_per_seq x page_size, heads_k, d) as shuffled page pools with two
+    pages to spare, and the block table."""
+    batch, seqlen = contiguous_k.shape[:2]
+    pages_per_seq = seqlen // page_size
+    table = torch.randperm(batch * pages_per_seq + 2, device="cuda")[:batch * pages_per_seq]
+    table = table.view(batch, pages_per_seq).to(torch.int32)
+    pools = []
+    for cache in (contiguous_k, contiguous_v):
+        pool = torch.zeros(batch * pages_per_seq + 2, page_size, *cache.shape[2:], device="cuda", dtype=cache.dtype)
+        pool[table.long()] = cache.view(batch, pages_per_seq, page_size, *cache.shape[2:])
+        pools.append(pool)
+    return pools[0], pools[1], table
+
+
+@pytest.mark.parametrize("page_size", [16, 48, 144, 256, 384])
+@pytest.mark.parametrize("seqlen_q,causal", [(1, True), (5, True), (3, False)])
+def test_paged_kvcache_matches_the_contiguous_cache(page_size, seqlen_q, causal):
+    """block_table: a paged cache (pages shuffled, a table longer than some sequences need) gives
+    the contiguous cache's output and lse, with an append that crosses page boundaries, lengths 0
+    and not a multiple of the page size, split-KV (one query row: the paged splits start at
+    multiples of the kernel's box, so the merge order differs a little) or not. Page sizes that
+    divide the 128-key block, are multiples of it, and neither (48, 144: boxes of 16 rows)."""
+    batch, heads, heads_k, head_dim = 3, 8, 2, 128
+    pages_per_seq = -(-1024 // page_size)
+    torch.manual_seed(page_size + seqlen_q)
+    q = torch.randn(batch, seqlen_q, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    k_new, v_new = (torch.randn(batch, seqlen_q, heads_k, head_dim, device="cuda", dtype=torch.bfloat16)
+                    for _ in range(2))
+    contiguous_k = torch.randn(batch, pages_per_seq * page_size, heads_k, head_dim, device="cuda",
+                               dtype=torch.bfloat16)
+    contiguous_v = torch.randn_like(contiguous_k)
+    paged_k, paged_v, table = paged_copy(contiguous_k, contiguous_v, page_size)
+    seqlens = torch.tensor([0, page_size - 1, 1000], dtype=torch.int32, device="cuda")
+    expected = flash_attn_with_kvcache(q, contiguous_k, contiguous_v, k_new, v_new, cache_seqlens=seqlens,
+                                       causal=causal, return_softmax_lse=True)
+    poison_allocator()
+    got = flash_attn_with_kvcache(q, paged_k, paged_v, k_new, v_new, cache_seqlens=seqlens, block_table=table,
+                                  causal=causal, return_softmax_lse=True)
+    torch.testing.assert_close(got[0], expected[0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-4)
+    flat = lambda paged: paged[table.long()].flatten(1, 2)  # noqa: E731
+    assert torch.equal(flat(paged_k), contiguous_k) and torch.equal(flat(paged_v), contiguous_v)
+
+
+@pytest.mark.parametrize("feature", ["window", "softcap", "alibi", "sink"])
+@pytest.mark.parametrize("seqlen_q", [1, 4])
+def test_paged_kvcache_with_features(feature, seqlen_q):
+    """Each feature on a paged cache matches the same call on the contiguous cache (checked against
+    the reference above): window and sinks run in the paged kernels, softcap and ALiBi on pages
+    gathered into a contiguous copy."""
+    batch, heads, heads_k, head_dim, page_size, pages_per_seq = 2, 8, 2, 128, 48, 12
+    torch.manual_seed(seqlen_q)
+    q = torch.randn(batch, seqlen_q, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    contiguous_k = torch.randn(batch, pages_per_seq * page_size, heads_k, head_dim, device="cuda",
+                               dtype=torch.bfloat16)
+    contiguous_v = torch.randn_like(contiguous_k)
+    paged_k, paged_v, table = paged_copy(contiguous_k, contiguous_v, page_size)
+    seqlens = torch.tensor([300, 571], dtype=torch.int32, device="cuda")
+    kwargs = {"window": dict(window_size=(100, 0)), "softcap": dict(softcap=20.0),
+              "alibi": dict(alibi_slopes=torch.rand(heads, device="cuda")),
+              "sink": dict(learnable_sink=torch.randn(heads, device="cuda"))}[feature]
+    expected = flash_attn_with_kvcache(q, contiguous_k, contiguous_v, cache_seqlens=seqlens, causal=True,
+                                       return_softmax_lse=True, **kwargs)
+    poison_allocator()
+    got = flash_attn_with_kvcache(q, paged_k, paged_v, cache_seqlens=seqlens, block_table=table, causal=True,
+                                  return_softmax_lse=True, **kwargs)
+    torch.testing.assert_close(got[0], expected[0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-4)

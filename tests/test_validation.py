@@ -311,7 +311,6 @@ def test_every_entry_point_takes_a_window(fake_cuda):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(dropout_p=0.1), r"dropout_p=0.1"),
-    (dict(block_table=torch.zeros(1, 1, dtype=torch.int32)), "block_table"),
 ])
 def test_unimplemented_arguments(kwargs, match):
     with pytest.raises(NotImplementedError, match=match):
@@ -379,6 +378,35 @@ def int32(values, device="cuda"):
     return torch.tensor(values, dtype=torch.int32, device=device)
 
 
+def test_kvcache_takes_a_block_table(fake_cuda):
+    """A paged cache (num_pages, page_size, nheads_k, headdim) with block_table (batch, max_pages):
+    the output has q's shape; a page table's capacity bounds the appended keys."""
+    args = kvcache_inputs(cache=(5, 16))
+    out = flash_attn_t.flash_attn_with_kvcache(**args, block_table=int32([[4, 0], [2, 3]]))
+    assert out.shape == args["q"].shape
+    with pytest.raises(ValueError, match=r"must lie in \[0, 32\]"):
+        flash_attn_t.flash_attn_with_kvcache(**{**args, "cache_seqlens": 32}, block_table=int32([[4, 0], [2, 3]]))
+
+
+def test_paged_append_matches_a_contiguous_cache():
+    """CPU: appending through a block table writes what the same append into a contiguous cache
+    writes, page by page (page 16, pages out of order, an append across a page boundary)."""
+    from flash_attn_t.interface import _append_to_cache
+    torch.manual_seed(0)
+    batch, pages_per_seq, page, heads_k, d = 2, 3, 16, 2, 8
+    contiguous = torch.randn(batch, pages_per_seq * page, heads_k, d)
+    table = torch.tensor([[5, 0, 3], [1, 4, 2]], dtype=torch.int32)
+    paged = torch.empty(6, page, heads_k, d)
+    paged[table.long()] = contiguous.view(batch, pages_per_seq, page, heads_k, d)
+    seqlens = torch.tensor([14, 30], dtype=torch.int32)  # appends cross a page boundary
+    q, k_new, v_new = torch.randn(batch, 3, 4, d), torch.randn(batch, 3, heads_k, d), torch.randn(batch, 3, heads_k, d)
+    contiguous_v, paged_v = contiguous.clone(), paged.clone()
+    _append_to_cache(q, contiguous, contiguous_v, k_new, v_new, seqlens, None, None, True)
+    _append_to_cache(q, paged, paged_v, k_new, v_new, seqlens, None, None, True, table)
+    assert torch.equal(paged[table.long()].flatten(1, 2), contiguous)
+    assert torch.equal(paged_v[table.long()].flatten(1, 2), contiguous_v)
+
+
 # each change is built inside the fake mode (no GPU needed)
 @pytest.mark.parametrize("change,error,match", [
     (lambda: dict(v=None), ValueError, "k and v must be given together"),
@@ -404,7 +432,16 @@ def int32(values, device="cuda"):
     (lambda: dict(k=None, v=None, rotary_cos=torch.ones(40, 32, device="cuda"),
                   rotary_sin=torch.ones(40, 32, device="cuda")), ValueError, "rotate q and the new k"),
     (lambda: dict(num_splits=-1), ValueError, "num_splits must be >= 0"),
-    (lambda: dict(block_table=int32([[0], [1]])), NotImplementedError, "block_table"),
+    (lambda: dict(block_table=torch.zeros(2, 1, dtype=torch.int64, device="cuda")), TypeError,
+     "block_table must be int32"),
+    (lambda: dict(block_table=int32([[0], [1], [0]])), ValueError, r"block_table must have shape \(batch, max_pages\)"),
+    (lambda: dict(block_table=int32([[0], [1]]), k_cache=torch.zeros(2, 24, 2, 64, dtype=torch.bfloat16, device="cuda"),
+                  v_cache=torch.zeros(2, 24, 2, 64, dtype=torch.bfloat16, device="cuda")), ValueError,
+     "multiple of 16"),
+    (lambda: dict(block_table=int32([[0], [1]]), cache_batch_idx=int32([1, 0])), NotImplementedError,
+     "cache_batch_idx with block_table"),
+    (lambda: dict(block_table=int32([[0], [1]]), cache_leftpad=int32([0, 0])), NotImplementedError,
+     "cache_leftpad with block_table"),
     (lambda: dict(window_size=(-3, 0)), ValueError, "window_size entries must be >= -1"),
     (lambda: dict(softcap=-5.0), ValueError, "softcap must be a finite number >= 0"),
 ])

@@ -111,18 +111,20 @@ struct Tag {
   using type = T;
 };
 
-// f(Tag<Variant<KeyMask<...>, softcap, alibi>>{}) for the variant p asks for: no mask, causal, or
-// local (flash_attn_api normalises a causal window to local with right = 0), each plain, with
-// softcap or with ALiBi (nine instantiations).
+// f(Tag<Variant<KeyMask<...>, Softcap, Alibi>>{}) for the mask p asks for: none, causal, or
+// local (flash_attn_api normalises a causal window to local with right = 0).
+template <bool Softcap, bool Alibi, typename F>
+decltype(auto) mask_switch(const FwdParams& p, F&& f) {
+  if (p.local) return f(Tag<Variant<KeyMask<false, true>, Softcap, Alibi>>{});
+  return bool_switch(p.causal, [&](auto causal) { return f(Tag<Variant<KeyMask<causal>, Softcap, Alibi>>{}); });
+}
+
+// The same for the whole variant p asks for: each mask plain, with softcap or with ALiBi (nine
+// instantiations).
 template <typename F>
 decltype(auto) variant_switch(const FwdParams& p, F&& f) {
-  auto with_mask = [&](auto softcap, auto alibi) {
-    constexpr bool kSoftcap = decltype(softcap)::value, kAlibi = decltype(alibi)::value;
-    if (p.local) return f(Tag<Variant<KeyMask<false, true>, kSoftcap, kAlibi>>{});
-    return bool_switch(p.causal, [&](auto causal) { return f(Tag<Variant<KeyMask<causal>, kSoftcap, kAlibi>>{}); });
-  };
-  if (p.alibi) return with_mask(std::false_type{}, std::true_type{});
-  return bool_switch(p.softcap, [&](auto softcap) { return with_mask(softcap, std::false_type{}); });
+  if (p.alibi) return mask_switch<false, true>(p, f);
+  return bool_switch(p.softcap, [&](auto softcap) { return mask_switch<decltype(softcap)::value, false>(p, f); });
 }
 
 // Adds the ALiBi bias (Variant::alibi_bias) to every score of a warp's tiles (m16n8 accumulator

@@ -37,8 +37,9 @@ struct SeqInfo {
         first_k = pad;
         len_k -= pad;
       }
-      if (splits > 1) {  // this split's part of the keys
-        const int begin = len_k * split / splits, end = len_k * (split + 1) / splits;
+      if (splits > 1) {  // this split's part of the keys (box-aligned starts when paged, params.h)
+        const int begin = split == 0 ? 0 : len_k * split / splits & ~p.split_round_bits;
+        const int end = split == splits - 1 ? len_k : len_k * (split + 1) / splits & ~p.split_round_bits;
         first_k += begin;
         len_k = end - begin;
       }

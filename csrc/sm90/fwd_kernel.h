@@ -64,6 +64,7 @@ struct FwdSmem {
   __device__ __forceinline__ int* tile_slot(int slot) const {
     return reinterpret_cast<int*>(base + Traits::kTileSlotOffset) + slot;
   }
+  __device__ __forceinline__ int* pages() const { return reinterpret_cast<int*>(base + Traits::kPageOffset); }
 };
 
 // Where this CTA stands in its two rings: Q (one slot, filled once per tile) and K/V (Stages
@@ -118,6 +119,59 @@ struct FwdBlock {
   __device__ __forceinline__ int kv_batch_coord() const { return seq.varlen ? 0 : seq.batch_k; }
 };
 
+// A paged cache's key block from sequence row `row` is loaded as boxes of paged_box_rows() rows
+// (each inside one page: params.h), box r from page pages[r]. Each page index is a global load in
+// front of a TMA issue; the producer copies a block's indices into shared memory with cp.async
+// right after issuing the block before it (no registers held while it waits for a free slot) and
+// waits for them only when it issues that block. The producer is one thread issuing up to 32
+// boxes per block at small pages: no divisions in these loops (a box never straddles a page, so
+// the next box starts at offset + box, or at row 0 of the next page).
+template <typename Traits>
+__device__ __forceinline__ void prefetch_pages(int* pages, const FwdParams& p, int row, int b_k) {
+  const int* table = p.block_table + b_k * p.block_table_stride;
+  const int box = paged_box_rows(p), last = p.max_pages - 1;
+  int slot = row / p.page_size, offset = row - slot * p.page_size;
+#pragma unroll
+  for (int r = 0; r < Traits::kMaxPagesPerBlock; ++r) {
+    if (r * box < Traits::kBlockN) {
+      cp_async_4(smem_addr(pages + r), table + min(slot, last), true);
+      offset += box;
+      if (offset == p.page_size) offset = 0, ++slot;
+    }
+  }
+  cp_async_commit();
+}
+
+// One K or V block (kBlockN keys from sequence row `row`) into `dst`: one TMA box per 64-column
+// slab, or, from a paged cache, one per slab and box (pages as prefetch_pages left them; `row`'s
+// offset in its page given). Boxes land at their rows' offsets in the slab: the 128-byte swizzle
+// follows the shared-memory address, so the pieces form the same tile one box would.
+template <typename Traits, bool kPaged>
+__device__ __forceinline__ void load_kv_block(typename Traits::Element* dst, const CUtensorMap* map, uint64_t* full,
+                                              int row, int head_k, int b_k, const FwdParams& p, const int* pages,
+                                              int page_offset) {
+  constexpr int kSlabElems = 64;
+  if constexpr (!kPaged) {
+#pragma unroll
+    for (int slab = 0; slab < Traits::kSlabs; ++slab)
+      tma_load_4d(dst + slab * Traits::kBlockN * kSlabElems, map, full, slab * kSlabElems, row, head_k, b_k);
+  } else {
+    const int box = paged_box_rows(p);
+#pragma unroll
+    for (int r = 0; r < Traits::kMaxPagesPerBlock; ++r) {
+      if (r * box < Traits::kBlockN) {
+        const int page = min(max(pages[r], 0), p.batch_k - 1);
+#pragma unroll
+        for (int slab = 0; slab < Traits::kSlabs; ++slab)
+          tma_load_4d(dst + (slab * Traits::kBlockN + r * box) * kSlabElems, map, full, slab * kSlabElems,
+                      page_offset, head_k, page);
+        page_offset += box;
+        if (page_offset == p.page_size) page_offset = 0;
+      }
+    }
+  }
+}
+
 // ---- producer: one thread keeps the ring full, one tile after another.
 template <typename Traits, typename Mask>
 __device__ __forceinline__ void produce(const FwdBlock<Traits, Mask>& blk, const FwdParams& p,
@@ -148,6 +202,39 @@ __device__ __forceinline__ void produce(const FwdBlock<Traits, Mask>& blk, const
     for (int slab = 0; slab < Traits::kSlabs; ++slab)
       tma_load_4d(sm.v(stage) + slab * Traits::kBlockN * kSlabElems, tma_v, sm.v_full(stage), slab * kSlabElems, row,
                   head_k, b_k);
+  }
+}
+
+// The same from a paged cache (a kernel of its own: beside the paged loop, ptxas spilled in the
+// plain producer's per-tile path, 1-4% on short causal sequences). Each block's page indices
+// are prefetched one block ahead (prefetch_pages); the loop is not unrolled (spills).
+template <typename Traits, typename Mask>
+__device__ __forceinline__ void produce_paged(const FwdBlock<Traits, Mask>& blk, const FwdParams& p,
+                                              const CUtensorMap* tma_q, const CUtensorMap* tma_k,
+                                              const CUtensorMap* tma_v, const FwdSmem<Traits>& sm,
+                                              const RingCounters<Traits::kStages>& ring) {
+  constexpr int kSlabElems = 64;
+  const int head_k = blk.head / (p.heads / p.heads_k), b = blk.batch_coord(), b_k = blk.kv_batch_coord();
+  prefetch_pages<Traits>(sm.pages(), p, blk.k_row((blk.n_end - 1) * Traits::kBlockN), b_k);
+  ring.q.wait_empty(sm.q_empty());
+  mbar_arrive_expect_tx(sm.q_full(), Traits::kQBytes);
+#pragma unroll
+  for (int slab = 0; slab < Traits::kSlabs; ++slab)
+    tma_load_4d(sm.q() + slab * Traits::kBlockM * kSlabElems, tma_q, sm.q_full(), slab * kSlabElems,
+                blk.q_row(blk.first_row), blk.head, b);
+#pragma unroll 1
+  for (int i = 0; i < blk.blocks(); ++i) {
+    const RingPosition<Traits::kStages> slot = ring.block(i);
+    const int n = blk.n_end - 1 - i, stage = slot.stage(), use = slot.use();
+    const int row = blk.k_row(n * Traits::kBlockN), page_offset = row % p.page_size;
+    if (use > 0) mbar_wait(sm.k_empty(stage), (use - 1) & 1);
+    cp_async_wait_all();  // this block's page indices
+    mbar_arrive_expect_tx(sm.k_full(stage), Traits::kKVBytes);
+    load_kv_block<Traits, true>(sm.k(stage), tma_k, sm.k_full(stage), row, head_k, b_k, p, sm.pages(), page_offset);
+    if (use > 0) mbar_wait(sm.v_empty(stage), (use - 1) & 1);
+    mbar_arrive_expect_tx(sm.v_full(stage), Traits::kKVBytes);
+    load_kv_block<Traits, true>(sm.v(stage), tma_v, sm.v_full(stage), row, head_k, b_k, p, sm.pages(), page_offset);
+    if (i + 1 < blk.blocks()) prefetch_pages<Traits>(sm.pages(), p, row - Traits::kBlockN, b_k);
   }
 }
 
@@ -336,7 +423,8 @@ struct Consumer {
   }
 };
 
-template <typename Traits, typename Mask>
+// kPaged: K and V from a paged cache (FwdParams::block_table).
+template <typename Traits, typename Mask, bool kPaged>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     fwd_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ CUtensorMap tma_q,
                const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v) {
@@ -376,7 +464,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       if (tile >= tiles.count) break;
       const FwdBlock<Traits, Mask> blk(p, tiles, tile);
       if (!blk.has_keys()) continue;
-      produce(blk, p, &tma_q, &tma_k, &tma_v, sm, ring);
+      if constexpr (kPaged)
+        produce_paged(blk, p, &tma_q, &tma_k, &tma_v, sm, ring);
+      else
+        produce(blk, p, &tma_q, &tma_k, &tma_v, sm, ring);
       ring.advance(blk.blocks());
     }
   } else {

@@ -41,14 +41,14 @@
 
 namespace fat::sm90 {
 
-template <typename Traits, typename Mask>
+template <typename Traits, typename Mask, bool kPaged>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   using Element = typename Traits::Element;
   CUtensorMap tma_q, tma_k, tma_v;
   cudaError_t err = make_qkv_maps<Element>(p, Traits::kBlockM, Traits::kBlockN, &tma_q, &tma_k, &tma_v);
   if (err != cudaSuccess) return err;
 
-  auto kernel = fwd_kernel<Traits, Mask>;
+  auto kernel = fwd_kernel<Traits, Mask, kPaged>;
   constexpr int smem = Traits::kSmemBytes;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
@@ -72,7 +72,14 @@ cudaError_t run_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   constexpr int warpgroups = HeadDim == 64 ? FAT_SM90_HD64_WARPGROUPS : 2;
   using Traits = sm90::FwdTraits<Element, HeadDim, warpgroups, FAT_SM90_TENSOR_ROW_SUM, FAT_LAZY_RESCALE,
                                   FAT_PINGPONG, FAT_POLY_EXP2_SOFTCAP, FAT_TIMING_SKIP_SOFTMAX>;
-  return variant_switch(p, [&](auto variant) { return sm90::launch_fwd<Traits, typename decltype(variant)::type>(p, stream); });
+  // A paged cache: built for the mask variants alone (flash_api gathers the pages for the others).
+  if (p.block_table != nullptr) {
+    if (p.softcap || p.alibi) return cudaErrorNotSupported;
+    return mask_switch<false, false>(
+        p, [&](auto variant) { return sm90::launch_fwd<Traits, typename decltype(variant)::type, true>(p, stream); });
+  }
+  return variant_switch(
+      p, [&](auto variant) { return sm90::launch_fwd<Traits, typename decltype(variant)::type, false>(p, stream); });
 }
 
 }  // namespace fat

@@ -55,11 +55,13 @@ cudaError_t make_tensor_map(CUtensorMap* map, const void* data, int head_dim, in
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-// The maps of one call's q (boxes of box_m rows), k and v (box_n rows).
+// The maps of one call's q (boxes of box_m rows), k and v (box_n rows; from a paged cache, maps
+// over (dim, page rows, heads, pages) with boxes of paged_box_rows() rows).
 template <typename Element>
 cudaError_t make_qkv_maps(const FwdParams& p, int box_m, int box_n, CUtensorMap* q, CUtensorMap* k, CUtensorMap* v) {
   const bool varlen = p.cu_seqlens_q != nullptr;  // varlen: (total, heads, dim)
   const int batch = varlen ? 1 : p.batch, batch_k = varlen ? 1 : p.batch_k;
+  if (p.block_table != nullptr) box_n = paged_box_rows(p);
   cudaError_t err = make_tensor_map<Element>(q, p.q, p.head_dim, p.rows_q, p.heads, batch, p.q_row_stride,
                                              p.q_head_stride, p.q_batch_stride, box_m);
   if (err == cudaSuccess)
