@@ -17,9 +17,10 @@ from .rotary import apply_rotary
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (64, 128)  # the head dims the kernels are compiled for
-# Every multiple of 8 up to 128 is accepted: the others run zero-padded to the next kernel head
-# dim (zeros add nothing to q.k, and the padded output columns are sliced off).
-SUPPORTED_HEAD_DIMS = tuple(range(8, KERNEL_HEAD_DIMS[-1] + 1, 8))
+# Every head dim from 1 to 128 is accepted: the others run zero-padded to the next kernel head
+# dim (zeros add nothing to q.k, and the padded output columns are sliced off; the default
+# softmax scale stays 1 / sqrt of the given head dim).
+SUPPORTED_HEAD_DIMS = tuple(range(1, KERNEL_HEAD_DIMS[-1] + 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,8 +74,8 @@ def check_heads(q, k, k_name="k"):
     if k.shape[-1] != head_dim:
         raise ValueError(f"{k_name}'s head dim ({k.shape[-1]}) must equal q's ({head_dim})")
     if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {head_dim} is not supported: head dims must be multiples of 8 up to "
-                         f"{KERNEL_HEAD_DIMS[-1]} (kernels for {KERNEL_HEAD_DIMS}, others run zero-padded)")
+        raise ValueError(f"head dim {head_dim} is not supported: head dims must lie in [1, {KERNEL_HEAD_DIMS[-1]}] "
+                         f"(kernels for {KERNEL_HEAD_DIMS}, others run zero-padded)")
     heads, heads_k = q.shape[-2], k.shape[-2]
     if heads_k == 0 or heads % heads_k != 0:
         raise ValueError(f"nheads ({heads}) must be a multiple of nheads_k ({heads_k}) (GQA/MQA)")

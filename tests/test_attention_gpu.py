@@ -169,7 +169,7 @@ def test_sliding_window_deterministic_is_bitwise_repeatable(causal):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("head_dim", [8, 32, 80, 96, 120])
+@pytest.mark.parametrize("head_dim", [1, 8, 32, 59, 80, 96, 111, 120])
 @pytest.mark.parametrize("causal", [False, True])
 def test_head_dims_run_zero_padded(head_dim, causal):
     # no kernel for these: q, k, v are zero-padded to 64 / 128 and the output sliced back

@@ -177,10 +177,10 @@ def test_shape_mismatches():
     check_shapes(q, k[:, :3], v[:, :3], varlen=False)  # seqlen_k != seqlen_q is fine
 
 
-@pytest.mark.parametrize("d", [4, 12, 100, 136, 256])
+@pytest.mark.parametrize("d", [0, 129, 136, 256])
 def test_unsupported_head_dim(d):
     q, k, v = batched(d=d)
-    with pytest.raises(ValueError, match=rf"head dim {d} is not supported: head dims must be multiples of 8 up to 128"):
+    with pytest.raises(ValueError, match=rf"head dim {d} is not supported: head dims must lie in \[1, 128\]"):
         check_shapes(q, k, v, varlen=False)
 
 

@@ -191,7 +191,7 @@ def unsupported_reason(query, key, attention_mask, dropout, sliding_window, soft
     if attention_mask is not None and attention_mask.dim() != 2:
         return f"a {attention_mask.dim()}-d attention mask (the kernels read only padding masks)"
     if query.shape[-1] not in SUPPORTED_HEAD_DIMS or key.shape[-1] != query.shape[-1]:
-        return f"head dim {query.shape[-1]} (supported: multiples of 8 up to {SUPPORTED_HEAD_DIMS[-1]})"
+        return f"head dim {query.shape[-1]} (supported: 1 to {SUPPORTED_HEAD_DIMS[-1]})"
     if query.dtype not in SUPPORTED_DTYPES:
         return f"{query.dtype} inputs (the kernels take fp16/bf16: use bf16 weights or autocast)"
     if query.device.type != "cuda":
