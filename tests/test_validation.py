@@ -75,7 +75,7 @@ def test_cpu_tensors_are_rejected_by_every_entry_point():
 def test_every_entry_point_checks_dtype_head_dim_and_heads(fake_cuda):
     for bad, error, match in [
         (dict(dtype=torch.float32), TypeError, r"q.dtype must be torch.float16 or torch.bfloat16, got torch.float32"),
-        (dict(d=100), ValueError, r"head dim 100 is not supported"),
+        (dict(d=136), ValueError, r"head dim 136 is not supported"),
         (dict(h=3, hk=2), ValueError, r"nheads \(3\) must be a multiple of nheads_k \(2\)"),
     ]:
         q, k, v = batched(**{"device": "cuda", **bad})
