@@ -142,32 +142,26 @@ __device__ __forceinline__ void prefetch_pages(int* pages, const FwdParams& p, i
   cp_async_commit();
 }
 
-// One K or V block (kBlockN keys from sequence row `row`) into `dst`: one TMA box per 64-column
-// slab, or, from a paged cache, one per slab and box (pages as prefetch_pages left them; `row`'s
-// offset in its page given). Boxes land at their rows' offsets in the slab: the 128-byte swizzle
-// follows the shared-memory address, so the pieces form the same tile one box would.
-template <typename Traits, bool kPaged>
-__device__ __forceinline__ void load_kv_block(typename Traits::Element* dst, const CUtensorMap* map, uint64_t* full,
-                                              int row, int head_k, int b_k, const FwdParams& p, const int* pages,
-                                              int page_offset) {
+// One K or V block (kBlockN keys from sequence row `row`, at `page_offset` in its page) of a paged
+// cache into `dst`: one TMA box per 64-column slab and box of rows (pages as prefetch_pages left
+// them). Boxes land at their rows' offsets in the slab: the 128-byte swizzle follows the
+// shared-memory address, so the pieces form the same tile one box would.
+template <typename Traits>
+__device__ __forceinline__ void load_paged_kv_block(typename Traits::Element* dst, const CUtensorMap* map,
+                                                    uint64_t* full, int head_k, const FwdParams& p, const int* pages,
+                                                    int page_offset) {
   constexpr int kSlabElems = 64;
-  if constexpr (!kPaged) {
+  const int box = paged_box_rows(p);
 #pragma unroll
-    for (int slab = 0; slab < Traits::kSlabs; ++slab)
-      tma_load_4d(dst + slab * Traits::kBlockN * kSlabElems, map, full, slab * kSlabElems, row, head_k, b_k);
-  } else {
-    const int box = paged_box_rows(p);
+  for (int r = 0; r < Traits::kMaxPagesPerBlock; ++r) {
+    if (r * box < Traits::kBlockN) {
+      const int page = min(max(pages[r], 0), p.batch_k - 1);
 #pragma unroll
-    for (int r = 0; r < Traits::kMaxPagesPerBlock; ++r) {
-      if (r * box < Traits::kBlockN) {
-        const int page = min(max(pages[r], 0), p.batch_k - 1);
-#pragma unroll
-        for (int slab = 0; slab < Traits::kSlabs; ++slab)
-          tma_load_4d(dst + (slab * Traits::kBlockN + r * box) * kSlabElems, map, full, slab * kSlabElems,
-                      page_offset, head_k, page);
-        page_offset += box;
-        if (page_offset == p.page_size) page_offset = 0;
-      }
+      for (int slab = 0; slab < Traits::kSlabs; ++slab)
+        tma_load_4d(dst + (slab * Traits::kBlockN + r * box) * kSlabElems, map, full, slab * kSlabElems,
+                    page_offset, head_k, page);
+      page_offset += box;
+      if (page_offset == p.page_size) page_offset = 0;
     }
   }
 }
@@ -230,10 +224,10 @@ __device__ __forceinline__ void produce_paged(const FwdBlock<Traits, Mask>& blk,
     if (use > 0) mbar_wait(sm.k_empty(stage), (use - 1) & 1);
     cp_async_wait_all();  // this block's page indices
     mbar_arrive_expect_tx(sm.k_full(stage), Traits::kKVBytes);
-    load_kv_block<Traits, true>(sm.k(stage), tma_k, sm.k_full(stage), row, head_k, b_k, p, sm.pages(), page_offset);
+    load_paged_kv_block<Traits>(sm.k(stage), tma_k, sm.k_full(stage), head_k, p, sm.pages(), page_offset);
     if (use > 0) mbar_wait(sm.v_empty(stage), (use - 1) & 1);
     mbar_arrive_expect_tx(sm.v_full(stage), Traits::kKVBytes);
-    load_kv_block<Traits, true>(sm.v(stage), tma_v, sm.v_full(stage), row, head_k, b_k, p, sm.pages(), page_offset);
+    load_paged_kv_block<Traits>(sm.v(stage), tma_v, sm.v_full(stage), head_k, p, sm.pages(), page_offset);
     if (i + 1 < blk.blocks()) prefetch_pages<Traits>(sm.pages(), p, row - Traits::kBlockN, b_k);
   }
 }
