@@ -47,5 +47,8 @@ for dtype in (torch.bfloat16, torch.float16):
                                  dtype=torch.int32)
             flash_attn_with_kvcache(q[:, :1].detach(), *pages, num_splits=3, block_table=table,
                                     cache_seqlens=torch.tensor([190, 7], device="cuda", dtype=torch.int32))
+            with torch.no_grad():  # a paged prefill: varlen q against 0 and 140 keys in pages
+                flash_attn_varlen_func(qv.detach(), *pages, cu_q[1:], cu_k[1:] - 5, 70, 140,
+                                       causal=causal, window_size=window, block_table=table)
 torch.cuda.synchronize()
 print("sanitizer case done")

@@ -90,14 +90,19 @@ void fill_fwd(FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::
   p.cu_seqlens_q = p.cu_seqlens_k = nullptr;
 }
 
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t rank) {
-  check_q(q, rank);
-  check_tensor(k, "k", rank, q);
-  check_tensor(v, "v", rank, q);
+// k and v (kv_rank dimensions) against q: same shape, q's head dim, heads dividing q's.
+void check_kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t kv_rank) {
+  check_tensor(k, "k", kv_rank, q);
+  check_tensor(v, "v", kv_rank, q);
   TORCH_CHECK(k.sizes() == v.sizes(), "flash_attn_t: k and v must have the same shape");
   TORCH_CHECK(k.size(-1) == q.size(-1), "flash_attn_t: k must have q's head dim");
   TORCH_CHECK(k.size(-2) > 0 && q.size(-2) % k.size(-2) == 0,
               "flash_attn_t: q's head count must be a multiple of k's");
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t rank) {
+  check_q(q, rank);
+  check_kv(q, k, v, rank);
   if (rank == 4) TORCH_CHECK(k.size(0) == q.size(0), "flash_attn_t: k must have q's batch size");
 }
 
@@ -265,6 +270,37 @@ void check_batch_index(const std::optional<at::Tensor>& t, const char* name, con
               " must be a contiguous 1-D tensor of q's batch size");
 }
 
+// A paged K/V: block_table int32 (batch, max_pages) on q's device with contiguous rows; k (a pool
+// of pages (num_pages, page_size, heads_k, dim), checked as a tensor by the caller) has pages and
+// a page size that is a multiple of 16.
+void check_paged_kv(const at::Tensor& block_table, const at::Tensor& k, const at::Tensor& q, int64_t batch) {
+  TORCH_CHECK(block_table.is_cuda() && block_table.device() == q.device() &&
+                  block_table.scalar_type() == at::kInt && block_table.dim() == 2 && block_table.size(0) == batch &&
+                  block_table.size(1) > 0 && block_table.stride(1) == 1,
+              "flash_attn_t: block_table must be an int32 tensor (batch, max_pages) on q's device, rows contiguous");
+  TORCH_CHECK(k.size(1) % 16 == 0 && k.size(0) > 0,
+              "flash_attn_t: a paged cache needs pages and a page size that is a multiple of 16");
+}
+
+// Whether the kernels for this call read a paged K/V in place: the sm90 ones without softcap or
+// ALiBi. The others get the pages gathered into a contiguous copy (gathered_pages).
+bool reads_pages_in_place(double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  return sm90_kernels_available() && softcap <= 0 && !alibi_slopes.has_value();
+}
+
+// The pool's pages as (batch, max_pages x page_size, heads_k, dim), table entries clamped.
+at::Tensor gathered_pages(const at::Tensor& pool, const at::Tensor& block_table) {
+  return pool.index({block_table.clamp(0, pool.size(0) - 1).to(at::kLong)}).flatten(1, 2);
+}
+
+void set_block_table(FwdParams& p, const at::Tensor& block_table, int page_size) {
+  p.block_table = block_table.data_ptr<int>();
+  p.block_table_stride = block_table.stride(0);
+  p.max_pages = static_cast<int>(block_table.size(1));
+  p.page_size = page_size;
+  p.split_round_bits = paged_box_rows(p) - 1;
+}
+
 // Attention of q against a KV cache (batch_k, seqlen_cache, heads_k, dim): query batch b reads
 // cache row kv_batch_idx[b] (b when absent), keys [leftpad_k[b], seqused_k[b]), causal aligned at
 // the end of those keys. The values are clamped into range in the kernels (see params.h).
@@ -286,23 +322,13 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
   check_tensor(v_cache_, "v_cache", 4, q);
   const bool paged = block_table.has_value();
   if (paged) {
-    TORCH_CHECK(block_table->is_cuda() && block_table->device() == q.device() &&
-                    block_table->scalar_type() == at::kInt && block_table->dim() == 2 &&
-                    block_table->size(0) == q.size(0) && block_table->size(1) > 0 && block_table->stride(1) == 1,
-                "flash_attn_t: block_table must be an int32 tensor (batch, max_pages) on q's device, rows contiguous");
-    TORCH_CHECK(k_cache_.size(1) % 16 == 0 && k_cache_.size(0) > 0,
-                "flash_attn_t: a paged cache needs pages and a page size that is a multiple of 16");
+    check_paged_kv(*block_table, k_cache_, q, q.size(0));
     TORCH_CHECK(!kv_batch_idx.has_value() && !leftpad_k.has_value(),
                 "flash_attn_t: block_table takes no kv_batch_idx or leftpad_k");
   }
-  // The sm80 kernels and the sm90 ones with softcap or ALiBi read contiguous caches: the pages
-  // gathered (a copy).
-  const bool gather = paged && (!sm90_kernels_available() || softcap > 0 || alibi_slopes.has_value());
-  auto gathered = [&](const at::Tensor& pool) {
-    return pool.index({block_table->clamp(0, pool.size(0) - 1).to(at::kLong)}).flatten(1, 2);
-  };
-  const at::Tensor k_cache = gather ? gathered(k_cache_) : k_cache_;
-  const at::Tensor v_cache = gather ? gathered(v_cache_) : v_cache_;
+  const bool gather = paged && !reads_pages_in_place(softcap, alibi_slopes);
+  const at::Tensor k_cache = gather ? gathered_pages(k_cache_, *block_table) : k_cache_;
+  const at::Tensor v_cache = gather ? gathered_pages(v_cache_, *block_table) : v_cache_;
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "flash_attn_t: k_cache and v_cache must have the same shape");
   TORCH_CHECK(k_cache.size(-1) == q.size(-1), "flash_attn_t: k_cache must have q's head dim");
   TORCH_CHECK(k_cache.size(-2) > 0 && q.size(-2) % k_cache.size(-2) == 0,
@@ -325,30 +351,37 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
         p.kv_batch_idx = kv_batch_idx.has_value() ? kv_batch_idx->data_ptr<int>() : nullptr;
         p.leftpad_k = leftpad_k.has_value() ? leftpad_k->data_ptr<int>() : nullptr;
         if (paged && !gather) {
-          p.block_table = block_table->data_ptr<int>();
-          p.block_table_stride = block_table->stride(0);
-          p.max_pages = static_cast<int>(block_table->size(1));
-          p.page_size = static_cast<int>(k_cache.size(1));
-          p.split_round_bits = paged_box_rows(p) - 1;
+          set_block_table(p, *block_table, static_cast<int>(k_cache.size(1)));
           p.seqlen_k = p.max_pages * p.page_size;  // a sequence's capacity
         }
       },
       num_splits);
 }
 
+// block_table (batch, max_pages) int32: a paged prefill. k, v are pools of pages (num_pages,
+// page_size, heads_k, dim) and sequence b's keys are its first cu_seqlens_k[b + 1] -
+// cu_seqlens_k[b], through row b of the table (forward only, as in flash_attn). The sm90 kernels
+// without softcap or ALiBi read the pages in place, the others get them gathered first.
 std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                                               const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                               int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
                                               bool causal, int64_t window_left, int64_t window_right,
                                               double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                                              const std::optional<at::Tensor>& learnable_sink) {
-  check_qkv(q_, k_, v_, 3);
+                                              const std::optional<at::Tensor>& learnable_sink,
+                                              const std::optional<at::Tensor>& block_table) {
+  const bool paged = block_table.has_value();
+  check_q(q_, 3);
+  check_kv(q_, k_, v_, paged ? 4 : 3);  // a paged prefill's k, v: pools of pages, 4 dimensions
+  if (paged) check_paged_kv(*block_table, k_, q_, cu_seqlens_q.numel() - 1);
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q_);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q_);
   TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel(),
               "flash_attn_t: cu_seqlens_q and cu_seqlens_k must have the same length");
   const c10::cuda::CUDAGuard guard(q_.device());
-  const at::Tensor q = aligned(q_), k = aligned(k_), v = aligned(v_);
+  const bool gather = paged && !reads_pages_in_place(softcap, alibi_slopes);
+  const at::Tensor q = aligned(q_);
+  const at::Tensor k = aligned(gather ? gathered_pages(k_, *block_table) : k_);
+  const at::Tensor v = aligned(gather ? gathered_pages(v_, *block_table) : v_);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
   FwdParams p{};
@@ -358,6 +391,16 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q_, const at::Te
   p.seqlen_k = static_cast<int>(max_seqlen_k);
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
   p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
+  at::Tensor seqused_k;
+  if (paged) {  // k, v batched: sequence b's key count, on the device (no host sync)
+    const int64_t batch = cu_seqlens_k.numel() - 1;
+    seqused_k = cu_seqlens_k.narrow(0, 1, batch) - cu_seqlens_k.narrow(0, 0, batch);
+    p.cu_seqlens_k = nullptr;
+    p.seqused_k = seqused_k.data_ptr<int>();
+    p.batch_k = static_cast<int>(k.size(0));
+    p.seqlen_k = static_cast<int>(block_table->size(1) * k_.size(1));  // a sequence's capacity
+    if (!gather) set_block_table(p, *block_table, static_cast<int>(k.size(1)));
+  }
   set_sink(p, learnable_sink, q);
   if (q.size(0) > 0) launch_fwd(p, q, {causal, window_left, window_right, softcap, alibi_slopes});
   return {out, lse};
@@ -558,8 +601,8 @@ TORCH_LIBRARY(flash_attn_t, m) {
         "Tensor? block_table=None) -> (Tensor, Tensor)");
   m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left=-1, "
-        "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? learnable_sink=None) "
-        "-> (Tensor, Tensor)");
+        "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? learnable_sink=None, "
+        "Tensor? block_table=None) -> (Tensor, Tensor)");
   m.def("varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
         "float softmax_scale, bool causal, bool deterministic, int window_left=-1, int window_right=-1, "

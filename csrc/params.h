@@ -24,9 +24,10 @@ struct FwdParams {
   int rows_q, rows_k;      // rows of the q / k tensors: seqlen when batched, total tokens when varlen
 
   const int* cu_seqlens_q;  // null when batched
-  const int* cu_seqlens_k;
+  const int* cu_seqlens_k;  // null when batched, and in a paged prefill: varlen q, k and v as below
 
-  // Batched only (a KV cache): k and v have batch_k rows of seqlen_k keys each; query batch b
+  // Batched (a KV cache), and the paged prefill (varlen q, seqused_k only): k and v have batch_k
+  // rows of seqlen_k keys each; query batch b
   // reads row kv_batch_idx[b] (b when null), keys [leftpad_k[b], seqused_k[b]) of it (from 0, up
   // to seqlen_k, when null). The kernels clamp these values into range: never an access outside
   // the tensors, whatever they hold.

@@ -191,9 +191,10 @@ def check_softmax_scale(softmax_scale, head_dim):
     return softmax_scale
 
 
-def check_cu_seqlens(cu_seqlens, name, total, max_seqlen, max_name):
+def check_cu_seqlens(cu_seqlens, name, total, max_seqlen, max_name, capacity=None):
     """cu_seqlens: int32, 1-D, batch + 1 offsets starting at 0, non-decreasing, ending at total (the
-    token count of its tensor); max_seqlen >= every length. The value rules read the offsets on
+    token count of its tensor; with capacity instead, a paged K/V's keys per sequence, every length
+    at most that); max_seqlen >= every length. The value rules read the offsets on
     the host: free for a CPU tensor, a synchronisation for a GPU one, so there they run only when
     checking_values() (the kernels clamp every offset into its tensor, so malformed values never
     make them read or write out of bounds; the varlen calls stay capturable in CUDA graphs)."""
@@ -215,15 +216,19 @@ def check_cu_seqlens(cu_seqlens, name, total, max_seqlen, max_name):
     lengths = [end - start for start, end in zip(offsets, offsets[1:])]
     if any(n < 0 for n in lengths):
         raise ValueError(f"{name} must be non-decreasing, got {offsets}")
-    if offsets[-1] != total:
+    if capacity is None and offsets[-1] != total:
         raise ValueError(f"{name}[-1] ({offsets[-1]}) must equal the number of tokens of its tensor ({total})")
+    if capacity is not None and lengths and max(lengths) > capacity:
+        raise ValueError(f"{name}: a sequence of {max(lengths)} keys exceeds its pages (block_table's max_pages x "
+                         f"page_size = {capacity})")
     if lengths and max(lengths) > max_seqlen:
         raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest sequence in {name} ({max(lengths)})")
 
 
-def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, capacity=None):
+    """The cu_seqlens pair; capacity: k is paged with that many keys per sequence (check_block_table)."""
     check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q")
-    check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k")
+    check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k", capacity)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
                          f"got {cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
@@ -249,7 +254,7 @@ def check_index_tensor(t, name, batch):
         raise ValueError(f"{name} must be 1-D with one entry per sequence ({batch}), got shape {tuple(t.shape)}")
 
 
-def check_block_table(block_table, q, k_cache, cache_batch_idx, cache_leftpad):
+def check_block_table(block_table, batch, device, k_cache, cache_batch_idx=None, cache_leftpad=None):
     """block_table: None, or int32 (batch, max_pages) on q's device naming each sequence's pages of
     the paged caches (num_pages, page_size, nheads_k, headdim), page_size a multiple of 16.
     Returns the sequences' capacity in keys (max_pages x page_size), or None when not paged."""
@@ -259,11 +264,11 @@ def check_block_table(block_table, q, k_cache, cache_batch_idx, cache_leftpad):
         raise TypeError(f"block_table must be an int32 tensor or None, got {type(block_table).__name__}")
     if block_table.dtype != torch.int32:
         raise TypeError(f"block_table must be int32, got {block_table.dtype}")
-    if block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
-        raise ValueError(f"block_table must have shape (batch, max_pages) with batch = {q.shape[0]}, got "
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have shape (batch, max_pages) with batch = {batch}, got "
                          f"{tuple(block_table.shape)}")
-    if block_table.device != q.device:
-        raise ValueError(f"block_table must be on q's device ({q.device}), got {block_table.device}")
+    if block_table.device != device:
+        raise ValueError(f"block_table must be on q's device ({device}), got {block_table.device}")
     page_size = k_cache.shape[1]
     if page_size % 16 != 0:
         raise ValueError(f"the paged cache's page size (k_cache.shape[1] = {page_size}) must be a multiple of 16")
@@ -550,15 +555,20 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     cu_seqlens_q[i]:cu_seqlens_q[i + 1] of q and cu_seqlens_k[i]:cu_seqlens_k[i + 1] of k and v
     (int32 offsets of batch + 1 entries); max_seqlen_q / max_seqlen_k bound the lengths. The other
     arguments are those of flash_attn_func; lse (return_attn_probs=True) is (nheads, total_q) fp32.
+    block_table (batch, max_pages) int32: a paged prefill (forward only, as in flash_attn): k and v
+    are pools of pages (num_pages, page_size, nheads_k, headdim), page_size a multiple of 16, and
+    sequence i's keys are the first cu_seqlens_k[i + 1] - cu_seqlens_k[i] rows of the pages
+    block_table[i] names, in order.
     """
     check_devices(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if block_table is not None:
+        return _paged_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                              softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
+                              block_table, learnable_sink)
     check_qkv(q, k, v, varlen=True)
     window_size = check_window_size(window_size)
     softcap = check_softcap(softcap)
     check_unimplemented(dropout_p, window_size, softcap, alibi_slopes)
-    if block_table is not None:
-        raise NotImplementedError("block_table in flash_attn_varlen_func (paged prefill) is not implemented yet "
-                                  "(flash_attn_with_kvcache takes a paged cache)")
     alibi_slopes = check_alibi_slopes(alibi_slopes, q, cu_seqlens_q.shape[0] - 1, q.shape[1], softcap)
     check_learnable_sink(learnable_sink, q, q.shape[1])
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
@@ -568,6 +578,45 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     out, lse = FlashAttnVarlenFunc.apply(*_pad_head_dim(q, k, v), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                          int(max_seqlen_k), softmax_scale, bool(causal), (*window_size, softcap),
                                          bool(deterministic), learnable_sink, alibi_slopes)
+    return _result(out[..., :head_dim], lse, return_attn_probs)
+
+
+def _paged_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                   causal, window_size, softcap, alibi_slopes, return_attn_probs, block_table, learnable_sink):
+    """flash_attn_varlen_func with block_table: k, v are pools of pages (num_pages, page_size,
+    nheads_k, headdim) and sequence i's cu_seqlens_k[i + 1] - cu_seqlens_k[i] keys lie in the pages
+    block_table[i] names, in order. Forward only, as in flash_attn."""
+    check_dtypes(q, k, v)
+    if q.dim() != 3:
+        raise ValueError(f"q must have 3 dimensions (total_tokens, nheads, headdim), got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"with block_table, {name} must be a pool of pages (num_pages, page_size, nheads_k, "
+                             f"headdim), got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    check_heads(q, k)
+    check_strides(q, k, v)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise NotImplementedError("block_table (a paged prefill) is forward only, as in flash_attn: call it under "
+                                  "torch.no_grad() or with tensors that do not require grad")
+    check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q")
+    batch = cu_seqlens_q.shape[0] - 1
+    capacity = check_block_table(block_table, batch, q.device, k)
+    window_size = check_window_size(window_size)
+    softcap = check_softcap(softcap)
+    check_unimplemented(dropout_p, window_size, softcap, alibi_slopes)
+    alibi_slopes = check_alibi_slopes(alibi_slopes, q, batch, q.shape[1], softcap)
+    check_learnable_sink(learnable_sink, q, q.shape[1])
+    softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
+    check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, capacity)
+    ops.require_extension()
+    head_dim = q.shape[-1]
+    q_, k_, v_ = _pad_head_dim(q, k, v)
+    out, lse = torch.ops.flash_attn_t.varlen_fwd(
+        q_, k_, v_, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), softmax_scale, bool(causal),
+        *window_size, softcap, alibi_slopes=alibi_slopes, learnable_sink=_kernel_sink(learnable_sink),
+        block_table=block_table)
     return _result(out[..., :head_dim], lse, return_attn_probs)
 
 
@@ -655,7 +704,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 ("cache_seqlens", cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None),
                 ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad), ("block_table", block_table))
     check_devices(q=q, k_cache=k_cache, v_cache=v_cache, **{name: t for name, t in optional if t is not None})
-    capacity = check_block_table(block_table, q, k_cache, cache_batch_idx, cache_leftpad)
+    capacity = check_block_table(block_table, q.shape[0], q.device, k_cache, cache_batch_idx, cache_leftpad)
     seqlens = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, capacity)
     window_size = check_window_size(window_size)
     softcap = check_softcap(softcap)

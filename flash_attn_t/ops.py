@@ -63,7 +63,8 @@ if extension_available():
 
     @torch.library.register_fake("flash_attn_t::varlen_fwd")
     def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                         window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, learnable_sink=None):
+                         window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, learnable_sink=None,
+                         block_table=None):
         total_q, heads, _ = q.shape
         return _out_and_lse(q, (heads, total_q))
 

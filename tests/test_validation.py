@@ -97,11 +97,43 @@ def test_every_entry_point_rejects_unimplemented_features(fake_cuda, kwargs, mat
     assert len(names) == 6
 
 
-def test_varlen_rejects_block_table(fake_cuda):
-    q, k, v = varlen(total_k=10, device="cuda")
-    c = cu([0, 10], "cuda")
-    with pytest.raises(NotImplementedError, match="block_table"):
-        flash_attn_t.flash_attn_varlen_func(q, k, v, c, c, 10, 10, block_table=torch.zeros(1, 1, dtype=torch.int32))
+def paged_prefill_inputs(pool=(5, 16)):
+    """varlen q of two sequences (4 and 6 tokens) against pages of a pool (num_pages, page_size)
+    holding 20 and 12 keys through a block table of two pages each."""
+    q = torch.randn(10, 4, 64, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(*pool, 2, 64, dtype=torch.bfloat16, device="cuda")
+    return dict(q=q, k=k, v=torch.randn_like(k), cu_seqlens_q=cu([0, 4, 10], "cuda"),
+                cu_seqlens_k=cu([0, 20, 32], "cuda"), max_seqlen_q=6, max_seqlen_k=20,
+                block_table=torch.tensor([[4, 0], [2, 3]], dtype=torch.int32, device="cuda"))
+
+
+def test_varlen_takes_a_block_table(fake_cuda):
+    """flash_attn_varlen_func with block_table (a paged prefill): k, v pools of pages; out has q's shape."""
+    args = paged_prefill_inputs()
+    out, lse, _ = flash_attn_t.flash_attn_varlen_func(**args, causal=True, return_attn_probs=True)
+    assert out.shape == args["q"].shape and lse.shape == (4, 10)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda a: dict(k=a["k"][0], v=a["v"][0]), ValueError, r"with block_table, k must be a pool of pages"),
+    (lambda a: dict(block_table=a["block_table"].long()), TypeError, "block_table must be int32"),
+    (lambda a: dict(block_table=a["block_table"][:1]), ValueError, r"block_table must have shape \(batch, max_pages\)"),
+    (lambda a: dict(k=a["k"][:, :8], v=a["v"][:, :8]), ValueError, "page size .* must be a multiple of 16"),
+    (lambda a: dict(q=a["q"].requires_grad_()), NotImplementedError, "forward only"),
+])
+def test_paged_prefill_rules(fake_cuda, change, error, match):
+    args = paged_prefill_inputs()
+    with pytest.raises(error, match=match):
+        flash_attn_t.flash_attn_varlen_func(**{**args, **change(args)})
+
+
+def test_paged_prefill_sequences_fit_their_pages():
+    """CPU offsets are checked on the host: a sequence longer than its pages is refused."""
+    from flash_attn_t.interface import check_varlen
+    q, k = torch.empty(10, 4, 64), torch.empty(5, 16, 2, 64)
+    check_varlen(q, k, cu([0, 4, 10]), cu([0, 20, 52]), 6, 32, capacity=32)
+    with pytest.raises(ValueError, match="a sequence of 33 keys exceeds its pages"):
+        check_varlen(q, k, cu([0, 4, 10]), cu([0, 20, 53]), 6, 33, capacity=32)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() == 1, reason="a fake cuda:1 needs no GPU or two of them")

@@ -191,3 +191,39 @@ def test_varlen_forward_and_backward_replay_in_a_cuda_graph():
         torch.cuda.synchronize()
         for name, got, want in zip(("out", "dq", "dk", "dv"), captured, expected):
             assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("page_size", [16, 48, 256])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("feature", ["plain", "window", "softcap", "alibi"])
+def test_paged_prefill_matches_packed_keys(page_size, causal, feature):
+    """block_table (a paged prefill): the keys of each sequence in shuffled pages of a pool give the
+    packed call's output and lse (the paged sm90 kernels read the pages in place; softcap, ALiBi
+    and the sm80 family read them gathered), with lengths 0 and 1, sequences spanning pages and a
+    table longer than some sequences need."""
+    lens_q, lens_k = [0, 1, 17, 64, 130], [5, 1, 0, 200, 300]
+    heads, heads_k, head_dim, batch = 8, 2, 128, len(lens_q)
+    torch.manual_seed(page_size + causal)
+    q = torch.randn(sum(lens_q), heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(sum(lens_k), heads_k, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    pages_per_seq = -(-max(lens_k) // page_size)
+    table = torch.randperm(batch * pages_per_seq + 3, device="cuda")[:batch * pages_per_seq].view(batch, -1)
+    k_pool, v_pool = (torch.randn(batch * pages_per_seq + 3, page_size, heads_k, head_dim, device="cuda",
+                                  dtype=torch.bfloat16) for _ in range(2))
+    start = 0
+    for b, n in enumerate(lens_k):
+        rows = torch.arange(n, device="cuda")
+        pages, offsets = table[b, rows // page_size], rows % page_size
+        k_pool[pages, offsets], v_pool[pages, offsets] = k[start:start + n], v[start:start + n]
+        start += n
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    kwargs = {"plain": {}, "window": dict(window_size=(40, 0 if causal else 7)), "softcap": dict(softcap=20.0),
+              "alibi": dict(alibi_slopes=torch.rand(heads, device="cuda"))}[feature]
+    with torch.no_grad():
+        expected = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                          return_attn_probs=True, **kwargs)
+        poison_allocator()
+        got = flash_attn_varlen_func(q, k_pool, v_pool, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                     return_attn_probs=True, block_table=table.to(torch.int32), **kwargs)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-4)

@@ -12,18 +12,25 @@ struct SeqInfo {
   int64_t first_q, first_k;  // varlen: first token of the sequence; batched: 0 (KV cache: leftpad)
   int batch, batch_k;        // batched: the q and the k/v batch row
   int batch_out;             // batched: the out / lse batch row (b; differs from batch under split-KV)
-  bool varlen;
+  bool varlen;               // q, out and lse packed (cu_seqlens_q)
+  bool varlen_k;             // k and v packed (cu_seqlens_k); with varlen q but not k: a paged prefill
 
   __device__ __forceinline__ SeqInfo(const FwdParams& p, int b) : batch(b), batch_k(b), batch_out(b) {
     varlen = p.cu_seqlens_q != nullptr;
+    varlen_k = p.cu_seqlens_k != nullptr;
     if (varlen) {
       // Offsets clamped into their tensors (they are not checked on the host by default).
       const int end_q = min(max(p.cu_seqlens_q[b + 1], 0), p.rows_q);
-      const int end_k = min(max(p.cu_seqlens_k[b + 1], 0), p.rows_k);
       first_q = min(max(p.cu_seqlens_q[b], 0), end_q);
-      first_k = min(max(p.cu_seqlens_k[b], 0), end_k);
       len_q = end_q - static_cast<int>(first_q);
-      len_k = end_k - static_cast<int>(first_k);
+      if (varlen_k) {
+        const int end_k = min(max(p.cu_seqlens_k[b + 1], 0), p.rows_k);
+        first_k = min(max(p.cu_seqlens_k[b], 0), end_k);
+        len_k = end_k - static_cast<int>(first_k);
+      } else {  // k and v batched (paged or gathered pages): sequence b's first seqused_k[b] keys
+        first_k = 0;
+        len_k = min(max(p.seqused_k[b], 0), p.seqlen_k);
+      }
     } else {
       const int splits = max(p.kv_splits, 1), split = b % splits;
       batch = batch_k = b / splits;
@@ -54,7 +61,7 @@ struct SeqInfo {
     return varlen ? first_q * row_stride : batch_out * batch_stride;
   }
   __device__ __forceinline__ int64_t k_offset(int64_t batch_stride, int64_t row_stride) const {
-    return varlen ? first_k * row_stride : batch_k * batch_stride + first_k * row_stride;
+    return varlen_k ? first_k * row_stride : batch_k * batch_stride + first_k * row_stride;
   }
   // Offset of row 0 in the lse-shaped tensors: (batch, heads, seqlen_q) or (heads, total_q).
   __device__ __forceinline__ int64_t lse_offset(const FwdParams& p, int head) const {

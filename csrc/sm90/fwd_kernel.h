@@ -116,7 +116,7 @@ struct FwdBlock {
   __device__ __forceinline__ int q_row(int row) const { return static_cast<int>(seq.first_q) + row; }
   __device__ __forceinline__ int k_row(int row) const { return static_cast<int>(seq.first_k) + row; }
   __device__ __forceinline__ int batch_coord() const { return seq.varlen ? 0 : seq.batch; }
-  __device__ __forceinline__ int kv_batch_coord() const { return seq.varlen ? 0 : seq.batch_k; }
+  __device__ __forceinline__ int kv_batch_coord() const { return seq.varlen_k ? 0 : seq.batch_k; }
 };
 
 // A paged cache's key block from sequence row `row` is loaded as boxes of paged_box_rows() rows

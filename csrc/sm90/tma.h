@@ -59,8 +59,8 @@ cudaError_t make_tensor_map(CUtensorMap* map, const void* data, int head_dim, in
 // over (dim, page rows, heads, pages) with boxes of paged_box_rows() rows).
 template <typename Element>
 cudaError_t make_qkv_maps(const FwdParams& p, int box_m, int box_n, CUtensorMap* q, CUtensorMap* k, CUtensorMap* v) {
-  const bool varlen = p.cu_seqlens_q != nullptr;  // varlen: (total, heads, dim)
-  const int batch = varlen ? 1 : p.batch, batch_k = varlen ? 1 : p.batch_k;
+  // varlen: (total, heads, dim); a paged prefill has varlen q and batched (paged) k, v
+  const int batch = p.cu_seqlens_q != nullptr ? 1 : p.batch, batch_k = p.cu_seqlens_k != nullptr ? 1 : p.batch_k;
   if (p.block_table != nullptr) box_n = paged_box_rows(p);
   cudaError_t err = make_tensor_map<Element>(q, p.q, p.head_dim, p.rows_q, p.heads, batch, p.q_row_stride,
                                              p.q_head_stride, p.q_batch_stride, box_m);
