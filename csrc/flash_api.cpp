@@ -21,7 +21,7 @@
 namespace fat {
 namespace {
 
-constexpr int kSupportedHeadDims[] = {64, 128};
+constexpr int kSupportedHeadDims[] = {64, 128, 256};
 
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "flash_attn_t: launching the ", what, " kernel failed: ",
@@ -47,7 +47,7 @@ void check_q(const at::Tensor& q, int64_t rank) {
   const int64_t d = q.size(-1);
   bool ok = false;
   for (int s : kSupportedHeadDims) ok = ok || d == s;
-  TORCH_CHECK(ok, "flash_attn_t: head dim ", d, " is not supported (supported: 64, 128)");
+  TORCH_CHECK(ok, "flash_attn_t: head dim ", d, " is not supported (supported: 64, 128, 256)");
 }
 
 // cp.async moves 16-byte chunks: the base and every stride but the last must be multiples of
@@ -115,6 +115,7 @@ cudaError_t dispatch(at::ScalarType dtype, int head_dim, F&& f) {
     switch (head_dim) {
       case 64: return f(element, std::integral_constant<int, 64>{});
       case 128: return f(element, std::integral_constant<int, 128>{});
+      case 256: return f(element, std::integral_constant<int, 256>{});
     }
     TORCH_CHECK(false, "flash_attn_t: head dim ", head_dim, " is not supported");
   };
@@ -138,7 +139,9 @@ bool sm90_kernels_available() {
 #endif
 }
 
-bool use_sm90_kernels(const FwdParams& p) { return p.rows_q > 0 && p.rows_k > 0 && sm90_kernels_available(); }
+bool use_sm90_kernels(const FwdParams& p) {
+  return p.rows_q > 0 && p.rows_k > 0 && has_sm90_kernels(p.head_dim) && sm90_kernels_available();
+}
 
 // The attention variant an op asks for: causal, and flash_attn's window_size (left, right).
 struct Variant {
@@ -217,7 +220,9 @@ void launch_fwd(FwdParams& p, const at::Tensor& q, const Variant& variant) {
                         [&](auto element, auto dim) {
                           using Element = decltype(element);
                           constexpr int kDim = decltype(dim)::value;
-                          return sm90 ? run_fwd_sm90<Element, kDim>(p, stream) : run_fwd_sm80<Element, kDim>(p, stream);
+                          if constexpr (has_sm90_kernels(kDim))
+                            if (sm90) return run_fwd_sm90<Element, kDim>(p, stream);
+                          return run_fwd_sm80<Element, kDim>(p, stream);
                         }),
                "forward");
 }
@@ -295,9 +300,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
     TORCH_CHECK(!kv_batch_idx.has_value() && !leftpad_k.has_value(),
                 "flash_attn_t: block_table takes no kv_batch_idx or leftpad_k");
   }
-  // The sm80 kernels and the sm90 ones with softcap or ALiBi read contiguous caches: the pages
-  // gathered (a copy).
-  const bool gather = paged && (!sm90_kernels_available() || softcap > 0 || alibi_slopes.has_value());
+  // The sm80 kernels (and hd256) and the sm90 ones with softcap or ALiBi read contiguous caches:
+  // the pages gathered (a copy).
+  const bool gather = paged && (!has_sm90_kernels(static_cast<int>(q.size(-1))) || !sm90_kernels_available() ||
+                                softcap > 0 || alibi_slopes.has_value());
   auto gathered = [&](const at::Tensor& pool) {
     return pool.index({block_table->clamp(0, pool.size(0) - 1).to(at::kLong)}).flatten(1, 2);
   };
@@ -423,8 +429,9 @@ std::tuple<at::Tensor, at::Tensor> launch_bwd(BwdParams& p, const at::Tensor& q,
                           [&](auto element, auto dim) {
                             using Element = decltype(element);
                             constexpr int kDim = decltype(dim)::value;
-                            return sm90 ? run_bwd_sm90<Element, kDim>(p, stream)
-                                        : run_bwd_sm80<Element, kDim>(p, stream);
+                            if constexpr (has_sm90_kernels(kDim))
+                              if (sm90) return run_bwd_sm90<Element, kDim>(p, stream);
+                            return run_bwd_sm80<Element, kDim>(p, stream);
                           }),
                  "backward");
   }
