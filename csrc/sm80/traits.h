@@ -43,10 +43,11 @@ template <typename Element, bool TensorRowSum>
 struct FwdConfig<Element, 128, TensorRowSum> {
   using Traits = FwdTraits<Element, 128, 128, 64, 4, true, TensorRowSum>;
 };
-// hd256: 8 warps of 16 rows (an O row block of 16 x 256 is 128 fp32 registers per thread).
+// hd256: 8 warps of 16 rows (an O row block of 16 x 256 is 128 fp32 registers per thread). No
+// prefetch: with it ptxas kept the fragment buffers in local memory (a 160-byte stack frame).
 template <typename Element, bool TensorRowSum>
 struct FwdConfig<Element, 256, TensorRowSum> {
-  using Traits = FwdTraits<Element, 256, 128, 64, 8, true, TensorRowSum>;
+  using Traits = FwdTraits<Element, 256, 128, 64, 8, false, TensorRowSum>;
 };
 
 // Backward: a CTA owns BlockN keys (K, V and the dK, dV accumulators stay put) and walks the
