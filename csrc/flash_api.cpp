@@ -21,7 +21,7 @@
 namespace fat {
 namespace {
 
-constexpr int kSupportedHeadDims[] = {64, 128};
+constexpr int kSupportedHeadDims[] = {64, 128, 256};
 
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "flash_attn_t: launching the ", what, " kernel failed: ",
@@ -47,7 +47,7 @@ void check_q(const at::Tensor& q, int64_t rank) {
   const int64_t d = q.size(-1);
   bool ok = false;
   for (int s : kSupportedHeadDims) ok = ok || d == s;
-  TORCH_CHECK(ok, "flash_attn_t: head dim ", d, " is not supported (supported: 64, 128)");
+  TORCH_CHECK(ok, "flash_attn_t: head dim ", d, " is not supported (supported: 64, 128, 256)");
 }
 
 // cp.async moves 16-byte chunks: the base and every stride but the last must be multiples of
@@ -120,6 +120,7 @@ cudaError_t dispatch(at::ScalarType dtype, int head_dim, F&& f) {
     switch (head_dim) {
       case 64: return f(element, std::integral_constant<int, 64>{});
       case 128: return f(element, std::integral_constant<int, 128>{});
+      case 256: return f(element, std::integral_constant<int, 256>{});
     }
     TORCH_CHECK(false, "flash_attn_t: head dim ", head_dim, " is not supported");
   };
@@ -143,7 +144,9 @@ bool sm90_kernels_available() {
 #endif
 }
 
-bool use_sm90_kernels(const FwdParams& p) { return p.rows_q > 0 && p.rows_k > 0 && sm90_kernels_available(); }
+bool use_sm90_kernels(const FwdParams& p) {
+  return p.rows_q > 0 && p.rows_k > 0 && has_sm90_kernels(p.head_dim) && sm90_kernels_available();
+}
 
 // The attention variant an op asks for: causal, and flash_attn's window_size (left, right).
 struct Variant {
@@ -222,7 +225,9 @@ void launch_fwd(FwdParams& p, const at::Tensor& q, const Variant& variant) {
                         [&](auto element, auto dim) {
                           using Element = decltype(element);
                           constexpr int kDim = decltype(dim)::value;
-                          return sm90 ? run_fwd_sm90<Element, kDim>(p, stream) : run_fwd_sm80<Element, kDim>(p, stream);
+                          if constexpr (has_sm90_kernels(kDim))
+                            if (sm90) return run_fwd_sm90<Element, kDim>(p, stream);
+                          return run_fwd_sm80<Element, kDim>(p, stream);
                         }),
                "forward");
 }
@@ -284,8 +289,8 @@ void check_paged_kv(const at::Tensor& block_table, const at::Tensor& k, const at
 
 // Whether the kernels for this call read a paged K/V in place: the sm90 ones without softcap or
 // ALiBi. The others get the pages gathered into a contiguous copy (gathered_pages).
-bool reads_pages_in_place(double softcap, const std::optional<at::Tensor>& alibi_slopes) {
-  return sm90_kernels_available() && softcap <= 0 && !alibi_slopes.has_value();
+bool reads_pages_in_place(int head_dim, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  return sm90_kernels_available() && has_sm90_kernels(head_dim) && softcap <= 0 && !alibi_slopes.has_value();
 }
 
 // The pool's pages as (batch, max_pages x page_size, heads_k, dim), table entries clamped.
@@ -326,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
     TORCH_CHECK(!kv_batch_idx.has_value() && !leftpad_k.has_value(),
                 "flash_attn_t: block_table takes no kv_batch_idx or leftpad_k");
   }
-  const bool gather = paged && !reads_pages_in_place(softcap, alibi_slopes);
+  const bool gather = paged && !reads_pages_in_place(static_cast<int>(q.size(-1)), softcap, alibi_slopes);
   const at::Tensor k_cache = gather ? gathered_pages(k_cache_, *block_table) : k_cache_;
   const at::Tensor v_cache = gather ? gathered_pages(v_cache_, *block_table) : v_cache_;
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "flash_attn_t: k_cache and v_cache must have the same shape");
@@ -378,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q_, const at::Te
   TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel(),
               "flash_attn_t: cu_seqlens_q and cu_seqlens_k must have the same length");
   const c10::cuda::CUDAGuard guard(q_.device());
-  const bool gather = paged && !reads_pages_in_place(softcap, alibi_slopes);
+  const bool gather = paged && !reads_pages_in_place(static_cast<int>(q_.size(-1)), softcap, alibi_slopes);
   const at::Tensor q = aligned(q_);
   const at::Tensor k = aligned(gather ? gathered_pages(k_, *block_table) : k_);
   const at::Tensor v = aligned(gather ? gathered_pages(v_, *block_table) : v_);
@@ -466,8 +471,9 @@ std::tuple<at::Tensor, at::Tensor> launch_bwd(BwdParams& p, const at::Tensor& q,
                           [&](auto element, auto dim) {
                             using Element = decltype(element);
                             constexpr int kDim = decltype(dim)::value;
-                            return sm90 ? run_bwd_sm90<Element, kDim>(p, stream)
-                                        : run_bwd_sm80<Element, kDim>(p, stream);
+                            if constexpr (has_sm90_kernels(kDim))
+                              if (sm90) return run_bwd_sm90<Element, kDim>(p, stream);
+                            return run_bwd_sm80<Element, kDim>(p, stream);
                           }),
                  "backward");
   }

@@ -37,7 +37,11 @@ cudaError_t run_bwd_dq_convert(const BwdParams& params, void* dq, int64_t batch_
 template <typename Element, int HeadDim>
 cudaError_t run_merge_splits(const MergeParams& params, cudaStream_t stream);
 
-// Key block of the backward kernels (flash_api sizes the deterministic dq_accum splits by it).
+// Key block of the backward kernels (flash_api sizes the deterministic dq_accum splits by it; the
+// hd256 sm80 kernel's key block of 64 divides it).
 constexpr int kBwdBlockN = 128;
+
+// The head dims with sm90 kernels (csrc/generate_instantiations.py); hd256 runs the sm80 ones.
+constexpr bool has_sm90_kernels(int head_dim) { return head_dim <= 128; }
 
 }  // namespace fat

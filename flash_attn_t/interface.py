@@ -16,8 +16,9 @@ from . import decode, ops, sinks
 from .rotary import apply_rotary
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-KERNEL_HEAD_DIMS = (64, 128)  # the head dims the kernels are compiled for
-# Every head dim from 1 to 128 is accepted: the others run zero-padded to the next kernel head
+# The head dims the kernels are compiled for (256: the sm80 kernels, on Hopper too).
+KERNEL_HEAD_DIMS = (64, 128, 256)
+# Every head dim from 1 to 256 is accepted: the others run zero-padded to the next kernel head
 # dim (zeros add nothing to q.k, and the padded output columns are sliced off; the default
 # softmax scale stays 1 / sqrt of the given head dim).
 SUPPORTED_HEAD_DIMS = tuple(range(1, KERNEL_HEAD_DIMS[-1] + 1))

@@ -169,10 +169,11 @@ def test_sliding_window_deterministic_is_bitwise_repeatable(causal):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("head_dim", [1, 8, 32, 59, 80, 96, 111, 120])
+@pytest.mark.parametrize("head_dim", [1, 8, 32, 59, 80, 96, 111, 120, 160, 192, 224, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_head_dims_run_zero_padded(head_dim, causal):
-    # no kernel for these: q, k, v are zero-padded to 64 / 128 and the output sliced back
+    # no kernel for most of these: q, k, v are zero-padded to 64 / 128 / 256 and the output sliced
+    # back; 256 has its own (sm80) kernels
     q, k, v, dout = make_inputs(2, 150, 170, 4, 2, head_dim, torch.bfloat16, seed=head_dim)
     check_against_reference(q, k, v, dout, causal)
     out = flash_attn_func(q, k, v, causal=causal)

@@ -54,7 +54,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [64, 128, 80, 111])  # 80 and 111 run zero-padded to 128
+@pytest.mark.parametrize("head_dim", [64, 128, 80, 111, 256])  # 80 and 111 run zero-padded to 128
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("seqlen_q,seqlen_new,feature", CASES)
 def test_kvcache_against_reference(dtype, head_dim, causal, seqlen_q, seqlen_new, feature):

@@ -163,7 +163,7 @@ def test_fallback_gradients_with_gradient_checkpointing_match_eager():
     (dict(dropout=0.1), "dropout"),
     (dict(output_attentions=True), "output_attentions"),
     (dict(attention_mask=torch.zeros(1, 1, 16, 16)), "4-d attention mask"),
-    (dict(head_dim=136), "head dim 136"),
+    (dict(head_dim=264), "head dim 264"),
     (dict(dtype=torch.float32), "float32"),
     (dict(), "cpu"),
 ])

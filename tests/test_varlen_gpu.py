@@ -14,7 +14,7 @@ def cu_seqlens(lengths):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [64, 59, 96, 128])  # 59 and 96 run zero-padded to 64 / 128
+@pytest.mark.parametrize("head_dim", [64, 59, 96, 128, 256])  # 59 and 96 run zero-padded to 64 / 128
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("heads,heads_k", [(4, 4), (6, 2)])

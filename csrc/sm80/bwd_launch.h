@@ -51,7 +51,9 @@ cudaError_t run_bwd_dq_convert(const BwdParams& p, void* dq, int64_t batch_strid
 template <typename Element, int HeadDim>
 cudaError_t run_bwd_sm80(const BwdParams& p, cudaStream_t stream) {
   using Traits = typename sm80::BwdConfig<Element, HeadDim>::Traits;
-  static_assert(Traits::kBlockN == kBwdBlockN, "flash_api sizes dq_accum splits with kBwdBlockN");
+  // flash_api sizes the deterministic splits by kBwdBlockN keys: never more splits than this
+  // kernel's key blocks when those are no longer.
+  static_assert(kBwdBlockN % Traits::kBlockN == 0, "flash_api sizes dq_accum splits with kBwdBlockN");
   return variant_switch(p, [&](auto variant) { return sm80::launch_bwd<Traits, typename decltype(variant)::type>(p, stream); });
 }
 

@@ -43,6 +43,12 @@ template <typename Element, bool TensorRowSum>
 struct FwdConfig<Element, 128, TensorRowSum> {
   using Traits = FwdTraits<Element, 128, 128, 64, 4, true, TensorRowSum>;
 };
+// hd256: 8 warps of 16 rows (an O row block of 16 x 256 is 128 fp32 registers per thread). No
+// prefetch: with it ptxas kept the fragment buffers in local memory (a 160-byte stack frame).
+template <typename Element, bool TensorRowSum>
+struct FwdConfig<Element, 256, TensorRowSum> {
+  using Traits = FwdTraits<Element, 256, 128, 64, 8, false, TensorRowSum>;
+};
 
 // Backward: a CTA owns BlockN keys (K, V and the dK, dV accumulators stay put) and walks the
 // query rows BlockM at a time, Q and dO double-buffered. Three warp layouts, one per GEMM shape:
@@ -51,12 +57,13 @@ struct FwdConfig<Element, 128, TensorRowSum> {
 //   dQ += dS K:                DqWarpsM x DqWarpsD warps over (BlockM rows, HeadDim)
 // P and dS go through shared memory between the first and the other two. Square-ish warp tiles
 // keep the ldmatrix count per MMA low: shared-memory bandwidth, not MMA issue, bounds this kernel.
-template <typename Element_, int HeadDim_, int BlockM_, int SdpWarpsM_, int KvWarpsN_, int DqWarpsM_>
+template <typename Element_, int HeadDim_, int BlockM_, int SdpWarpsM_, int KvWarpsN_, int DqWarpsM_,
+          int BlockN_ = 128>
 struct BwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = HeadDim_;
   static constexpr int kBlockM = BlockM_;
-  static constexpr int kBlockN = 128;
+  static constexpr int kBlockN = BlockN_;
   static constexpr int kWarps = 8;
   static constexpr int kThreads = kWarps * 32;
 
@@ -89,6 +96,12 @@ struct BwdConfig<Element, 64> {
 template <typename Element>
 struct BwdConfig<Element, 128> {
   using Traits = BwdTraits<Element, 128, 64, 2, 4, 2>;
+};
+// hd256: 64 keys and 32 query rows per step, so that K, V, two stages of Q and dO and the sm90
+// build's fp32 dQ staging fit in shared memory (168 KB).
+template <typename Element>
+struct BwdConfig<Element, 256> {
+  using Traits = BwdTraits<Element, 256, 32, 2, 4, 2, 64>;
 };
 
 }  // namespace fat::sm80
