@@ -35,3 +35,26 @@ def test_keep_mask_statistics_and_reproducibility():
 
 def test_keep_threshold_bounds():
     assert keep_threshold(1.0) == 65536 and keep_threshold(0.0) == 0 and keep_threshold(0.9) == 58982
+
+
+def test_reference_dropout_zeroes_and_rescales_the_normalised_probabilities():
+    """The reference's dropout: all kept at p = 0 is plain attention; otherwise out is
+    (keep * softmax / (1 - p)) v with the same lse, batched and varlen alike."""
+    from flash_attn_t.reference import attention_reference
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 3, 8, dtype=torch.float64) for _ in range(3))
+    plain_out, plain_lse = attention_reference(q, k, v, causal=True)
+    all_kept = torch.ones(2, 3, 5, 5, dtype=torch.bool)
+    out, lse = attention_reference(q, k, v, causal=True, dropout_p=0.0, dropout_keep=all_kept)
+    assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
+    keep = dropout_keep_mask(seed=7, offset=0, batch=2, nheads=3, seqlen_q=5, seqlen_k=5, p_dropout=0.3)
+    out, lse = attention_reference(q, k, v, causal=True, dropout_p=0.3, dropout_keep=keep)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / 8 ** 0.5
+    scores = scores.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1) * keep / 0.7
+    torch.testing.assert_close(out, torch.einsum("bhqk,bkhd->bqhd", probs, v))
+    assert torch.equal(lse, plain_lse)
+    cu = torch.tensor([0, 5, 10], dtype=torch.int32)
+    varlen_out, _ = attention_reference(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), causal=True,
+                                        cu_seqlens_q=cu, cu_seqlens_k=cu, dropout_p=0.3, dropout_keep=keep)
+    torch.testing.assert_close(varlen_out, out.flatten(0, 1))
