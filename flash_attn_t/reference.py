@@ -40,8 +40,9 @@ def alibi_bias(slopes, seqlen_q, seqlen_k, causal):
 
 
 def _attention_bhsd(q, k, v, softmax_scale, causal, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                    sinks=None):
-    """q: (b, h, sq, d); k, v: (b, h_k, sk, d), already in the compute dtype. Returns out, lse (b, h, sq)."""
+                    sinks=None, dropout_p=0.0, dropout_keep=None):
+    """q: (b, h, sq, d); k, v: (b, h_k, sk, d), already in the compute dtype; dropout_keep: bool
+    (b, h, sq, sk) or None. Returns out, lse (b, h, sq)."""
     heads, heads_k = q.shape[1], k.shape[1]
     if heads != heads_k:
         k = k.repeat_interleave(heads // heads_k, dim=1)
@@ -67,6 +68,8 @@ def _attention_bhsd(q, k, v, softmax_scale, causal, window_size=(-1, -1), softca
         sink = sinks.to(scores.dtype)[None, :, None, None].expand_as(lse)
         lse = torch.where(has_key, torch.logaddexp(lse, sink), sink)
     probs = torch.where(visible & has_key, torch.exp(scores - lse), zero)
+    if dropout_keep is not None:  # flash_attn's dropout: on the normalised probabilities, lse unchanged
+        probs = torch.where(dropout_keep, probs / (1.0 - dropout_p), zero)
     out = torch.matmul(probs, v)
     if sinks is None:
         lse = torch.where(has_key, lse, float("inf"))
@@ -74,21 +77,25 @@ def _attention_bhsd(q, k, v, softmax_scale, causal, window_size=(-1, -1), softca
 
 
 def attention_reference(q, k, v, softmax_scale=None, causal=False, compute_dtype=torch.float64, cu_seqlens_q=None,
-                        cu_seqlens_k=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None):
+                        cu_seqlens_k=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None,
+                        dropout_p=0.0, dropout_keep=None):
     """Returns (out, lse) computed in compute_dtype (the caller casts): out shaped like q; lse
     (batch, heads, seqlen_q), or (heads, total_q) for varlen input (cu_seqlens_q and cu_seqlens_k
     given). The attention variants follow flash_attn: window_size (left, right) (see
     visible_keys), softcap (scores -> softcap * tanh(scores / softcap), after the scale),
     alibi_slopes (heads,) or (batch, heads) (see alibi_bias), and sinks (heads,): a logit per head
     that joins the softmax normaliser and carries no value (a row then has lse >= its sink and
-    never +inf). Differentiable in q, k, v and sinks."""
+    never +inf); dropout_keep, a bool (batch, heads, seqlen_q, seqlen_k) mask (varlen: sequence i
+    uses its [i, :, :len_q, :len_k] corner; flash_attn_t.philox.dropout_keep_mask gives the
+    kernels' one) with dropout_p: dropped probabilities are zeroed and kept ones divided by
+    1 - dropout_p, after the normalisation (lse unchanged). Differentiable in q, k, v and sinks."""
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     q, k, v = (t.to(compute_dtype) for t in (q, k, v))
-    variant = dict(window_size=tuple(window_size), softcap=softcap, sinks=sinks)
+    variant = dict(window_size=tuple(window_size), softcap=softcap, sinks=sinks, dropout_p=dropout_p)
     if cu_seqlens_q is None:
         out, lse = _attention_bhsd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale, causal,
-                                   alibi_slopes=alibi_slopes, **variant)
+                                   alibi_slopes=alibi_slopes, dropout_keep=dropout_keep, **variant)
         return out.transpose(1, 2), lse
     starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs, lses = [q[:0]], [q.new_empty(q.shape[1], 0)]  # so that an empty batch concatenates too
@@ -97,7 +104,9 @@ def attention_reference(q, k, v, softmax_scale=None, causal=False, compute_dtype
         ki = k[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
         vi = v[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
         slopes = None if alibi_slopes is None else alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[i]
-        out, lse = _attention_bhsd(qi, ki, vi, softmax_scale, causal, alibi_slopes=slopes, **variant)
+        keep = None if dropout_keep is None else dropout_keep[i:i + 1, :, :qi.shape[2], :ki.shape[2]]
+        out, lse = _attention_bhsd(qi, ki, vi, softmax_scale, causal, alibi_slopes=slopes, dropout_keep=keep,
+                                   **variant)
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
     return torch.cat(outs, dim=0), torch.cat(lses, dim=1)
