@@ -2,7 +2,7 @@
 plain, causal, sliding window with and without causal; softcap; ALiBi; a learnable sink; GQA,
 ragged lengths, varlen, deterministic),
 a KV-cache step (append, cache_batch_idx, cache_leftpad, one index value out of range), a
-split-KV decode step and a paged one, sized for compute-sanitizer."""
+split-KV decode step and a paged one; head dim 256 fixed and varlen; sized for compute-sanitizer."""
 import torch
 
 from flash_attn_t import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
@@ -50,5 +50,14 @@ for dtype in (torch.bfloat16, torch.float16):
             with torch.no_grad():  # a paged prefill: varlen q against 0 and 140 keys in pages
                 flash_attn_varlen_func(qv.detach(), *pages, cu_q[1:], cu_k[1:] - 5, 70, 140,
                                        causal=causal, window_size=window, block_table=table)
+for causal in (False, True):  # head dim 256 (its own kernels), fixed and varlen, GQA
+    q = torch.randn(2, 77, 4, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 131, 2, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    flash_attn_func(q, k, v, causal=causal, deterministic=causal).sum().backward()
+    qv = q.detach()[0, :71].clone().requires_grad_()
+    kv, vv = (t.detach().flatten(0, 1)[:145].clone().requires_grad_() for t in (k, v))
+    flash_attn_varlen_func(qv, kv, vv, torch.tensor([0, 0, 1, 71], device="cuda", dtype=torch.int32),
+                           torch.tensor([0, 5, 5, 145], device="cuda", dtype=torch.int32), 70, 140,
+                           causal=causal).sum().backward()
 torch.cuda.synchronize()
 print("sanitizer case done")
