@@ -1,5 +1,6 @@
 """Greedy generation with one small Llama-style model under transformers' eager and SDPA attention
-and flash-attn-t: prefill time, decode tokens/s and latency per token (DynamicCache).
+and flash-attn-t: prefill time, decode tokens/s and latency per token, with transformers'
+DynamicCache, a StaticCache run eagerly, and a StaticCache with the forward compiled (--caches).
 
 One seeded random model (transformers' LlamaConfig + LlamaForCausalLM, nothing downloaded, bf16)
 whose state dict is loaded into a fresh model per backend; every backend generates
@@ -10,6 +11,7 @@ new token) and the whole generation; decode = whole - prefill. Also printed: the
 generated tokens equal to the first backend's (bf16 near-ties may differ).
 
     python benchmarks/generate_hf.py                        # 8 layers, batch 1 and 8, 2k prompt
+    python benchmarks/generate_hf.py --caches dynamic static static_compiled
     python benchmarks/generate_hf.py --device cpu --backends eager sdpa --layers 2 --hidden 64 \\
         --heads 4 --kv-heads 2 --head-dim 16 --prompt 32 --new-tokens 8 --batch 2 --reps 1
 """
@@ -23,6 +25,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from train_hf import BACKENDS, attn_implementation  # noqa: E402
+
+
+# generate's keyword arguments per cache: transformers compiles the forward by itself for a
+# StaticCache on a GPU (mode "reduce-overhead") unless told not to
+CACHES = {"dynamic": {}, "static": dict(cache_implementation="static", disable_compile=True),
+          "static_compiled": dict(cache_implementation="static")}
 
 
 def timed(fn, device, reps):
@@ -54,6 +62,7 @@ def main(argv=None):
     parser.add_argument("--prompt", type=int, default=2048)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--caches", nargs="+", default=["dynamic"], choices=CACHES)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -66,12 +75,13 @@ def main(argv=None):
     print(f"{args.layers} layers, hidden {args.hidden}, {args.heads} / {args.kv_heads} heads x {args.head_dim}, "
           f"prompt {args.prompt}, {args.new_tokens} new tokens, {args.device} {str(dtype).split('.')[-1]}")
     same_as = f"same as {args.backends[0]}"
-    print(f"{'batch':>5} {'backend':>13} {'prefill ms':>10} {'decode tok/s':>12} {'ms / step':>9} {same_as:>15}")
+    print(f"{'batch':>5} {'cache':>15} {'backend':>13} {'prefill ms':>10} {'decode tok/s':>12} {'ms / step':>9} {same_as:>15}")
     for batch in args.batch:
         prompt = torch.randint(0, args.vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
         prompt = prompt.to(device)
         reference = None
-        for backend in args.backends:
+        for cache, backend in ((c, b) for c in args.caches for b in args.backends):
+            torch._dynamo.reset()
             model = LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation(backend))
             model.load_state_dict(weights)
             model.to(device, dtype).eval()
@@ -79,7 +89,7 @@ def main(argv=None):
             def generate(new):
                 with torch.no_grad():
                     return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
-                                          min_new_tokens=new, do_sample=False, pad_token_id=0)
+                                          min_new_tokens=new, do_sample=False, pad_token_id=0, **CACHES[cache])
 
             prefill, _ = timed(lambda: generate(1), device, args.reps)
             whole, tokens = timed(lambda: generate(args.new_tokens), device, args.reps)
@@ -88,7 +98,7 @@ def main(argv=None):
             tokens = tokens[:, args.prompt:]
             reference = tokens if reference is None else reference
             same = (tokens == reference).float().mean().item()
-            print(f"{batch:>5} {backend:>13} {1e3 * prefill:>10.1f} {batch * steps / decode:>12.0f} "
+            print(f"{batch:>5} {cache:>15} {backend:>13} {1e3 * prefill:>10.1f} {batch * steps / decode:>12.0f} "
                   f"{1e3 * decode / steps:>9.2f} {100 * same:>14.0f}%")
             del model
     return 0

@@ -104,21 +104,31 @@ def test_packed_sequences_match_separate_ones(kernels_only):
         assert_within_bound(got, eager_separate, expected, what)
 
 
-@pytest.mark.parametrize("kind, config", [("llama", llama_config()), ("qwen2", qwen2_config())])
+# generate's cache: transformers' default DynamicCache (the keys grow each step), a StaticCache
+# (every slot handed over, the mask saying which are filled) run eagerly, and a StaticCache with the
+# forward compiled (transformers' auto-compile, mode "reduce-overhead")
+CACHES = {"dynamic": {}, "static": dict(cache_implementation="static", disable_compile=True),
+          "static_compiled": dict(cache_implementation="static")}
+GENERATION_CASES = [("llama", "dynamic"), ("qwen2", "dynamic"), ("llama", "static"), ("qwen2", "static"),
+                    ("llama", "static_compiled")]  # one compiled model: compiling costs ~30 s
+
+
+@pytest.mark.parametrize("kind, cache", GENERATION_CASES)
 @pytest.mark.parametrize("padded", [False, True])
-def test_greedy_generation_runs_on_the_kernels_within_the_bound_at_every_step(kernels_only, kind, config, padded):
-    """model.generate (DynamicCache: a prefill, then one-token steps against the cache) on the
-    kernels: at each of 64 steps our logits are within the bound of the fp32 eager model's on the
-    same tokens (teacher-forced: a bf16 near-tie may pick another token than eager would, so the
-    tokens themselves are compared only through the logits that chose them)."""
-    ref, eager, ours = models(kind, config)
+def test_greedy_generation_runs_on_the_kernels_within_the_bound_at_every_step(kernels_only, kind, cache, padded):
+    """model.generate (a prefill, then one-token steps against the cache) on the kernels: at each
+    of 64 steps our logits are within the bound of the fp32 eager model's on the same tokens
+    (teacher-forced: a bf16 near-tie may pick another token than eager would, so the tokens
+    themselves are compared only through the logits that chose them)."""
+    torch._dynamo.reset()
+    ref, eager, ours = models(kind, {"llama": llama_config, "qwen2": qwen2_config}[kind]())
     prompt_len, new = 20, 64
     ids = torch.randint(0, VOCAB, (2, prompt_len), device="cuda")
     mask = torch.ones_like(ids)
     if padded:
         mask[1, :7] = 0  # left padding, as batched generation uses
     out = ours.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                        return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+                        return_dict_in_generate=True, output_logits=True, pad_token_id=0, **CACHES[cache])
     assert out.sequences.shape == (2, prompt_len + new)
     steps = torch.stack(out.logits, dim=1)  # (batch, new, vocab)
     assert torch.equal(out.sequences[:, prompt_len:], steps.argmax(-1))

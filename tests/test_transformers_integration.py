@@ -260,6 +260,8 @@ def test_kernel_path_gemma2_softcap_is_exact(reference_kernels, monkeypatch):
     assert_logits_match(eager, ours, ids)
     assert_logits_match(eager, ours, ids, attention_mask=mask)
     assert seen and set(seen) == {gemma2_config().attn_logit_softcapping}
+
+
 def test_kernel_path_gpt_oss_sinks_are_exact(reference_kernels, monkeypatch):
     """gpt-oss's attention sinks (s_aux) reach the kernels as learnable_sink, with its alternating
     sliding-window layers: plain and left-padded batches against the model's eager attention, the
@@ -306,12 +308,29 @@ def test_kernel_path_padding_and_packing_are_exact(reference_kernels):
         torch.testing.assert_close(ours(packed_ids, **kwargs).logits, separate, rtol=1e-4, atol=1e-4)
 
 
-def test_kernel_path_generation_with_a_cache_matches_eager(reference_kernels):
+# generate's cache: DynamicCache, and a StaticCache (every slot reaches the attention function, the
+# 2-d mask only the filled ones)
+CACHES = {"dynamic": {}, "static": dict(cache_implementation="static", disable_compile=True)}
+
+
+@pytest.mark.parametrize("cache", list(CACHES))
+def test_kernel_path_generation_with_a_cache_matches_eager(reference_kernels, cache):
     eager, ours = pair("llama", llama_config())
     ids = torch.randint(0, VOCAB, (2, 9))
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :4] = 0  # left padding
-    generated = [model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False) for model in (eager, ours)]
+    generated = [model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **CACHES[cache])
+                 for model in (eager, ours)]
+    assert torch.equal(generated[0], generated[1])
+
+
+def test_fallback_generation_with_a_static_cache_matches_eager():
+    eager, ours = pair("llama", llama_config())
+    ids = torch.randint(0, VOCAB, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    generated = [model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **CACHES["static"])
+                 for model in (eager, ours)]
     assert torch.equal(generated[0], generated[1])
 
 
@@ -342,7 +361,9 @@ def test_generation_benchmark_runs_on_cpu():
     result = subprocess.run([sys.executable, script, "--device", "cpu", "--backends", "eager", "sdpa", "--layers", "1",
                              "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--intermediate",
                              "128", "--vocab", "128", "--prompt", "16", "--new-tokens", "4", "--batch", "2", "--reps",
-                             "1"], capture_output=True, text=True)
+                             "1", "--caches", "dynamic", "static"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["2"]]
-    assert [row[1] for row in rows] == ["eager", "sdpa"] and all(row[-1].endswith("%") for row in rows)
+    assert [row[1:3] for row in rows] == [["dynamic", "eager"], ["dynamic", "sdpa"], ["static", "eager"],
+                                          ["static", "sdpa"]]
+    assert all(row[-1].endswith("%") for row in rows)

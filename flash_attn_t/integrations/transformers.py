@@ -53,7 +53,9 @@ def _transformers():
 
 def padding_mask(*, kv_length, attention_mask=None, **kwargs):
     """The mask function registered with our name: the 2-d (batch, kv_len) boolean padding mask,
-    or None when nothing is padded (causality and windows are the attention function's job).
+    or None when nothing is padded (causality and windows are the attention function's job). With
+    a StaticCache the mask covers only the slots filled so far (fewer than kv_length): kept, so the
+    attention function knows where the keys end.
     Keyword arguments only: transformers releases pass different sets beside these two."""
     if attention_mask is None or attention_mask.dim() != 2:
         return attention_mask
@@ -210,6 +212,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         # fp32 weights under autocast: rotary embeddings leave q and k in fp32; the attention
         # matmuls would run in the autocast dtype anyway
         query, key, value = (t.to(torch.get_autocast_dtype("cuda")) for t in (query, key, value))
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] < key.shape[2]:
+        # a StaticCache hands over all its slots, the mask only the filled ones (the first
+        # attention_mask.shape[1]): the rest are not keys
+        key, value = key[:, :, :attention_mask.shape[1]], value[:, :, :attention_mask.shape[1]]
     reason = unsupported_reason(query, key, attention_mask, dropout, sliding_window, softcap, kwargs)
     if reason is not None:
         _warn_once(reason)
