@@ -4,10 +4,10 @@ round (median of the rounds' medians):
   window:  a causal sliding window (--window keys) on --window-seqlen tokens, TFLOP/s counted on
            the visited (query, key) pairs, against plain causal attention over the whole sequence.
            SDPA has no fused sliding-window kernel, so the reference is our own causal call.
-  softcap, alibi, sinks: softcap=30 (Gemma 2's value), ALiBi slopes and a learnable sink per
-           head, at --seqlen tokens, causal and not: their time against the plain kernel's (the
-           cost of the feature), with SDPA's cuDNN backend on the plain problem for scale (it has
-           none of them).
+  softcap, alibi, sinks, dropout: softcap=30 (Gemma 2's value), ALiBi slopes, a learnable sink
+           per head and dropout_p=0.1, at --seqlen tokens, causal and not: their time against the
+           plain kernel's (the cost of the feature), with SDPA's cuDNN backend on the plain problem
+           for scale (it has none of them).
 
     python benchmarks/benchmark_features.py [--seqlen 8192] [--window-seqlen 16384] [--window 4096]
 """
@@ -98,13 +98,15 @@ def cost_section(args, timer):
     q, k, v, dout = inputs(batch, n, heads, d)
     sink = torch.linspace(-1.0, 2.0, heads, device="cuda")
     slopes = 2.0 ** -torch.linspace(0.5, 8.0, heads, device="cuda")
-    print(f"\nsoftcap, alibi and sinks, {batch} x {n} tokens, {heads} heads x {d}, bf16; time against the plain kernel")
+    print(f"\nsoftcap, alibi, sinks and dropout, {batch} x {n} tokens, {heads} heads x {d}, bf16; "
+          "time against the plain kernel")
     print(f"{'case':>14} {'causal':>6} {'pass':>4} {'ms':>8} {'TFLOP/s':>8} {'cost':>7}")
     for causal in (False, True):
         cases = {"plain": ours(q, k, v, dout, causal=causal),
                  "softcap 30": ours(q, k, v, dout, causal=causal, softcap=30.0),
                  "alibi": ours(q, k, v, dout, causal=causal, alibi_slopes=slopes),
                  "sinks": ours(q, k, v, dout, causal=causal, sink=sink),
+                 "dropout 0.1": ours(q, k, v, dout, causal=causal, dropout_p=0.1),
                  "cuDNN plain": cudnn(q, k, v, dout, causal)}
         times = interleaved(cases, timer, args.rounds)
         for pass_name, factor in PASS_FLOP_FACTOR.items():

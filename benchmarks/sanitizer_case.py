@@ -2,7 +2,8 @@
 plain, causal, sliding window with and without causal; softcap; ALiBi; a learnable sink; GQA,
 ragged lengths, varlen, deterministic),
 a KV-cache step (append, cache_batch_idx, cache_leftpad, one index value out of range), a
-split-KV decode step and a paged one; head dim 256 fixed and varlen; sized for compute-sanitizer."""
+split-KV decode step and a paged one; head dim 256 fixed and varlen; dropout fixed and varlen;
+sized for compute-sanitizer."""
 import torch
 
 from flash_attn_t import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
@@ -58,6 +59,16 @@ for causal in (False, True):  # head dim 256 (its own kernels), fixed and varlen
     kv, vv = (t.detach().flatten(0, 1)[:145].clone().requires_grad_() for t in (k, v))
     flash_attn_varlen_func(qv, kv, vv, torch.tensor([0, 0, 1, 71], device="cuda", dtype=torch.int32),
                            torch.tensor([0, 5, 5, 145], device="cuda", dtype=torch.int32), 70, 140,
+                           causal=causal).sum().backward()
+for causal in (False, True):  # dropout (the sm80 kernels), fixed and varlen, head dims 64 and 256
+    for head_dim in (64, 256):
+        q = torch.randn(2, 77, 4, head_dim, device="cuda", dtype=torch.float16, requires_grad=True)
+        k, v = (torch.randn(2, 131, 2, head_dim, device="cuda", dtype=torch.float16, requires_grad=True)
+                for _ in range(2))
+        flash_attn_func(q, k, v, dropout_p=0.2, causal=causal).sum().backward()
+    qv, kv, vv = (t.detach().flatten(0, 1)[:n].clone().requires_grad_() for t, n in ((q, 71), (k, 145), (v, 145)))
+    flash_attn_varlen_func(qv, kv, vv, torch.tensor([0, 0, 1, 71], device="cuda", dtype=torch.int32),
+                           torch.tensor([0, 5, 5, 145], device="cuda", dtype=torch.int32), 70, 140, dropout_p=0.2,
                            causal=causal).sum().backward()
 torch.cuda.synchronize()
 print("sanitizer case done")

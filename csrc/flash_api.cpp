@@ -5,12 +5,14 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstdlib>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -144,8 +146,9 @@ bool sm90_kernels_available() {
 #endif
 }
 
+// (Dropout runs on the sm80 kernels: the sm90 ones do not implement it yet.)
 bool use_sm90_kernels(const FwdParams& p) {
-  return p.rows_q > 0 && p.rows_k > 0 && has_sm90_kernels(p.head_dim) && sm90_kernels_available();
+  return p.rows_q > 0 && p.rows_k > 0 && has_sm90_kernels(p.head_dim) && !p.dropout && sm90_kernels_available();
 }
 
 // The attention variant an op asks for: causal, and flash_attn's window_size (left, right).
@@ -154,7 +157,40 @@ struct Variant {
   int64_t window_left, window_right;
   double softcap;  // 0: none
   const std::optional<at::Tensor>& alibi_slopes;
+  double dropout_p = 0.0;
+  const int64_t* rng_state = nullptr;  // dropout's (seed, offset) on the device (draw_rng_state)
 };
+
+// rng_state: int64 (2,) on q's device, contiguous (the dropout ops' (seed, offset) tensor).
+void check_rng_state(const std::optional<at::Tensor>& rng_state, const at::Tensor& q) {
+  TORCH_CHECK(rng_state.has_value() && rng_state->is_cuda() && rng_state->device() == q.device() &&
+                  rng_state->scalar_type() == at::kLong && rng_state->numel() == 2 && rng_state->is_contiguous(),
+              "flash_attn_t: dropout_p > 0 needs rng_state, a contiguous int64 tensor of 2 elements on q's device");
+}
+
+// Dropout's random numbers for one forward call: the (seed, offset) of torch's CUDA generator for
+// q's device, which advances by one Philox draw per call (as torch's own fused attention does),
+// written into rng_state on the stream. Under CUDA-graph capture the generator hands out device
+// pointers that each replay refreshes, so the copies below are captured and every replay draws a
+// new mask; the kernels and the backward read rng_state, never host values.
+void draw_rng_state(at::Tensor& rng_state) {
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      std::nullopt, at::cuda::detail::getDefaultCUDAGenerator(rng_state.get_device()));
+  at::PhiloxCudaState philox;
+  {
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    philox = gen->philox_cuda_state(4);  // offsets in steps of 4: the generator's granularity
+  }
+  at::Tensor seed = rng_state.narrow(0, 0, 1), offset = rng_state.narrow(0, 1, 1);
+  if (philox.captured_) {
+    const at::TensorOptions options = rng_state.options();
+    seed.copy_(at::from_blob(philox.seed_.ptr, {1}, options));
+    offset.copy_(at::from_blob(philox.offset_.ptr, {1}, options) + static_cast<int64_t>(philox.offset_intragraph_));
+  } else {
+    seed.fill_(static_cast<int64_t>(philox.seed_.val));
+    offset.fill_(static_cast<int64_t>(philox.offset_.val));
+  }
+}
 
 // alibi_slopes: fp32 (heads,) or (batch, heads), contiguous, on the device of the launch (p.batch
 // and p.kv_splits set: the slopes' batch is the query batch).
@@ -197,6 +233,16 @@ void set_variant(FwdParams& p, const Variant& v) {
     p.scale_log2 = static_cast<float>(v.softcap * M_LOG2E);
   }
   set_alibi(p, v.alibi_slopes);
+  TORCH_CHECK(v.dropout_p >= 0 && v.dropout_p < 1, "flash_attn_t: dropout_p must be in [0, 1), got ", v.dropout_p);
+  p.dropout = v.dropout_p > 0;
+  if (p.dropout) {
+    TORCH_CHECK(!p.softcap && !p.alibi, "flash_attn_t: dropout_p > 0 with softcap or alibi_slopes is not implemented");
+    TORCH_CHECK(v.rng_state != nullptr, "flash_attn_t: dropout_p > 0 needs rng_state");
+    const double keep = 1.0 - v.dropout_p;  // kept below round(keep x 2^16) of 16-bit draws (common/philox.h)
+    p.dropout_threshold = static_cast<uint32_t>(std::min(65536.0, std::nearbyint(keep * 65536.0)));
+    p.dropout_scale = static_cast<float>(1.0 / keep);
+    p.rng_state = v.rng_state;
+  }
 }
 
 // learnable_sink: fp32 (heads,) on q's device (the Python layer converts), or none.
@@ -258,13 +304,26 @@ std::tuple<at::Tensor, at::Tensor> batched_fwd(const at::Tensor& q_, const at::T
   return {out, lse};
 }
 
+// A forward's dropout: with dropout_p > 0, rng_state checked and this call's (seed, offset) drawn
+// into it (the caller holds q's device guard); the pointer the kernels read, or null.
+const int64_t* forward_rng_state(double dropout_p, const std::optional<at::Tensor>& rng_state, const at::Tensor& q) {
+  if (dropout_p <= 0) return nullptr;
+  check_rng_state(rng_state, q);
+  at::Tensor state = *rng_state;
+  draw_rng_state(state);
+  return state.data_ptr<int64_t>();
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
                                        double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                                       const std::optional<at::Tensor>& learnable_sink) {
+                                       const std::optional<at::Tensor>& learnable_sink, double dropout_p,
+                                       const std::optional<at::Tensor>& rng_state) {
   check_qkv(q, k, v, 4);
-  return batched_fwd(q, k, v, softmax_scale, {causal, window_left, window_right, softcap, alibi_slopes}, learnable_sink,
-                     [](FwdParams&) {});
+  const c10::cuda::CUDAGuard guard(q.device());
+  const Variant variant{causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
+                        forward_rng_state(dropout_p, rng_state, q)};
+  return batched_fwd(q, k, v, softmax_scale, variant, learnable_sink, [](FwdParams&) {});
 }
 
 void check_batch_index(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& q) {
@@ -373,9 +432,11 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q_, const at::Te
                                               bool causal, int64_t window_left, int64_t window_right,
                                               double softcap, const std::optional<at::Tensor>& alibi_slopes,
                                               const std::optional<at::Tensor>& learnable_sink,
-                                              const std::optional<at::Tensor>& block_table) {
+                                              const std::optional<at::Tensor>& block_table, double dropout_p,
+                                              const std::optional<at::Tensor>& rng_state) {
   const bool paged = block_table.has_value();
   check_q(q_, 3);
+  TORCH_CHECK(!paged || dropout_p == 0, "flash_attn_t: dropout_p > 0 with block_table is not implemented");
   check_kv(q_, k_, v_, paged ? 4 : 3);  // a paged prefill's k, v: pools of pages, 4 dimensions
   if (paged) check_paged_kv(*block_table, k_, q_, cu_seqlens_q.numel() - 1);
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q_);
@@ -407,7 +468,9 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q_, const at::Te
     if (!gather) set_block_table(p, *block_table, static_cast<int>(k.size(1)));
   }
   set_sink(p, learnable_sink, q);
-  if (q.size(0) > 0) launch_fwd(p, q, {causal, window_left, window_right, softcap, alibi_slopes});
+  const Variant variant{causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
+                        forward_rng_state(dropout_p, rng_state, q)};
+  if (q.size(0) > 0) launch_fwd(p, q, variant);
   return {out, lse};
 }
 
@@ -486,6 +549,13 @@ std::tuple<at::Tensor, at::Tensor> launch_bwd(BwdParams& p, const at::Tensor& q,
   return {dq, dsum};
 }
 
+// A backward's dropout: the forward's rng_state, checked (dropout_p > 0), or null.
+const int64_t* backward_rng_state(double dropout_p, const std::optional<at::Tensor>& rng_state, const at::Tensor& q) {
+  if (dropout_p <= 0) return nullptr;
+  check_rng_state(rng_state, q);
+  return rng_state->data_ptr<int64_t>();
+}
+
 void check_bwd_extra(const at::Tensor& dout, const at::Tensor& out, const at::Tensor& q, const at::Tensor& lse,
                      at::IntArrayRef lse_shape) {
   check_tensor(dout, "dout", q.dim(), q);
@@ -523,10 +593,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor&
                                                    const at::Tensor& out, const at::Tensor& lse,
                                                    double softmax_scale, bool causal, bool deterministic,
                                                    int64_t window_left, int64_t window_right, double softcap,
-                                                   const std::optional<at::Tensor>& alibi_slopes) {
+                                                   const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                                                   const std::optional<at::Tensor>& rng_state) {
   check_qkv(q, k, v, 4);
   check_bwd_extra(dout, out, q, lse, {q.size(0), q.size(2), q.size(1)});
-  return backward(dout, q, k, v, out, lse, softmax_scale, {causal, window_left, window_right, softcap, alibi_slopes},
+  return backward(dout, q, k, v, out, lse, softmax_scale,
+                  {causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
+                   backward_rng_state(dropout_p, rng_state, q)},
                   deterministic,
                   [&](BwdParams& p) {
     p.batch = p.batch_k = static_cast<int>(q.size(0));
@@ -539,14 +612,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, double softmax_scale, bool causal, bool deterministic, int64_t window_left,
-    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    const std::optional<at::Tensor>& rng_state) {
   check_qkv(q, k, v, 3);
   check_bwd_extra(dout, out, q, lse, {q.size(1), q.size(0)});
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
   TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel(),
               "flash_attn_t: cu_seqlens_q and cu_seqlens_k must have the same length");
-  return backward(dout, q, k, v, out, lse, softmax_scale, {causal, window_left, window_right, softcap, alibi_slopes},
+  return backward(dout, q, k, v, out, lse, softmax_scale,
+                  {causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
+                   backward_rng_state(dropout_p, rng_state, q)},
                   deterministic, [&](BwdParams& p) {
     p.batch = static_cast<int>(cu_seqlens_q.numel() - 1);
     p.seqlen_q = static_cast<int>(max_seqlen_q);
@@ -593,14 +669,16 @@ std::tuple<at::Tensor, at::Tensor> merge_splits(const at::Tensor& out_partial, c
 }  // namespace fat
 
 TORCH_LIBRARY(flash_attn_t, m) {
-  // window_left / window_right: flash_attn's window_size, -1 for an unbounded edge.
+  // window_left / window_right: flash_attn's window_size, -1 for an unbounded edge. dropout_p > 0:
+  // fwd / varlen_fwd write the call's (seed, offset) into rng_state (int64 (2,)), which the
+  // backward takes back.
   m.def("fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, int window_left=-1, "
-        "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? learnable_sink=None) "
-        "-> (Tensor, Tensor)");
+        "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? learnable_sink=None, "
+        "float dropout_p=0.0, Tensor(a!)? rng_state=None) -> (Tensor, Tensor)");
   // bwd / varlen_bwd return (dq, dk, dv, dsum): dsum = rowsum(dout * out), laid out like lse.
   m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale, "
         "bool causal, bool deterministic, int window_left=-1, int window_right=-1, float softcap=0.0, "
-        "Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? alibi_slopes=None, float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqused_k, Tensor? kv_batch_idx, "
         "Tensor? leftpad_k, float softmax_scale, bool causal, int window_left=-1, int window_right=-1, "
         "float softcap=0.0, Tensor? alibi_slopes=None, int num_splits=1, Tensor? learnable_sink=None, "
@@ -608,11 +686,12 @@ TORCH_LIBRARY(flash_attn_t, m) {
   m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left=-1, "
         "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? learnable_sink=None, "
-        "Tensor? block_table=None) -> (Tensor, Tensor)");
+        "Tensor? block_table=None, float dropout_p=0.0, Tensor(a!)? rng_state=None) -> (Tensor, Tensor)");
   m.def("varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
         "float softmax_scale, bool causal, bool deterministic, int window_left=-1, int window_right=-1, "
-        "float softcap=0.0, Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor, Tensor)");
+        "float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0, Tensor? rng_state=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("merge_splits(Tensor out_partial, Tensor lse_partial, int num_splits, int group) -> (Tensor, Tensor)");
 }
 

@@ -100,7 +100,7 @@ def check_qkv(q, k, v, *, varlen):
 # argument checks below and the transformers integration's fallback decision both read. A feature
 # lands by adding its kernels and tests and turning its entry on.
 KERNEL_FEATURES = {
-    "dropout": False,     # dropout_p > 0
+    "dropout": True,      # dropout_p > 0
     "window": True,       # window_size != (-1, -1); transformers' sliding_window
     "softcap": True,      # softcap > 0
     "alibi": True,        # alibi_slopes
@@ -164,6 +164,20 @@ def check_alibi_slopes(alibi_slopes, q, batch, heads, softcap):
     if softcap:
         raise NotImplementedError("alibi_slopes together with softcap > 0 is not implemented (pass one of them)")
     return alibi_slopes.detach().contiguous()
+
+
+def check_dropout_p(dropout_p, softcap, alibi_slopes):
+    """dropout_p: the probability of zeroing each attention probability, in [0, 1) (kept ones are
+    scaled by 1 / (1 - dropout_p)). Returns a float. Not combined with softcap or alibi_slopes."""
+    try:
+        dropout_p = float(dropout_p)
+    except (TypeError, ValueError):
+        raise TypeError(f"dropout_p must be a number, got {dropout_p!r}") from None
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    if dropout_p and (softcap or alibi_slopes is not None):
+        raise NotImplementedError("dropout_p > 0 together with softcap or alibi_slopes is not implemented")
+    return dropout_p
 
 
 def check_learnable_sink(learnable_sink, q, heads):
@@ -420,62 +434,74 @@ def _kernel_sink(sink):
     return None if sink is None else sink.detach().to(torch.float32).contiguous()
 
 
-def _forward(q, k, v, softmax_scale, causal, variant, sink, alibi):
+def _rng_state(q, dropout_p):
+    """The int64 (2,) tensor into which a dropout forward writes its (seed, offset), for the
+    backward to draw the same mask; None without dropout."""
+    return torch.empty(2, dtype=torch.int64, device=q.device) if dropout_p else None
+
+
+def _forward(q, k, v, softmax_scale, causal, variant, sink, alibi, dropout_p=0.0, rng_state=None):
     """The forward kernels for batched q, k, v: split-KV with the query heads of a kv head packed
     into rows when the queries are few and the keys many (decode.plan; not with ALiBi, whose bias
-    follows each row's head and position), the plain kernel otherwise. Either way (out, lse),
-    which is all the backward needs. variant: (window_left, window_right, softcap), the ops'
-    trailing arguments. The plain kernel adds the sink in its epilogue; the split path adds it to
-    the merged rows."""
-    splits = decode.plan(q, k, causal, variant[:2]) if alibi is None else 0
+    follows each row's head and position, nor with dropout), the plain kernel otherwise. Either
+    way (out, lse), which is all the backward needs (with rng_state, for dropout). variant:
+    (window_left, window_right, softcap), the ops' trailing arguments. The plain kernel adds the
+    sink in its epilogue; the split path adds it to the merged rows."""
+    splits = decode.plan(q, k, causal, variant[:2]) if alibi is None and not dropout_p else 0
     if splits:
         seqused = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
         out, lse = decode.split_kv_attention(q, k, v, seqused, None, None, softmax_scale, splits, softcap=variant[2])
         return sinks.apply_sink(out, lse, sink) if sink is not None else (out, lse)
     return torch.ops.flash_attn_t.fwd(q, k, v, softmax_scale, causal, *variant, alibi_slopes=alibi,
-                                      learnable_sink=_kernel_sink(sink))
+                                      learnable_sink=_kernel_sink(sink), dropout_p=dropout_p, rng_state=rng_state)
 
 
 class FlashAttnFunc(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, causal, variant, deterministic, sink, alibi):
-        out, lse = _forward(q, k, v, softmax_scale, causal, variant, sink, alibi)
-        ctx.save_for_backward(q, k, v, out, lse, sink, alibi)
+    def forward(ctx, q, k, v, softmax_scale, causal, variant, deterministic, sink, alibi, dropout_p=0.0):
+        rng_state = _rng_state(q, dropout_p)
+        out, lse = _forward(q, k, v, softmax_scale, causal, variant, sink, alibi, dropout_p, rng_state)
+        ctx.save_for_backward(q, k, v, out, lse, sink, alibi, rng_state)
         ctx.softmax_scale, ctx.causal, ctx.variant, ctx.deterministic = softmax_scale, causal, variant, deterministic
+        ctx.dropout_p = dropout_p
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, sink, alibi = ctx.saved_tensors
+        q, k, v, out, lse, sink, alibi, rng_state = ctx.saved_tensors
         dq, dk, dv, dsum = torch.ops.flash_attn_t.bwd(_last_dim_contiguous(dout), q, k, v, out, lse,
                                                       ctx.softmax_scale, ctx.causal, ctx.deterministic, *ctx.variant,
-                                                      alibi_slopes=alibi)
+                                                      alibi_slopes=alibi, dropout_p=ctx.dropout_p, rng_state=rng_state)
         dsink = sinks.sink_grad(dsum, lse, sink) if sink is not None and ctx.needs_input_grad[7] else None
-        return dq, dk, dv, None, None, None, None, dsink, None
+        return dq, dk, dv, None, None, None, None, dsink, None, None
 
 
 class FlashAttnVarlenFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, variant,
-                deterministic, sink, alibi):
+                deterministic, sink, alibi, dropout_p=0.0):
+        rng_state = _rng_state(q, dropout_p)
         out, lse = torch.ops.flash_attn_t.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                      max_seqlen_k, softmax_scale, causal, *variant, alibi_slopes=alibi,
-                                                     learnable_sink=_kernel_sink(sink))
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sink, alibi)
+                                                     learnable_sink=_kernel_sink(sink), dropout_p=dropout_p,
+                                                     rng_state=rng_state)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sink, alibi, rng_state)
         ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
         ctx.softmax_scale, ctx.causal, ctx.variant, ctx.deterministic = softmax_scale, causal, variant, deterministic
+        ctx.dropout_p = dropout_p
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sink, alibi = ctx.saved_tensors
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sink, alibi, rng_state = ctx.saved_tensors
         dq, dk, dv, dsum = torch.ops.flash_attn_t.varlen_bwd(
             _last_dim_contiguous(dout), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q,
-            ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal, ctx.deterministic, *ctx.variant, alibi_slopes=alibi)
+            ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal, ctx.deterministic, *ctx.variant, alibi_slopes=alibi,
+            dropout_p=ctx.dropout_p, rng_state=rng_state)
         dsink = sinks.sink_grad(dsum, lse, sink) if sink is not None and ctx.needs_input_grad[11] else None
-        return dq, dk, dv, None, None, None, None, None, None, None, None, dsink, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, dsink, None, None
 
 
 def _result(out, lse, return_attn_probs):
@@ -501,19 +527,23 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     softcap > 0 turns each scaled score x into softcap * tanh(x / softcap) before the softmax
     (Gemma 2), with its exact derivative in the backward. alibi_slopes, fp32 (nheads,) or (batch,
     nheads), adds -slope * |i + seqlen_k - seqlen_q - j| to the scaled score of query i and key j
-    (ALiBi, as flash_attn; not together with softcap).
+    (ALiBi, as flash_attn; not together with softcap). dropout_p in [0, 1) zeroes each attention
+    probability with that probability and scales the kept ones by 1 / (1 - dropout_p) (flash_attn's
+    dropout, lse unchanged; not together with softcap or ALiBi); the mask comes from torch's CUDA
+    generator (torch.manual_seed reproduces it; CUDA-graph safe) and the backward redraws the same.
+    Pass dropout_p=0.0 for evaluation, as with flash_attn.
     deterministic=True makes the backward bitwise reproducible. learnable_sink (nheads,) adds a
     logit per head to each row's softmax normaliser that carries no value (gpt-oss's attention
     sinks; FlashAttention-4's keyword); its gradient flows back like q's.
     Returns out (batch, seqlen_q, nheads, headdim); with return_attn_probs=True, (out, lse, None):
     lse (batch, nheads, seqlen_q) fp32, natural log, +inf for rows that see no key; None stands
     for the attention probabilities, which are never materialised.
-    dropout_p and alibi_slopes accept only their defaults for now.
     """
     check_devices(q=q, k=k, v=v)
     check_qkv(q, k, v, varlen=False)
     window_size = check_window_size(window_size)
     softcap = check_softcap(softcap)
+    dropout_p = check_dropout_p(dropout_p, softcap, alibi_slopes)
     check_unimplemented(dropout_p, window_size, softcap, alibi_slopes)
     alibi_slopes = check_alibi_slopes(alibi_slopes, q, q.shape[0], q.shape[2], softcap)
     check_learnable_sink(learnable_sink, q, q.shape[2])
@@ -521,7 +551,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     ops.require_extension()
     head_dim = q.shape[-1]
     out, lse = FlashAttnFunc.apply(*_pad_head_dim(q, k, v), softmax_scale, bool(causal), (*window_size, softcap),
-                                   bool(deterministic), learnable_sink, alibi_slopes)
+                                   bool(deterministic), learnable_sink, alibi_slopes, dropout_p)
     return _result(out[..., :head_dim], lse, return_attn_probs)
 
 
@@ -569,6 +599,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     check_qkv(q, k, v, varlen=True)
     window_size = check_window_size(window_size)
     softcap = check_softcap(softcap)
+    dropout_p = check_dropout_p(dropout_p, softcap, alibi_slopes)
     check_unimplemented(dropout_p, window_size, softcap, alibi_slopes)
     alibi_slopes = check_alibi_slopes(alibi_slopes, q, cu_seqlens_q.shape[0] - 1, q.shape[1], softcap)
     check_learnable_sink(learnable_sink, q, q.shape[1])
@@ -578,7 +609,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     head_dim = q.shape[-1]
     out, lse = FlashAttnVarlenFunc.apply(*_pad_head_dim(q, k, v), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                          int(max_seqlen_k), softmax_scale, bool(causal), (*window_size, softcap),
-                                         bool(deterministic), learnable_sink, alibi_slopes)
+                                         bool(deterministic), learnable_sink, alibi_slopes, dropout_p)
     return _result(out[..., :head_dim], lse, return_attn_probs)
 
 
@@ -606,6 +637,9 @@ def _paged_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     capacity = check_block_table(block_table, batch, q.device, k)
     window_size = check_window_size(window_size)
     softcap = check_softcap(softcap)
+    if check_dropout_p(dropout_p, softcap, alibi_slopes):
+        raise NotImplementedError("dropout_p > 0 with block_table (a paged prefill) is not implemented: a paged "
+                                  "prefill is an inference call (pass dropout_p=0.0)")
     check_unimplemented(dropout_p, window_size, softcap, alibi_slopes)
     alibi_slopes = check_alibi_slopes(alibi_slopes, q, batch, q.shape[1], softcap)
     check_learnable_sink(learnable_sink, q, q.shape[1])

@@ -44,7 +44,7 @@ if extension_available():
 
     @torch.library.register_fake("flash_attn_t::fwd")
     def _fwd_fake(q, k, v, softmax_scale, causal, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
-                  learnable_sink=None):
+                  learnable_sink=None, dropout_p=0.0, rng_state=None):
         batch, seqlen_q, heads, _ = q.shape
         return _out_and_lse(q, (batch, heads, seqlen_q))
 
@@ -58,13 +58,13 @@ if extension_available():
 
     @torch.library.register_fake("flash_attn_t::bwd")
     def _bwd_fake(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, window_left=-1, window_right=-1,
-                  softcap=0.0, alibi_slopes=None):
+                  softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None):
         return (*_grads(q, k, v), lse.new_empty(lse.shape))
 
     @torch.library.register_fake("flash_attn_t::varlen_fwd")
     def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                          window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, learnable_sink=None,
-                         block_table=None):
+                         block_table=None, dropout_p=0.0, rng_state=None):
         total_q, heads, _ = q.shape
         return _out_and_lse(q, (heads, total_q))
 
@@ -78,5 +78,5 @@ if extension_available():
     @torch.library.register_fake("flash_attn_t::varlen_bwd")
     def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          softmax_scale, causal, deterministic, window_left=-1, window_right=-1, softcap=0.0,
-                         alibi_slopes=None):
+                         alibi_slopes=None, dropout_p=0.0, rng_state=None):
         return (*_grads(q, k, v), lse.new_empty(lse.shape))

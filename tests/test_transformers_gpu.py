@@ -140,6 +140,32 @@ def test_greedy_generation_runs_on_the_kernels_within_the_bound_at_every_step(ke
         assert_within_bound(steps[:, t], eager_steps[:, t], expected[:, t], f"step {t}")
 
 
+def test_training_with_attention_dropout_runs_on_the_kernels(kernels_only):
+    """attention_dropout > 0 in train mode reaches the kernels as dropout_p (no fallback): the loss
+    and gradients are finite, torch.manual_seed reproduces the loss, another seed draws another
+    mask, and in eval mode no dropout applies (the result matches eager's within the bound)."""
+    config = llama_config()
+    config.attention_dropout = 0.1
+    ref, eager, ours = models("llama", config)
+    ids = torch.randint(0, VOCAB, (2, 130), device="cuda")
+    ours.train()
+
+    def loss(seed):
+        torch.manual_seed(seed)
+        ours.zero_grad()
+        out = ours(ids, labels=ids)
+        out.loss.backward()
+        return out.loss.detach()
+
+    first, again, other = loss(0), loss(0), loss(1)
+    assert torch.isfinite(first) and torch.isfinite(grads(ours)).all()
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    for model in (ref, eager, ours):
+        model.eval()
+    with torch.no_grad():
+        assert_within_bound(ours(ids).logits, eager(ids).logits, ref(ids).logits, "eval logits")
+
+
 def test_mistral_window_longer_than_the_keys_runs_on_the_kernels(kernels_only):
     ref, eager, ours = models("mistral", mistral_config(sliding_window=256))
     ids = torch.randint(0, VOCAB, (2, 160), device="cuda")

@@ -160,7 +160,7 @@ def test_fallback_gradients_with_gradient_checkpointing_match_eager():
 
 
 @pytest.mark.parametrize("call, words", [
-    (dict(dropout=0.1), "dropout"),
+    (dict(dropout=0.1, softcap=30.0), "dropout together with softcap"),
     (dict(output_attentions=True), "output_attentions"),
     (dict(attention_mask=torch.zeros(1, 1, 16, 16)), "4-d attention mask"),
     (dict(head_dim=264), "head dim 264"),
@@ -180,7 +180,8 @@ def test_unsupported_reason_names_the_feature(call, words):
 ])
 def test_one_feature_table_decides_for_the_api_and_the_integration(monkeypatch, feature, call, check_kwargs):
     """interface.KERNEL_FEATURES is what both the argument checks and the fallback decision read:
-    turning an entry on lets the call through both (the CPU inputs then name the device instead)."""
+    an entry turned off stops the call in both, turned on lets it through both (the CPU inputs then
+    name the device instead)."""
     from flash_attn_t import interface
     q, k = torch.randn(1, 8, 16, 64, dtype=torch.bfloat16), torch.randn(1, 2, 16, 64, dtype=torch.bfloat16)
 
@@ -188,6 +189,7 @@ def test_one_feature_table_decides_for_the_api_and_the_integration(monkeypatch, 
         return integration.unsupported_reason(q, k, None, call.get("dropout", 0.0), call.get("sliding_window"),
                                               call.get("softcap"), {})
 
+    monkeypatch.setitem(interface.KERNEL_FEATURES, feature, False)
     with pytest.raises(NotImplementedError):
         interface.check_unimplemented(**check_kwargs)
     assert "not implemented in the kernels" in reason()
@@ -208,12 +210,15 @@ def reference_kernels(monkeypatch):
     integration's own unpadding, packing and padding back are what is tested."""
     from flash_attn_t.reference import attention_reference
 
-    def batched(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, learnable_sink=None):
+    def batched(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, learnable_sink=None,
+                dropout_p=0.0):
+        assert dropout_p == 0.0  # these models run in eval mode
         return attention_reference(q, k, v, softmax_scale, causal, compute_dtype=q.dtype, window_size=window_size,
                                    softcap=softcap, sinks=learnable_sink)[0]
 
     def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=False,
-               window_size=(-1, -1), softcap=0.0, learnable_sink=None):
+               window_size=(-1, -1), softcap=0.0, learnable_sink=None, dropout_p=0.0):
+        assert dropout_p == 0.0
         lengths_q, lengths_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
         assert max_seqlen_q == lengths_q.max() and max_seqlen_k == lengths_k.max()
         return attention_reference(q, k, v, softmax_scale, causal, compute_dtype=q.dtype, cu_seqlens_q=cu_seqlens_q,

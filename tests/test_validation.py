@@ -13,9 +13,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import flash_attn_t
 from flash_attn_t import ops
-from flash_attn_t.interface import (check_cu_seqlens, check_devices, check_dtypes, check_packed_shape, check_shapes,
-                                    check_softmax_scale, check_strides, check_unimplemented, check_varlen,
-                                    check_window_size)
+from flash_attn_t.interface import (KERNEL_FEATURES, check_cu_seqlens, check_devices, check_dtypes,
+                                    check_packed_shape, check_shapes, check_softmax_scale, check_strides,
+                                    check_unimplemented, check_varlen, check_window_size)
 
 
 def batched(b=2, sq=8, sk=8, h=4, hk=2, d=64, dtype=torch.bfloat16, device="cpu"):
@@ -85,13 +85,25 @@ def test_every_entry_point_checks_dtype_head_dim_and_heads(fake_cuda):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(dropout_p=0.1), "dropout_p"),
+    (dict(dropout_p=0.1, softcap=5.0), "dropout_p > 0 together with softcap"),
 ])
 def test_every_entry_point_rejects_unimplemented_features(fake_cuda, kwargs, match):
     q, k, v = batched(hk=4, device="cuda")
     names = []
     for name, call in call_every_entry_point(q, k, v, **kwargs):
         with pytest.raises(NotImplementedError, match=match):
+            call()
+        names.append(name)
+    assert len(names) == 6
+
+
+@pytest.mark.parametrize("dropout_p,error", [(-0.1, ValueError), (1.0, ValueError), (float("nan"), ValueError),
+                                             (None, TypeError), ("x", TypeError)])
+def test_every_entry_point_checks_dropout_p(fake_cuda, dropout_p, error):
+    q, k, v = batched(hk=4, device="cuda")
+    names = []
+    for name, call in call_every_entry_point(q, k, v, dropout_p=dropout_p):
+        with pytest.raises(error, match="dropout_p must"):
             call()
         names.append(name)
     assert len(names) == 6
@@ -341,10 +353,15 @@ def test_every_entry_point_takes_a_window(fake_cuda):
             flash_attn_t.flash_attn_func(q, k, v, softcap=bad)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(dropout_p=0.1), r"dropout_p=0.1"),
+@pytest.mark.parametrize("feature,kwargs,match", [
+    ("dropout", dict(dropout_p=0.1), r"dropout_p=0.1"),
+    ("window", dict(window_size=(3, 0)), r"window_size=\(3, 0\)"),
+    ("softcap", dict(softcap=5.0), "softcap=5.0"),
+    ("alibi", dict(alibi_slopes=torch.ones(2)), "alibi_slopes"),
+    ("paged_kv", dict(block_table=torch.zeros(1, 1, dtype=torch.int32)), "block_table"),
 ])
-def test_unimplemented_arguments(kwargs, match):
+def test_a_feature_switched_off_is_refused_naming_its_argument(monkeypatch, feature, kwargs, match):
+    monkeypatch.setitem(KERNEL_FEATURES, feature, False)
     with pytest.raises(NotImplementedError, match=match):
         check_unimplemented(**kwargs)
 

@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "../params.h"
+#include "philox.h"
 #include "ptx.h"
 #include "seq_info.h"
 #include "switch.h"
@@ -79,19 +80,38 @@ struct KeyMask {
 // the row's constant) and so do we, to return its lse. In the kernels' units (s, before
 // scale_log2) the slope is -alibi_coef(head) (alibi_bias). A constant per row shifts nothing, so
 // the backward's dS is unchanged. Not combined with softcap.
-template <typename Mask, bool Softcap, bool Alibi = false>
+// Dropout (the sm80 kernels only, plain scores only): the normalised probability of (query head
+// bh = batch x heads + head, row, key) is kept with probability p_keep by the Philox draw of
+// common/philox.h (its values read from p.rng_state, so a captured CUDA graph draws anew on each
+// replay) and scaled by 1 / p_keep; the forward's row sums and lse are those of the undropped
+// probabilities.
+template <typename Mask, bool Softcap, bool Alibi = false, bool Dropout = false>
 struct Variant : Mask {
   static_assert(!(Softcap && Alibi), "softcap with ALiBi is not built");
-  static constexpr bool kSoftcap = Softcap, kAlibi = Alibi;
+  static_assert(!(Dropout && (Softcap || Alibi)), "dropout is built for plain scores only");
+  static constexpr bool kSoftcap = Softcap, kAlibi = Alibi, kDropout = Dropout;
   float softcap_scale;        // softmax_scale / softcap
   const float* alibi_slopes;  // this sequence's slopes, one per query head (natural units)
   float alibi_scale;          // log2(e) / scale_log2: natural units to the kernels' score units
+  uint64_t dropout_seed;
+  uint32_t dropout_offset, dropout_threshold;
+  float dropout_scale;  // 1 / p_keep
 
   __device__ __forceinline__ Variant(const SeqInfo& seq, const FwdParams& p)
       : Mask(seq, p),
         softcap_scale(p.softcap_scale),
         alibi_slopes(Alibi ? p.alibi_slopes + seq.batch * p.alibi_batch_stride : nullptr),
-        alibi_scale(p.alibi_scale) {}
+        alibi_scale(p.alibi_scale),
+        dropout_seed(Dropout ? static_cast<uint64_t>(p.rng_state[0]) : 0),
+        dropout_offset(Dropout ? static_cast<uint32_t>(p.rng_state[1]) : 0),
+        dropout_threshold(p.dropout_threshold),
+        dropout_scale(p.dropout_scale) {}
+  // The keep bits of the 8 columns this lane holds of the 32-key group `group` of a row
+  // (common/philox.h: bit 2 t + e is column 32 group + 8 t + 2 (lane % 4) + e).
+  __device__ __forceinline__ uint32_t dropout_bits(int bh, int row, int group) const {
+    return dropout_keep_bits(dropout_seed, dropout_offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(row),
+                             static_cast<uint32_t>(group), threadIdx.x % 4, dropout_threshold);
+  }
   __device__ __forceinline__ float score(float s) const { return Softcap ? fast_tanh(s * softcap_scale) : s; }
   __device__ __forceinline__ float score_grad(float t) const { return Softcap ? 1.f - t * t : 1.f; }
   // -slope of head `head` in score units (0 without ALiBi).
@@ -113,10 +133,11 @@ struct Tag {
 
 // f(Tag<Variant<KeyMask<...>, Softcap, Alibi>>{}) for the mask p asks for: none, causal, or
 // local (flash_attn_api normalises a causal window to local with right = 0).
-template <bool Softcap, bool Alibi, typename F>
+template <bool Softcap, bool Alibi, bool Dropout = false, typename F>
 decltype(auto) mask_switch(const FwdParams& p, F&& f) {
-  if (p.local) return f(Tag<Variant<KeyMask<false, true>, Softcap, Alibi>>{});
-  return bool_switch(p.causal, [&](auto causal) { return f(Tag<Variant<KeyMask<causal>, Softcap, Alibi>>{}); });
+  if (p.local) return f(Tag<Variant<KeyMask<false, true>, Softcap, Alibi, Dropout>>{});
+  return bool_switch(p.causal,
+                     [&](auto causal) { return f(Tag<Variant<KeyMask<causal>, Softcap, Alibi, Dropout>>{}); });
 }
 
 // The same for the whole variant p asks for: each mask plain, with softcap or with ALiBi (nine
@@ -125,6 +146,20 @@ template <typename F>
 decltype(auto) variant_switch(const FwdParams& p, F&& f) {
   if (p.alibi) return mask_switch<false, true>(p, f);
   return bool_switch(p.softcap, [&](auto softcap) { return mask_switch<decltype(softcap)::value, false>(p, f); });
+}
+
+// variant_switch plus each mask with dropout (twelve instantiations): the sm80 kernels, which
+// alone implement dropout.
+template <typename F>
+decltype(auto) variant_switch_with_dropout(const FwdParams& p, F&& f) {
+  if (p.dropout) return mask_switch<false, false, true>(p, f);
+  return variant_switch(p, f);
+}
+
+// A 16-bit lane mask for a packed pair of elements: bits 0 and 1 of keep say whether the low and
+// the high element are kept.
+__device__ __forceinline__ uint32_t keep_pair_mask(uint32_t keep) {
+  return ((keep & 1u) ? 0x0000FFFFu : 0u) | ((keep & 2u) ? 0xFFFF0000u : 0u);
 }
 
 // Adds the ALiBi bias (Variant::alibi_bias) to every score of a warp's tiles (m16n8 accumulator

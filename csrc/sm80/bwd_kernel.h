@@ -222,6 +222,23 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
     const uint32_t q_a = Frag<QTile>::lane_a(smem_addr(sm.q(stage)), lane);
     const uint32_t do_a = Frag<QTile>::lane_a(smem_addr(sm.dout(stage)), lane);
 
+    // ---- dropout's keep bits: one Philox draw per row and 32-key group covers kTilesPerDraw of
+    // the warp's column tiles (its keys start at a multiple of 8 kTilesPerDraw, so no tile
+    // straddles two draws). Drawn before the GEMMs, while the S and dP accumulators are not live.
+    constexpr int kTilesPerDraw = kSN < 4 ? kSN : 4;
+    static_assert(kSN % kTilesPerDraw == 0 && 4 % kTilesPerDraw == 0, "column tiles per draw");
+    uint32_t keep[kSM][2][kSN / kTilesPerDraw];
+    if constexpr (Mask::kDropout)
+#pragma unroll
+      for (int mt = 0; mt < kSM; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int d = 0; d < kSN / kTilesPerDraw; ++d)
+            keep[mt][r][d] = mask.dropout_bits(seq.batch * p.heads + head,
+                                               first_row + sdp_row + mt * 16 + lane / 4 + 8 * r,
+                                               (first_key + sdp_key + d * kTilesPerDraw * 8) / 32);
+
     // ---- S = Q K^T and dP = dO V^T
     float s[kSM][kSN][4], dp[kSM][kSN][4];
 #pragma unroll
@@ -275,6 +292,9 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
         for (int nt = 0; nt < kSN; ++nt) {
           float pr[2], dsr[2];
           const int col = sdp_key + nt * 8 + 2 * (lane % 4);
+          // the tile's keep bits: 2 t of its draw, t its index among the group's four tiles
+          [[maybe_unused]] const uint32_t keep_pair =
+              Mask::kDropout ? keep[mt][r][nt / kTilesPerDraw] >> (2 * ((sdp_key + nt * 8) / 8 % 4)) : 0u;
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             const float score = mask.score(s[mt][nt][2 * r + c]);
@@ -283,8 +303,16 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
                                               : score;
             float pv = fast_exp2(fmaf(biased, p.scale_log2, -lse_log2));
             if (needs_mask && (col + c >= col_limit || (Mask::kLocal && col + c < col_first))) pv = 0.f;
-            pr[c] = pv;
-            dsr[c] = pv * (dp[mt][nt][2 * r + c] - dsum) * mask.score_grad(score);
+            if constexpr (Mask::kDropout) {
+              // dV takes the kept P (scaled once at the end), dS the gradient through the kept
+              // ones: P (Z dP / p_keep - D), D from the dropped output
+              const bool kept = (keep_pair >> c) & 1u;
+              pr[c] = kept ? pv : 0.f;
+              dsr[c] = pv * ((kept ? dp[mt][nt][2 * r + c] * mask.dropout_scale : 0.f) - dsum);
+            } else {
+              pr[c] = pv;
+              dsr[c] = pv * (dp[mt][nt][2 * r + c] - dsum) * mask.score_grad(score);
+            }
           }
           const uint32_t addr = Frag<PTile>::at(p_pair, sdp_row + mt * 16 + 8 * r, sdp_key + nt * 8);
           st_shared_u32(addr, Ops::pack(pr[0], pr[1]));
@@ -404,8 +432,9 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
         const int col = kv_col + nt * 8 + 2 * (lane % 4);
         *reinterpret_cast<uint32_t*>(dk + key * p.dk_row_stride + col) =
             Ops::pack(acc_dk[mt][nt][2 * r] * p.softmax_scale, acc_dk[mt][nt][2 * r + 1] * p.softmax_scale);
+        const float dv_scale = Mask::kDropout ? mask.dropout_scale : 1.f;  // the kept P, unscaled until here
         *reinterpret_cast<uint32_t*>(dv + key * p.dv_row_stride + col) =
-            Ops::pack(acc_dv[mt][nt][2 * r], acc_dv[mt][nt][2 * r + 1]);
+            Ops::pack(acc_dv[mt][nt][2 * r] * dv_scale, acc_dv[mt][nt][2 * r + 1] * dv_scale);
       }
     }
   __syncthreads();  // the next key block of this CTA reuses the shared memory

@@ -54,11 +54,14 @@ __device__ __forceinline__ void qk_scores(float (&s)[Traits::kMTiles][Traits::kS
 }
 
 // O += P V with P re-packed from the score accumulators into A fragments (no shared-memory
-// trip); the tensor form of the row sum rides along as P x ones.
-template <typename Traits, typename Softmax>
+// trip); the tensor form of the row sum rides along as P x ones. Dropout: the dropped elements
+// are zeroed in the fragments after the row sum has taken them (keep: the lane's keep bits per
+// row and 32-key group, Variant::dropout_bits).
+template <typename Traits, bool Dropout, typename Softmax>
 __device__ __forceinline__ void pv_accumulate(float (&o)[Traits::kMTiles][Traits::kOTiles][4],
                                               const float (&p)[Traits::kMTiles][Traits::kSTiles][4],
-                                              uint32_t v_a, Softmax& softmax) {
+                                              uint32_t v_a, Softmax& softmax,
+                                              const uint32_t (&keep)[Traits::kMTiles][2][Traits::kBlockN / 32]) {
   using Element = typename Traits::Element;
   using Ops = ElementOps<Element>;
   using KVTile = typename Traits::KVTile;
@@ -72,6 +75,14 @@ __device__ __forceinline__ void pv_accumulate(float (&o)[Traits::kMTiles][Traits
       a[mt][2] = Ops::pack(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
       a[mt][3] = Ops::pack(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
       softmax.template accumulate_row_sum<Element>(mt, a[mt]);
+      if constexpr (Dropout) {
+        // a[mt][i]: row r = i % 2 of column tile 2 kk + i / 2, whose keep bits sit at 2 (tile % 4)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int tile = 2 * kk + i / 2;
+          a[mt][i] &= keep_pair_mask(keep[mt][i % 2][tile / 4] >> (2 * (tile % 4)));
+        }
+      }
     }
     // V fragments one ahead with Traits::kPrefetch, as in qk_scores.
     constexpr int kPairs = Traits::kOTiles / 2;
@@ -110,6 +121,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_row = warp * Traits::kRowsPerWarp;  // first row of this warp inside the block
   const Mask mask(seq, p);
+  [[maybe_unused]] const int bh = seq.batch * p.heads + head;  // dropout's (batch, head) counter word
   const int first_row = m_block * kBlockM;
   const int valid_rows = min(kBlockM, seq.len_q - first_row);
 
@@ -159,6 +171,20 @@ __global__ void __launch_bounds__(Traits::kThreads)
                                       seq.len_k - first_col);
     cp_async_commit();
 
+    // Dropout's keep bits of this block (Variant::dropout_bits): drawn before S = Q K^T, while the
+    // score accumulators are not live (fewer spills), the integer work beside the MMAs.
+    uint32_t keep[kMTiles][2][kBlockN / 32];
+    if constexpr (Mask::kDropout) {
+      static_assert(kBlockN % 32 == 0, "dropout draws per 32-key group");
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int g = 0; g < kBlockN / 32; ++g)
+            keep[mt][r][g] = mask.dropout_bits(bh, first_row + warp_row + mt * 16 + lane / 4 + 8 * r,
+                                               first_col / 32 + g);
+    }
     float s[kMTiles][kSTiles][4];
     qk_scores<Traits>(s, q_a, k_b, warp_row);
     if constexpr (Mask::kSoftcap) {
@@ -183,12 +209,19 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
 
     softmax.step(s, acc_o, p.scale_log2);
-    pv_accumulate<Traits>(acc_o, s, v_a, softmax);
+    pv_accumulate<Traits, Mask::kDropout>(acc_o, s, v_a, softmax, keep);
   }
 
   // ---- epilogue: normalise, stage O through this warp's own rows of sQ, 16-byte stores
   float row_lse[kMTiles][2];
   softmax.finalize(acc_o, p.scale_log2, row_lse, sink_log2(p, head));
+  if constexpr (Mask::kDropout)
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int ot = 0; ot < kOTiles; ++ot)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc_o[mt][ot][i] *= mask.dropout_scale;
   if (n_end > n_begin) __syncwarp();  // this warp's Q rows are no longer read (other warps' are theirs)
   const uint32_t o_pair = Frag<QTile>::lane_pair(smem_addr(sQ), lane);
 #pragma unroll

@@ -186,6 +186,8 @@ def unsupported_reason(query, key, attention_mask, dropout, sliding_window, soft
     for feature, (wanted, what) in asked.items():
         if wanted and not KERNEL_FEATURES[feature]:
             return f"{what} (not implemented in the kernels)"
+    if dropout and softcap:
+        return "attention dropout together with softcap (not implemented in the kernels)"
     if kwargs.get("output_attentions"):
         return "output_attentions=True (the kernels never form the attention matrix)"
     if kwargs.get("position_bias") is not None:
@@ -224,7 +226,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (batch, seq, heads, head_dim) views
     # transformers' sliding window: keys j with i - window < j (and j <= i under causal)
     # gpt-oss's attention sinks (s_aux, one logit per head) are the kernels' learnable_sink
+    # transformers passes the module's attention dropout in training and 0 in eval, as flash_attn wants
     variant = dict(softmax_scale=scaling, causal=is_causal, softcap=softcap or 0.0, learnable_sink=kwargs.get("s_aux"),
+                   dropout_p=dropout or 0.0,
                    window_size=(sliding_window - 1, -1) if sliding_window is not None else (-1, -1))
     if attention_mask is not None:
         return _padded_attention(q, k, v, attention_mask, variant), None
