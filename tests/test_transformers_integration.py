@@ -93,7 +93,7 @@ def test_padding_mask_function():
     assert integration.padding_mask(kv_length=6, attention_mask=full) is None
     padded = full.clone()
     padded[1, :2] = False
-    assert torch.equal(integration.padding_mask(kv_length=6, attention_mask=padded), padded)
+    assert integration.padding_mask(kv_length=6, attention_mask=padded).reshape(2, 2).tolist() == [[0, 6], [2, 6]]
     assert integration.padding_mask(kv_length=4, attention_mask=padded) is None  # the padding is left of the keys
     padded[0, 4] = False
     assert torch.equal(integration.padding_mask(kv_length=4, attention_mask=padded), padded[:, -4:])
@@ -225,12 +225,22 @@ def reference_kernels(monkeypatch):
                                    cu_seqlens_k=cu_seqlens_k, window_size=window_size, softcap=softcap,
                                    sinks=learnable_sink)[0]
 
+    def kvcache(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_scale=None, causal=False,
+                window_size=(-1, -1), softcap=0.0, learnable_sink=None):
+        outs = []
+        for b, (first, end) in enumerate(zip(cache_leftpad.tolist(), cache_seqlens.tolist())):
+            keys = slice(first, end)
+            outs.append(batched(q[b:b + 1], k_cache[b:b + 1, keys], v_cache[b:b + 1, keys], softmax_scale, causal,
+                                window_size, softcap, learnable_sink))
+        return torch.cat(outs)
+
     def fail(*args, **kwargs):
         raise AssertionError("the fallback path ran where the kernel path should have")
 
     monkeypatch.setattr(integration, "unsupported_reason", lambda *args: None)
     monkeypatch.setattr(integration, "flash_attn_func", batched)
     monkeypatch.setattr(integration, "flash_attn_varlen_func", varlen)
+    monkeypatch.setattr(integration, "flash_attn_with_kvcache", kvcache)
     monkeypatch.setattr(integration, "fallback_attention", fail)
 
 
@@ -325,6 +335,33 @@ def test_kernel_path_generation_with_a_cache_matches_eager(reference_kernels, ca
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :4] = 0  # left padding
     generated = [model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **CACHES[cache])
+                 for model in (eager, ours)]
+    assert torch.equal(generated[0], generated[1])
+
+
+def test_left_padded_masks_become_key_ranges_others_stay_masks():
+    """Left padding then keys (generate's masks, a StaticCache's shorter than kv_length) become
+    [first, end) key ranges; a mask with a hole or right padding stays a mask; no padding: None."""
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    ranges = integration.padding_mask(kv_length=8, attention_mask=mask)
+    assert ranges.dtype == torch.int32 and ranges.reshape(3, 2).tolist() == [[2, 5], [0, 5], [5, 5]]
+    assert integration.padding_mask(kv_length=8, attention_mask=ranges) is ranges  # handed back as it is
+    holed = torch.tensor([[1, 0, 1, 1, 1]])
+    got = integration.padding_mask(kv_length=8, attention_mask=holed)
+    assert got.dtype == torch.bool and got.tolist() == [[True, False, True, True, True]]
+    full = integration.padding_mask(kv_length=5, attention_mask=mask)
+    assert full.dtype == torch.int32 and full.reshape(3, 2).tolist() == [[2, 5], [0, 5], [5, 5]]
+    right = torch.tensor([[1, 1, 1, 0, 0]])
+    assert torch.equal(integration.padding_mask(kv_length=5, attention_mask=right), right.bool())
+    assert integration.padding_mask(kv_length=5, attention_mask=torch.ones(2, 5)) is None
+
+
+def test_kernel_path_static_cache_with_a_hole_in_the_mask_matches_eager(reference_kernels):
+    eager, ours = pair("llama", llama_config())
+    ids = torch.randint(0, VOCAB, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 2] = 0  # a masked token inside the prompt: not left padding
+    generated = [model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **CACHES["static"])
                  for model in (eager, ours)]
     assert torch.equal(generated[0], generated[1])
 

@@ -25,7 +25,8 @@ import warnings
 import torch
 
 from .. import ops
-from ..interface import KERNEL_FEATURES, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, flash_attn_func, flash_attn_varlen_func
+from ..interface import (KERNEL_FEATURES, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, flash_attn_func, flash_attn_varlen_func,
+                         flash_attn_with_kvcache)
 
 ATTN_IMPLEMENTATION = "fa_t"
 # What patch_transformers() switches models to us from; an explicit "eager" stays eager.
@@ -52,15 +53,45 @@ def _transformers():
 
 
 def padding_mask(*, kv_length, attention_mask=None, **kwargs):
-    """The mask function registered with our name: the 2-d (batch, kv_len) boolean padding mask,
-    or None when nothing is padded (causality and windows are the attention function's job). With
-    a StaticCache the mask covers only the slots filled so far (fewer than kv_length): kept, so the
-    attention function knows where the keys end.
+    """The mask function registered with our name: None when nothing is padded (causality and
+    windows are the attention function's job), else key_ranges of the 2-d (batch, kv_len) padding
+    mask (a StaticCache's covers only the slots filled so far, fewer than kv_length).
     Keyword arguments only: transformers releases pass different sets beside these two."""
     if attention_mask is None or attention_mask.dim() != 2:
         return attention_mask
     attention_mask = attention_mask[:, -kv_length:]
-    return None if attention_mask.shape[1] == kv_length and bool(attention_mask.all()) else attention_mask
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return key_ranges(attention_mask)
+
+
+def key_ranges(mask):
+    """A padding mask (batch, kv_len), or a StaticCache's (batch, filled slots). Generation makes
+    it left padding followed by keys; then it becomes each sequence's key range [first, end) (end
+    the mask's length, where causal rows align) as int32 (batch, 1, 1, 2), a
+    tensor of fixed shape whose values the kernels read on the device (flash_attn_with_kvcache's
+    cache_leftpad and cache_seqlens): no host sync and no recompilation per step in the attention
+    layers. (Four dimensions: transformers hands a 4-d mask back unchanged when a model's forward
+    builds its masks again from the one generate prepared.) Any other mask (a hole among the keys)
+    stays a boolean mask for the general path. Deciding which costs one host sync per forward,
+    here rather than in every layer."""
+    mask = mask.bool()
+    if mask.shape[1] > 1 and not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+        return mask
+    end = torch.full((mask.shape[0],), mask.shape[1], dtype=torch.int32, device=mask.device)
+    return torch.stack([end - mask.sum(1, dtype=torch.int32), end], dim=1).view(-1, 1, 1, 2)
+
+
+def _is_key_ranges(attention_mask):
+    return attention_mask is not None and attention_mask.dtype == torch.int32 and attention_mask.dim() == 4
+
+
+def _filled_slots_mask(ranges):
+    """key_ranges' [first, end) as the boolean (batch, end) padding mask of the filled slots (end
+    is the same for every sequence; reading it is a host sync: for the paths that need a mask)."""
+    end = int(ranges[0, 0, 0, 1]) if ranges.shape[0] else 0
+    cols = torch.arange(end, device=ranges.device)
+    return (cols >= ranges[:, 0, 0, :1]) & (cols < ranges[:, 0, 0, 1:])
 
 
 def register():
@@ -214,11 +245,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         # fp32 weights under autocast: rotary embeddings leave q and k in fp32; the attention
         # matmuls would run in the autocast dtype anyway
         query, key, value = (t.to(torch.get_autocast_dtype("cuda")) for t in (query, key, value))
+    ranges = _is_key_ranges(attention_mask)
+    reason = unsupported_reason(query, key, None if ranges else attention_mask, dropout, sliding_window, softcap,
+                                kwargs)
+    if ranges and (reason is not None or dropout or torch.is_grad_enabled() and query.requires_grad):
+        attention_mask = _filled_slots_mask(attention_mask)  # the ranges' path is the kernels' inference path
     if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] < key.shape[2]:
         # a StaticCache hands over all its slots, the mask only the filled ones (the first
         # attention_mask.shape[1]): the rest are not keys
         key, value = key[:, :, :attention_mask.shape[1]], value[:, :, :attention_mask.shape[1]]
-    reason = unsupported_reason(query, key, attention_mask, dropout, sliding_window, softcap, kwargs)
     if reason is not None:
         _warn_once(reason)
         return fallback_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -230,6 +265,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     variant = dict(softmax_scale=scaling, causal=is_causal, softcap=softcap or 0.0, learnable_sink=kwargs.get("s_aux"),
                    dropout_p=dropout or 0.0,
                    window_size=(sliding_window - 1, -1) if sliding_window is not None else (-1, -1))
+    if _is_key_ranges(attention_mask):
+        return _cached_attention(q, k, v, attention_mask, variant), None
     if attention_mask is not None:
         return _padded_attention(q, k, v, attention_mask, variant), None
     cu_seqlens = _packed_cu_seqlens(kwargs, q.shape[0], q.shape[1])
@@ -269,6 +306,15 @@ def _packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, variant
     out = flash_attn_varlen_func(_tokens(q), _tokens(k), _tokens(v), cu_seqlens_q, cu_seqlens_k, max_q, max_k,
                                  **variant)
     return out.view(batch, -1, *out.shape[1:])
+
+
+def _cached_attention(q, k, v, ranges, variant):
+    """A StaticCache's keys [first, end) of each sequence (key_ranges) through
+    flash_attn_with_kvcache, causal aligned at end: no copies, no host sync."""
+    variant = dict(variant)
+    variant.pop("dropout_p")
+    return flash_attn_with_kvcache(q, k, v, cache_seqlens=ranges[:, 0, 0, 1], cache_leftpad=ranges[:, 0, 0, 0],
+                                   **variant)
 
 
 def _padded_attention(q, k, v, attention_mask, variant):
