@@ -370,7 +370,7 @@ def _cache_seqlens(cache_seqlens, batch, seqlen_cache, seqlen_new, device):
         if checking_values() and batch and not (0 <= cache_seqlens.min() and
                                                 cache_seqlens.max() + seqlen_new <= seqlen_cache):
             raise ValueError(f"cache_seqlens values plus seqlen_new ({seqlen_new}) must lie in [0, {seqlen_cache}]")
-        return cache_seqlens
+        return cache_seqlens.contiguous()
     try:
         n = operator.index(cache_seqlens)
     except TypeError:
@@ -750,6 +750,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
     check_num_splits(num_splits)
     ops.require_extension()
+    # the kernels read the index tensors as plain arrays
+    cache_batch_idx, cache_leftpad = (t if t is None else t.contiguous() for t in (cache_batch_idx, cache_leftpad))
 
     if seqlens is None:
         seqlens = torch.full((q.shape[0],), capacity or k_cache.shape[1], dtype=torch.int32, device=q.device)

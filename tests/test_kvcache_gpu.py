@@ -351,3 +351,20 @@ def test_paged_kvcache_with_features(feature, seqlen_q):
                                   return_softmax_lse=True, **kwargs)
     torch.testing.assert_close(got[0], expected[0], rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-4)
+
+
+def test_strided_index_tensors_match_contiguous_ones():
+    """cache_seqlens / cache_leftpad / cache_batch_idx as strided views (a column of a larger
+    tensor, as the transformers integration's key ranges are) read like their contiguous copies."""
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    q = torch.randn(3, 2, 4, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k_cache, v_cache = (torch.randn(4, 100, 2, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+                        for _ in range(2))
+    index = torch.tensor([[50, 3, 1], [7, 0, 3], [100, 20, 0]], device="cuda", dtype=torch.int32)
+    strided = dict(cache_seqlens=index[:, 0], cache_leftpad=index[:, 1], cache_batch_idx=index[:, 2])
+    assert not strided["cache_seqlens"].is_contiguous()
+    for causal in (False, True):
+        got = flash_attn_with_kvcache(q, k_cache, v_cache, causal=causal, **strided)
+        expected = flash_attn_with_kvcache(q, k_cache, v_cache, causal=causal,
+                                           **{name: t.contiguous() for name, t in strided.items()})
+        assert torch.equal(got, expected)
