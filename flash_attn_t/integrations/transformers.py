@@ -68,13 +68,13 @@ def padding_mask(*, kv_length, attention_mask=None, **kwargs):
 def key_ranges(mask):
     """A padding mask (batch, kv_len), or a StaticCache's (batch, filled slots). Generation makes
     it left padding followed by keys; then it becomes each sequence's key range [first, end) (end
-    the mask's length, where causal rows align) as int32 (batch, 1, 1, 2), a
-    tensor of fixed shape whose values the kernels read on the device (flash_attn_with_kvcache's
-    cache_leftpad and cache_seqlens): no host sync and no recompilation per step in the attention
-    layers. (Four dimensions: transformers hands a 4-d mask back unchanged when a model's forward
-    builds its masks again from the one generate prepared.) Any other mask (a hole among the keys)
-    stays a boolean mask for the general path. Deciding which costs one host sync per forward,
-    here rather than in every layer."""
+    is the mask's length, where causal rows align) as int32 (batch, 1, 1, 2): a tensor of fixed
+    shape whose values the kernels read on the device (flash_attn_with_kvcache's cache_leftpad and
+    cache_seqlens), so the attention layers neither sync with the host nor recompile per step.
+    (Four dimensions: transformers hands a 4-d mask back unchanged when a model's forward builds
+    its masks again from the one generate prepared.) Any other mask (a hole among the keys, right
+    padding) stays a boolean mask for the unpadding path. Deciding which costs one host sync per
+    forward, here rather than in every layer."""
     mask = mask.bool()
     if mask.shape[1] > 1 and not bool((mask[:, 1:] >= mask[:, :-1]).all()):
         return mask
@@ -309,8 +309,9 @@ def _packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, variant
 
 
 def _cached_attention(q, k, v, ranges, variant):
-    """A StaticCache's keys [first, end) of each sequence (key_ranges) through
-    flash_attn_with_kvcache, causal aligned at end: no copies, no host sync."""
+    """Each sequence's keys [first, end) (key_ranges) through flash_attn_with_kvcache, causal
+    aligned at end: no copies, no host sync. Inference only (attention_forward sends calls that
+    need gradients or dropout down the unpadding path)."""
     variant = dict(variant)
     variant.pop("dropout_p")
     return flash_attn_with_kvcache(q, k, v, cache_seqlens=ranges[:, 0, 0, 1], cache_leftpad=ranges[:, 0, 0, 0],
