@@ -31,15 +31,27 @@ def make_inputs(batch, sq, sk, heads, heads_k, head_dim, dtype, seed):
     return q, k, v, dout
 
 
-def kernel_mask(dropout_p, batch, sq, sk, heads, dtype=torch.bfloat16, causal=False, **kwargs):
-    """The keep mask (batch, heads, sq, sk) the kernels apply, read back through q = 0 and V = I
-    (sk <= 128 keys, head dim 128), and the call's (seed, offset)."""
+def mask_probe(batch, sq, sk, heads, dtype=torch.bfloat16):
+    """q = 0 and V = I (sk <= 128 keys, head dim 128): each output row is the row's keep mask
+    times a positive constant (probe_keep reads it back)."""
     q = torch.zeros(batch, sq, heads, 128, device="cuda", dtype=dtype)
     k = torch.randn(batch, sk, heads, 128, device="cuda", dtype=dtype)
     v = torch.eye(sk, 128, device="cuda", dtype=dtype)[None, :, None].expand(batch, sk, heads, 128).contiguous()
+    return q, k, v
+
+
+def probe_keep(out, sk):
+    """mask_probe's output as the keep mask (batch, heads, sq, sk)."""
+    return out[..., :sk].permute(0, 2, 1, 3) > 0
+
+
+def kernel_mask(dropout_p, batch, sq, sk, heads, dtype=torch.bfloat16, causal=False, **kwargs):
+    """The keep mask (batch, heads, sq, sk) the kernels apply, read back through mask_probe, the
+    output, and the call's (seed, offset)."""
+    q, k, v = mask_probe(batch, sq, sk, heads, dtype)
     drawn = next_seed_and_offset()
     out = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal, **kwargs)
-    return out[..., :sk].permute(0, 2, 1, 3) > 0, out, drawn
+    return probe_keep(out, sk), out, drawn
 
 
 def test_the_kernels_keep_mask_is_the_documented_philox_mask():
@@ -164,10 +176,7 @@ def test_cuda_graph_replays_draw_new_masks():
     """Captured once, each replay reads the generator's new offset: a different mask each time,
     and each the documented mask of the (seed, offset) the replay wrote into rng_state."""
     batch, sq, sk, heads, p = 2, 64, 96, 2, 0.4
-    q = torch.zeros(batch, sq, heads, 128, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(batch, sk, heads, 128, device="cuda", dtype=torch.bfloat16)
-    v = torch.eye(sk, 128, device="cuda", dtype=torch.bfloat16)[None, :, None].expand(batch, sk, heads, 128)
-    v = v.contiguous()
+    q, k, v = mask_probe(batch, sq, sk, heads)
     rng_state = torch.zeros(2, dtype=torch.int64, device="cuda")
     call = lambda: torch.ops.flash_attn_t.fwd(q, k, v, 0.1, False, dropout_p=p, rng_state=rng_state)[0]  # noqa: E731
     stream = torch.cuda.Stream()
@@ -183,7 +192,7 @@ def test_cuda_graph_replays_draw_new_masks():
         graph.replay()
         torch.cuda.synchronize()
         seed, offset = rng_state.tolist()
-        keep = out[..., :sk].permute(0, 2, 1, 3) > 0
+        keep = probe_keep(out, sk)
         assert torch.equal(keep, dropout_keep_mask(seed, offset, batch, heads, sq, sk, p, device="cuda"))
         masks.append(keep)
     assert not torch.equal(masks[0], masks[1])
