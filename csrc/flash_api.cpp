@@ -146,9 +146,11 @@ bool sm90_kernels_available() {
 #endif
 }
 
-// (Dropout runs on the sm80 kernels: the sm90 ones do not implement it yet.)
-bool use_sm90_kernels(const FwdParams& p) {
-  return p.rows_q > 0 && p.rows_k > 0 && has_sm90_kernels(p.head_dim) && !p.dropout && sm90_kernels_available();
+// backward: the sm90 backward does not implement dropout yet, so a dropout call's backward runs
+// the sm80 one (it draws the same keep mask: common/philox.h).
+bool use_sm90_kernels(const FwdParams& p, bool backward = false) {
+  return p.rows_q > 0 && p.rows_k > 0 && has_sm90_kernels(p.head_dim) && !(backward && p.dropout) &&
+         sm90_kernels_available();
 }
 
 // The attention variant an op asks for: causal, and flash_attn's window_size (left, right).
@@ -529,7 +531,7 @@ std::tuple<at::Tensor, at::Tensor> launch_bwd(BwdParams& p, const at::Tensor& q,
                         }),
                "backward dsum");
   if (p.seqlen_k > 0) {
-    const bool sm90 = use_sm90_kernels(p);
+    const bool sm90 = use_sm90_kernels(p, /*backward=*/true);
     check_launch(dispatch(q.scalar_type(), p.head_dim,
                           [&](auto element, auto dim) {
                             using Element = decltype(element);

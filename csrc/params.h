@@ -65,7 +65,7 @@ struct FwdParams {
   int64_t alibi_batch_stride;
   float alibi_scale;
 
-  // Dropout (the sm80 kernels; common/mask.h Variant): a probability is kept when its Philox value
+  // Dropout (common/mask.h Variant; not in the sm90 backward): a probability is kept when its Philox value
   // (common/philox.h) is below dropout_threshold = round(p_keep x 65536), and the kept ones are
   // scaled by dropout_scale = 1 / p_keep. rng_state: the call's (seed, offset), int64 on the
   // device, written by the host code before the forward (graph-safe) and read by the backward.

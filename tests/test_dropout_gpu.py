@@ -1,4 +1,6 @@
-"""GPU: dropout (dropout_p > 0) against the fp64 reference with the kernels' own keep mask.
+"""GPU: dropout (dropout_p > 0) against the fp64 reference with the kernels' own keep mask, through
+both kernel families (on Hopper the sm90 forward with the sm80 backward, which draws the same
+mask, and the sm80 pair).
 
 The mask is flash_attn_t.philox.dropout_keep_mask of the call's (seed, offset): torch's CUDA
 generator's seed and its offset just before the call (each dropout call advances it by 4). The
@@ -9,12 +11,12 @@ row's keep mask times 1 / (seqlen_k (1 - p)).
 import pytest
 import torch
 
-from conftest import GPU, assert_close_to_ref, max_err, poison_allocator
+from conftest import GPU_EACH_FAMILY, assert_close_to_ref, max_err, poison_allocator
 from flash_attn_t import flash_attn_func, flash_attn_varlen_func
 from flash_attn_t.philox import dropout_keep_mask
 from flash_attn_t.reference import attention_reference
 
-pytestmark = GPU
+pytestmark = GPU_EACH_FAMILY
 
 
 def next_seed_and_offset():

@@ -80,7 +80,7 @@ struct KeyMask {
 // the row's constant) and so do we, to return its lse. In the kernels' units (s, before
 // scale_log2) the slope is -alibi_coef(head) (alibi_bias). A constant per row shifts nothing, so
 // the backward's dS is unchanged. Not combined with softcap.
-// Dropout (the sm80 kernels only, plain scores only): the normalised probability of (query head
+// Dropout (not in the sm90 backward; plain scores only): the normalised probability of (query head
 // bh = batch x heads + head, row, key) is kept with probability p_keep by the Philox draw of
 // common/philox.h (its values read from p.rng_state, so a captured CUDA graph draws anew on each
 // replay) and scaled by 1 / p_keep; the forward's row sums and lse are those of the undropped
@@ -148,8 +148,8 @@ decltype(auto) variant_switch(const FwdParams& p, F&& f) {
   return bool_switch(p.softcap, [&](auto softcap) { return mask_switch<decltype(softcap)::value, false>(p, f); });
 }
 
-// variant_switch plus each mask with dropout (twelve instantiations): the sm80 kernels, which
-// alone implement dropout.
+// variant_switch plus each mask with dropout (twelve instantiations): the kernels that implement
+// dropout (the sm80 forward and backward, the sm90 forward).
 template <typename F>
 decltype(auto) variant_switch_with_dropout(const FwdParams& p, F&& f) {
   if (p.dropout) return mask_switch<false, false, true>(p, f);
@@ -160,6 +160,30 @@ decltype(auto) variant_switch_with_dropout(const FwdParams& p, F&& f) {
 // the high element are kept.
 __device__ __forceinline__ uint32_t keep_pair_mask(uint32_t keep) {
   return ((keep & 1u) ? 0x0000FFFFu : 0u) | ((keep & 2u) ? 0xFFFF0000u : 0u);
+}
+
+// Dropout's keep bits (Variant::dropout_bits) of this lane's two rows of an m16 tile (row0 +
+// lane / 4, and 8 more) over Groups 32-key groups from key first_col (a multiple of 32).
+template <int Groups, typename Mask>
+__device__ __forceinline__ void draw_keep_bits(uint32_t (&keep)[2][Groups], const Mask& mask, int bh, int row0,
+                                               int first_col) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int g = 0; g < Groups; ++g)
+      keep[r][g] = mask.dropout_bits(bh, row0 + static_cast<int>(threadIdx.x) % 32 / 4 + 8 * r, first_col / 32 + g);
+}
+
+// Zeroes the dropped elements of the packed P fragment of k16 slice kk (the m16n8k16 / wgmma
+// register-A layout: a[i] holds row half i % 2, column tile 2 kk + i / 2, whose keep bits sit at
+// 2 (tile % 4) of its group's draw).
+template <int Groups>
+__device__ __forceinline__ void drop_a_fragment(uint32_t (&a)[4], int kk, const uint32_t (&keep)[2][Groups]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int tile = 2 * kk + i / 2;
+    a[i] &= keep_pair_mask(keep[i % 2][tile / 4] >> (2 * (tile % 4)));
+  }
 }
 
 // Adds the ALiBi bias (Variant::alibi_bias) to every score of a warp's tiles (m16n8 accumulator

@@ -75,14 +75,7 @@ __device__ __forceinline__ void pv_accumulate(float (&o)[Traits::kMTiles][Traits
       a[mt][2] = Ops::pack(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
       a[mt][3] = Ops::pack(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
       softmax.template accumulate_row_sum<Element>(mt, a[mt]);
-      if constexpr (Dropout) {
-        // a[mt][i]: row r = i % 2 of column tile 2 kk + i / 2, whose keep bits sit at 2 (tile % 4)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int tile = 2 * kk + i / 2;
-          a[mt][i] &= keep_pair_mask(keep[mt][i % 2][tile / 4] >> (2 * (tile % 4)));
-        }
-      }
+      if constexpr (Dropout) drop_a_fragment(a[mt], kk, keep[mt]);
     }
     // V fragments one ahead with Traits::kPrefetch, as in qk_scores.
     constexpr int kPairs = Traits::kOTiles / 2;
@@ -178,12 +171,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       static_assert(kBlockN % 32 == 0, "dropout draws per 32-key group");
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-          for (int g = 0; g < kBlockN / 32; ++g)
-            keep[mt][r][g] = mask.dropout_bits(bh, first_row + warp_row + mt * 16 + lane / 4 + 8 * r,
-                                               first_col / 32 + g);
+        draw_keep_bits(keep[mt], mask, bh, first_row + warp_row + mt * 16, first_col);
     }
     float s[kMTiles][kSTiles][4];
     qk_scores<Traits>(s, q_a, k_b, warp_row);

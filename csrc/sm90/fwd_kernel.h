@@ -237,6 +237,8 @@ template <typename Traits, typename Mask>
 struct Consumer {
   using Element = typename Traits::Element;
   static constexpr int kSTiles = Traits::kSTiles, kOTiles = Traits::kOTiles, kPSlices = Traits::kBlockN / 16;
+  static constexpr int kGroups = Traits::kBlockN / 32;  // dropout's 32-key draws per key block
+  static_assert(!(Mask::kDropout && Traits::kTensorRowSum), "dropout needs the row sum of the undropped P");
 
   using Softmax = OnlineSoftmax<1, Traits::kTensorRowSum, Traits::kLazyRescale,
                                 Mask::kSoftcap ? Traits::kPolyExp2QuartersSoftcap : 0>;
@@ -293,6 +295,18 @@ struct Consumer {
     wgmma_commit();
   }
 
+  // Dropout: the keep bits of key block i for this lane's rows, drawn while the block's S is on
+  // the tensor cores (the integer work beside the GEMMs), and applied to P once it is packed --
+  // after the row sum (exponentiate's, on the FP32 pipe) has taken the undropped P.
+  __device__ __forceinline__ void draw_keep(uint32_t (&keep)[2][kGroups], int bh, int i) const {
+    if constexpr (Mask::kDropout) draw_keep_bits(keep, blk.mask, bh, warp_first_row, block_of(i) * Traits::kBlockN);
+  }
+  __device__ __forceinline__ static void drop(uint32_t (&pfrag)[kPSlices][4], const uint32_t (&keep)[2][kGroups]) {
+    if constexpr (Mask::kDropout)
+#pragma unroll
+      for (int kk = 0; kk < kPSlices; ++kk) drop_a_fragment(pfrag[kk], kk, keep);
+  }
+
   // Tells the producer this warp no longer reads a ring slot.
   __device__ __forceinline__ static void release(uint64_t* empty) { warp_release(empty); }
 
@@ -334,6 +348,8 @@ struct Consumer {
     float s[1][kSTiles][4];
     uint32_t pfrag[kPSlices][4];
     float correction[1][2];
+    uint32_t keep[2][kGroups];
+    [[maybe_unused]] const int bh = blk.seq.batch * p.heads + blk.head;  // dropout's (batch, head) counter word
 
     if (blk.has_keys()) {
       ring.q.wait_full(sm.q_full());
@@ -342,12 +358,14 @@ struct Consumer {
       wait_turn();
       issue_qk(s[0], 0);
       pass_turn();
+      draw_keep(keep, bh, 0);
       wgmma_wait<0>();
       fence_operand(s[0]);
       release(sm.k_empty(stage_of(0)));
       if (blk.blocks() == 1) release(sm.q_empty());
       scores_to_p(s, 0, p.scale_log2, softmax, correction);
       pack_a_fragments<Element>(s[0], pfrag);
+      drop(pfrag, keep);
 
       // steady state: S(i) and P(i-1) V(i-1) on the tensor cores, then softmax(S(i)) beside P V
       for (int i = 1; i < blk.blocks(); ++i) {
@@ -355,6 +373,7 @@ struct Consumer {
         issue_qk(s[0], i);
         issue_pv(o[0], softmax.sum_acc, pfrag, i - 1);
         pass_turn();
+        draw_keep(keep, bh, i);
         wgmma_wait<1>();  // S(i) is done, P V may still run
         fence_operand(s[0]);
         release(sm.k_empty(stage_of(i)));
@@ -367,6 +386,7 @@ struct Consumer {
         });
         release(sm.v_empty(stage_of(i - 1)));
         pack_a_fragments<Element>(s[0], pfrag);
+        drop(pfrag, keep);
       }
 
       // epilogue of the loop: the last P V
@@ -389,6 +409,11 @@ struct Consumer {
     constexpr int kPitch = Traits::kOStagePitch, kChunksPerRow = Traits::kHeadDim / 8;
     float row_lse[1][2];
     softmax.finalize(o, p.scale_log2, row_lse, sink_log2(p, blk.head));
+    if constexpr (Mask::kDropout)
+#pragma unroll
+      for (int ot = 0; ot < kOTiles; ++ot)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) o[0][ot][j] *= blk.mask.dropout_scale;
     Element* stage = sm.o_stage(threadIdx.x / 32 - 4);  // warps 0-3 are the producer's
 #pragma unroll
     for (int r = 0; r < 2; ++r)

@@ -78,7 +78,7 @@ cudaError_t run_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
     return mask_switch<false, false>(
         p, [&](auto variant) { return sm90::launch_fwd<Traits, typename decltype(variant)::type, true>(p, stream); });
   }
-  return variant_switch(
+  return variant_switch_with_dropout(
       p, [&](auto variant) { return sm90::launch_fwd<Traits, typename decltype(variant)::type, false>(p, stream); });
 }
 
