@@ -46,14 +46,14 @@ def kernel_rows(sass):
             continue
         region = code[mma[0]:mma[-1] + 1]
         count = lambda pattern: sum(1 for ins in region if re.search(pattern, ins))  # noqa: E731
-        mask = re.search(r"KeyMaskILb(\d)ELb(\d)EE(?:ELb(\d))?(?:ELb(\d))?(?:EEELb(\d))?", name)
-        label = {"00": "plain", "10": "causal", "01": "local"}.get("".join(mask.groups()[:2]) if mask else "", "?")
-        if mask and mask.group(3) == "1":
-            label += "+softcap"
-        if mask and mask.group(4) == "1":
-            label += "+alibi"
-        if mask and mask.group(5) == "1":  # the sm90 forward's paged-KV kernels
-            label += "+paged"
+        mask = re.search(r"KeyMaskILb(\d)ELb(\d)EE", name)
+        label = {"00": "plain", "10": "causal", "01": "local"}.get("".join(mask.groups()) if mask else "", "?")
+        # the flags after the mask, in order: Variant's Softcap, Alibi, Dropout, Combined, then the
+        # sm90 forward's kPaged
+        flags = re.findall(r"Lb(\d)E", name[mask.end():]) if mask else []
+        for flag, feature in zip(flags, ("softcap", "alibi", "dropout", "combined", "paged")):
+            if flag == "1":
+                label += "+" + feature
         yield label, dict(instructions=len(region), ldl=count(r"\bLDL"), stl=count(r"\bSTL"),
                           full_waits=sum(1 for ins in code if "DEPBAR.LE gsb0, 0x0" in ins), mufu=count(r"\bMUFU"))
 
