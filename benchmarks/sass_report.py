@@ -48,10 +48,10 @@ def kernel_rows(sass):
         count = lambda pattern: sum(1 for ins in region if re.search(pattern, ins))  # noqa: E731
         mask = re.search(r"KeyMaskILb(\d)ELb(\d)EE", name)
         label = {"00": "plain", "10": "causal", "01": "local"}.get("".join(mask.groups()) if mask else "", "?")
-        # the flags after the mask, in order: Variant's Softcap, Alibi, Dropout, then the sm90
-        # forward's kPaged
+        # the flags after the mask, in order: Variant's Softcap, Alibi, Dropout, Combined, then the
+        # sm90 forward's kPaged
         flags = re.findall(r"Lb(\d)E", name[mask.end():]) if mask else []
-        for flag, feature in zip(flags, ("softcap", "alibi", "dropout", "paged")):
+        for flag, feature in zip(flags, ("softcap", "alibi", "dropout", "combined", "paged")):
             if flag == "1":
                 label += "+" + feature
         yield label, dict(instructions=len(region), ldl=count(r"\bLDL"), stl=count(r"\bSTL"),

@@ -147,9 +147,11 @@ bool sm90_kernels_available() {
 }
 
 // backward: the sm90 backward does not implement dropout yet, so a dropout call's backward runs
-// the sm80 one (it draws the same keep mask: common/philox.h).
+// the sm80 one (it draws the same keep mask: common/philox.h). Combinations of softcap, ALiBi and
+// dropout run on the sm80 kernels (their Combined variant) in both passes.
 bool use_sm90_kernels(const FwdParams& p, bool backward = false) {
   return p.rows_q > 0 && p.rows_k > 0 && has_sm90_kernels(p.head_dim) && !(backward && p.dropout) &&
+         !combines_features(p) &&
          sm90_kernels_available();
 }
 
@@ -199,7 +201,6 @@ void draw_rng_state(at::Tensor& rng_state) {
 void set_alibi(FwdParams& p, const std::optional<at::Tensor>& slopes) {
   p.alibi = slopes.has_value();
   if (!p.alibi) return;
-  TORCH_CHECK(!p.softcap, "flash_attn_t: alibi_slopes with softcap > 0 is not implemented");
   const int64_t batch = p.batch / std::max(p.kv_splits, 1);
   TORCH_CHECK(slopes->is_cuda() && slopes->scalar_type() == at::kFloat && slopes->is_contiguous() &&
                   ((slopes->dim() == 1 && slopes->size(0) == p.heads) ||
@@ -237,8 +238,8 @@ void set_variant(FwdParams& p, const Variant& v) {
   set_alibi(p, v.alibi_slopes);
   TORCH_CHECK(v.dropout_p >= 0 && v.dropout_p < 1, "flash_attn_t: dropout_p must be in [0, 1), got ", v.dropout_p);
   p.dropout = v.dropout_p > 0;
+  p.dropout_scale = 1.f;
   if (p.dropout) {
-    TORCH_CHECK(!p.softcap && !p.alibi, "flash_attn_t: dropout_p > 0 with softcap or alibi_slopes is not implemented");
     TORCH_CHECK(v.rng_state != nullptr, "flash_attn_t: dropout_p > 0 needs rng_state");
     const double keep = 1.0 - v.dropout_p;  // kept below round(keep x 2^16) of 16-bit draws (common/philox.h)
     p.dropout_threshold = static_cast<uint32_t>(std::min(65536.0, std::nearbyint(keep * 65536.0)));

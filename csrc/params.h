@@ -59,7 +59,7 @@ struct FwdParams {
   bool softcap;
   float softcap_scale;
   // ALiBi (common/mask.h Variant): fp32 slopes (heads,) or (batch, heads) (alibi_batch_stride 0
-  // for the former); alibi_scale = log2(e) / scale_log2. Not with softcap.
+  // for the former); alibi_scale = log2(e) / scale_log2.
   bool alibi;
   const float* alibi_slopes;
   int64_t alibi_batch_stride;
@@ -119,6 +119,12 @@ struct MergeParams {
   float* lse;
   int batch, splits, rows, heads_k, group, seqlen_q;
 };
+
+// Whether a call combines softcap, ALiBi and dropout (the sm80 kernels' Combined variant,
+// common/mask.h).
+__host__ __device__ __forceinline__ bool combines_features(const FwdParams& p) {
+  return p.softcap + p.alibi + p.dropout > 1;
+}
 
 // The sink of query head `head` in log2 units (OnlineSoftmax::finalize), -inf when there is none.
 __host__ __device__ __forceinline__ float sink_log2(const FwdParams& p, int head) {

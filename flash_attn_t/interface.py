@@ -147,9 +147,9 @@ def check_softcap(softcap):
     return softcap
 
 
-def check_alibi_slopes(alibi_slopes, q, batch, heads, softcap):
+def check_alibi_slopes(alibi_slopes, q, batch, heads):
     """alibi_slopes: None, or fp32 (nheads,) or (batch, nheads) on q's device (flash_attn's rule);
-    returns it contiguous. Not combined with softcap."""
+    returns it contiguous."""
     if alibi_slopes is None:
         return None
     if not isinstance(alibi_slopes, torch.Tensor):
@@ -161,22 +161,18 @@ def check_alibi_slopes(alibi_slopes, q, batch, heads, softcap):
                          f"({batch}, {heads}), got {tuple(alibi_slopes.shape)}")
     if alibi_slopes.device != q.device:
         raise ValueError(f"alibi_slopes must be on q's device ({q.device}), got {alibi_slopes.device}")
-    if softcap:
-        raise NotImplementedError("alibi_slopes together with softcap > 0 is not implemented (pass one of them)")
     return alibi_slopes.detach().contiguous()
 
 
-def check_dropout_p(dropout_p, softcap, alibi_slopes):
+def check_dropout_p(dropout_p):
     """dropout_p: the probability of zeroing each attention probability, in [0, 1) (kept ones are
-    scaled by 1 / (1 - dropout_p)). Returns a float. Not combined with softcap or alibi_slopes."""
+    scaled by 1 / (1 - dropout_p)). Returns a float."""
     try:
         dropout_p = float(dropout_p)
     except (TypeError, ValueError):
         raise TypeError(f"dropout_p must be a number, got {dropout_p!r}") from None
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
-    if dropout_p and (softcap or alibi_slopes is not None):
-        raise NotImplementedError("dropout_p > 0 together with softcap or alibi_slopes is not implemented")
     return dropout_p
 
 
@@ -527,9 +523,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     softcap > 0 turns each scaled score x into softcap * tanh(x / softcap) before the softmax
     (Gemma 2), with its exact derivative in the backward. alibi_slopes, fp32 (nheads,) or (batch,
     nheads), adds -slope * |i + seqlen_k - seqlen_q - j| to the scaled score of query i and key j
-    (ALiBi, as flash_attn; not together with softcap). dropout_p in [0, 1) zeroes each attention
+    (ALiBi, as flash_attn, applied after softcap). dropout_p in [0, 1) zeroes each attention
     probability with that probability and scales the kept ones by 1 / (1 - dropout_p) (flash_attn's
-    dropout, lse unchanged; not together with softcap or ALiBi); the mask comes from torch's CUDA
+    dropout, lse unchanged); the mask comes from torch's CUDA
     generator (torch.manual_seed reproduces it; CUDA-graph safe) and the backward redraws the same.
     Pass dropout_p=0.0 for evaluation, as with flash_attn.
     deterministic=True makes the backward bitwise reproducible. learnable_sink (nheads,) adds a
@@ -543,9 +539,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     check_qkv(q, k, v, varlen=False)
     window_size = check_window_size(window_size)
     softcap = check_softcap(softcap)
-    dropout_p = check_dropout_p(dropout_p, softcap, alibi_slopes)
+    dropout_p = check_dropout_p(dropout_p)
     check_unimplemented(dropout_p, window_size, softcap, alibi_slopes)
-    alibi_slopes = check_alibi_slopes(alibi_slopes, q, q.shape[0], q.shape[2], softcap)
+    alibi_slopes = check_alibi_slopes(alibi_slopes, q, q.shape[0], q.shape[2])
     check_learnable_sink(learnable_sink, q, q.shape[2])
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
     ops.require_extension()
@@ -599,9 +595,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     check_qkv(q, k, v, varlen=True)
     window_size = check_window_size(window_size)
     softcap = check_softcap(softcap)
-    dropout_p = check_dropout_p(dropout_p, softcap, alibi_slopes)
+    dropout_p = check_dropout_p(dropout_p)
     check_unimplemented(dropout_p, window_size, softcap, alibi_slopes)
-    alibi_slopes = check_alibi_slopes(alibi_slopes, q, cu_seqlens_q.shape[0] - 1, q.shape[1], softcap)
+    alibi_slopes = check_alibi_slopes(alibi_slopes, q, cu_seqlens_q.shape[0] - 1, q.shape[1])
     check_learnable_sink(learnable_sink, q, q.shape[1])
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
     check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -637,11 +633,11 @@ def _paged_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     capacity = check_block_table(block_table, batch, q.device, k)
     window_size = check_window_size(window_size)
     softcap = check_softcap(softcap)
-    if check_dropout_p(dropout_p, softcap, alibi_slopes):
+    if check_dropout_p(dropout_p):
         raise NotImplementedError("dropout_p > 0 with block_table (a paged prefill) is not implemented: a paged "
                                   "prefill is an inference call (pass dropout_p=0.0)")
     check_unimplemented(dropout_p, window_size, softcap, alibi_slopes)
-    alibi_slopes = check_alibi_slopes(alibi_slopes, q, batch, q.shape[1], softcap)
+    alibi_slopes = check_alibi_slopes(alibi_slopes, q, batch, q.shape[1])
     check_learnable_sink(learnable_sink, q, q.shape[1])
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
     check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, capacity)
@@ -744,7 +740,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     window_size = check_window_size(window_size)
     softcap = check_softcap(softcap)
     check_unimplemented(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, block_table=block_table)
-    alibi_slopes = check_alibi_slopes(alibi_slopes, q, q.shape[0], q.shape[2], softcap)
+    alibi_slopes = check_alibi_slopes(alibi_slopes, q, q.shape[0], q.shape[2])
     check_learnable_sink(learnable_sink, q, q.shape[2])
     check_rotary(rotary_cos, rotary_sin, q.shape[-1], k is not None)
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])

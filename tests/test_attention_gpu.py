@@ -122,6 +122,17 @@ def test_alibi_against_fp64(per_batch, causal, window, sq, sk, head_dim, dtype):
         assert err < 1e-2, f"{name}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 7))])
+@pytest.mark.parametrize("sq,sk", [(200, 200), (97, 300), (300, 97)])
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.bfloat16), (128, torch.float16)])
+def test_softcap_with_alibi_against_fp64(causal, window, sq, sk, head_dim, dtype):
+    """softcap and ALiBi together (the sm80 kernels' Combined variant, on Hopper too): the capped
+    score gets the bias, as in flash_attn; GQA, sq != sk, windows."""
+    q, k, v, dout = make_inputs(2, sq, sk, 8, 2, head_dim, dtype, seed=sq + 3 * sk)
+    slopes = torch.rand(8, device="cuda")
+    check_against_reference(q, k, v, dout, causal, window_size=window, softcap=20.0, alibi_slopes=slopes)
+
+
 @pytest.mark.parametrize("softcap", [5.0, 50.0])
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 7)), (True, (100, -1))])
 @pytest.mark.parametrize("sq,sk", [(200, 200), (97, 300), (300, 97), (1, 513)])
@@ -133,6 +144,8 @@ def test_softcap_against_fp64(softcap, causal, window, sq, sk, head_dim, dtype):
     q, k, v, dout = make_inputs(2, sq, sk, 8, 2, head_dim, dtype, seed=sq + sk + int(softcap))
     q = (q * 3).to(dtype)
     check_against_reference(q, k, v, dout, causal, window_size=window, softcap=softcap)
+
+
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 7))])
 @pytest.mark.parametrize("sq,sk", [(200, 200), (300, 97), (1, 513)])
 @pytest.mark.parametrize("head_dim,dtype", [(64, torch.bfloat16), (128, torch.float16)])

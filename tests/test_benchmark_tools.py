@@ -29,9 +29,9 @@ def test_sass_report_reads_the_wgmma_region_of_each_kernel(monkeypatch):
             "LDL R3, [R1+0x4]", "STL [R1+0x8], R3", "MUFU.EX2 R5, R5", "WARPGROUP.DEPBAR.LE gsb0, 0x0",
             "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24", "STL [R1+0xc], R4", "EXIT"]
     code = "\n".join(line.format(16 * i, ins) for i, ins in enumerate(body))
-    kernel = "\n\t\tFunction : _ZN3fat4sm9010bwd_kernelINS_7VariantINS_7KeyMaskILb{}ELb{}EEELb{}ELb{}ELb0EEEE\n"
+    kernel = "\n\t\tFunction : _ZN3fat4sm9010bwd_kernelINS_7VariantINS_7KeyMaskILb{}ELb{}EEELb{}ELb{}ELb0ELb0EEEE\n"
     paged = ("\n\t\tFunction : _ZN3fat4sm9010fwd_kernelINS0_9FwdTraitsI13__nv_bfloat16Li128ELi2ELb0ELb1ELb1ELi1ELb0EEE"
-             "NS_7VariantINS_7KeyMaskILb0ELb0EEELb0ELb0ELb0EEELb1EEEvNS_9FwdParamsE\n")
+             "NS_7VariantINS_7KeyMaskILb0ELb0EEELb0ELb0ELb0ELb0EEELb1EEEvNS_9FwdParamsE\n")
     sass = ("\n\tcode for sm_90a" + kernel.format(1, 0, 1, 0) + code + kernel.format(0, 1, 0, 1) + code + paged + code +
             "\n\t\tFunction : _ZN3fat9no_mma_kernelE\n" + line.format(0, "EXIT") + "\n")
     rows = list(load("sass_report", monkeypatch).kernel_rows(sass))

@@ -92,19 +92,20 @@ def test_causal_mask_is_the_same_draw_on_the_visible_keys():
     assert torch.equal(keep & visible, expected & visible) and not keep[..., ~visible].any()
 
 
-def reference_and_pytorch(q, k, v, dout, causal, dropout_p, keep, **varlen):
-    """fp64 reference (out, grads) and PyTorch's math in q's dtype, both with the keep mask."""
+def reference_and_pytorch(q, k, v, dout, causal, dropout_p, keep, **variant):
+    """fp64 reference (out, grads) and PyTorch's math in q's dtype, both with the keep mask (and
+    the reference's other keywords: cu_seqlens, softcap, alibi_slopes)."""
     results = []
     for compute_dtype in (torch.float64, q.dtype):
         leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
         out, _ = attention_reference(*leaves, causal=causal, compute_dtype=compute_dtype, dropout_p=dropout_p,
-                                     dropout_keep=keep, **varlen)
+                                     dropout_keep=keep, **variant)
         results.append((out, torch.autograd.grad(out, leaves, dout.to(compute_dtype))))
     return results
 
 
-def check(ours, grads, q, k, v, dout, causal, dropout_p, keep, **varlen):
-    (ref_out, ref_grads), (pt_out, pt_grads) = reference_and_pytorch(q, k, v, dout, causal, dropout_p, keep, **varlen)
+def check(ours, grads, q, k, v, dout, causal, dropout_p, keep, **variant):
+    (ref_out, ref_grads), (pt_out, pt_grads) = reference_and_pytorch(q, k, v, dout, causal, dropout_p, keep, **variant)
     assert_close_to_ref(ours, ref_out, pt_out, "out")
     for name, g, ref_g, pt_g in zip(("dq", "dk", "dv"), grads, ref_grads, pt_grads):
         assert_close_to_ref(g, ref_g, pt_g, name)
@@ -198,3 +199,23 @@ def test_cuda_graph_replays_draw_new_masks():
         assert torch.equal(keep, dropout_keep_mask(seed, offset, batch, heads, sq, sk, p, device="cuda"))
         masks.append(keep)
     assert not torch.equal(masks[0], masks[1])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("features", ["softcap", "alibi", "softcap+alibi"])
+def test_dropout_combined_with_softcap_and_alibi(causal, features):
+    """The sm80 kernels' Combined variant: dropout with softcap, ALiBi or both, against fp64 with
+    the mask (softcap first, then the ALiBi bias, as flash_attn)."""
+    dropout_p, heads = 0.15, 4
+    q, k, v, dout = make_inputs(2, 150, 190, heads, 2, 64, torch.bfloat16, seed=len(features) + causal)
+    variant = {}
+    if "softcap" in features:
+        variant["softcap"] = 20.0
+    if "alibi" in features:
+        variant["alibi_slopes"] = torch.rand(heads, device="cuda")
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    seed, offset = next_seed_and_offset()
+    out = flash_attn_func(*leaves, dropout_p=dropout_p, causal=causal, **variant)
+    grads = torch.autograd.grad(out, leaves, dout)
+    keep = dropout_keep_mask(seed, offset, 2, heads, 150, 190, dropout_p, device="cuda")
+    check(out, grads, q, k, v, dout, causal, dropout_p, keep, **variant)

@@ -160,7 +160,6 @@ def test_fallback_gradients_with_gradient_checkpointing_match_eager():
 
 
 @pytest.mark.parametrize("call, words", [
-    (dict(dropout=0.1, softcap=30.0), "dropout together with softcap"),
     (dict(output_attentions=True), "output_attentions"),
     (dict(attention_mask=torch.zeros(1, 1, 16, 16)), "4-d attention mask"),
     (dict(head_dim=264), "head dim 264"),

@@ -84,15 +84,16 @@ def test_every_entry_point_checks_dtype_head_dim_and_heads(fake_cuda):
                 call()
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(dropout_p=0.1, softcap=5.0), "dropout_p > 0 together with softcap"),
-])
-def test_every_entry_point_rejects_unimplemented_features(fake_cuda, kwargs, match):
+@pytest.mark.parametrize("kwargs", [dict(dropout_p=0.1, softcap=5.0), dict(dropout_p=0.1, alibi_slopes="slopes"),
+                                    dict(softcap=5.0, alibi_slopes="slopes"),
+                                    dict(dropout_p=0.1, softcap=5.0, alibi_slopes="slopes", causal=True)])
+def test_every_entry_point_takes_feature_combinations(fake_cuda, kwargs):
     q, k, v = batched(hk=4, device="cuda")
+    if kwargs.get("alibi_slopes") == "slopes":
+        kwargs = {**kwargs, "alibi_slopes": torch.ones(q.shape[2], device="cuda")}
     names = []
     for name, call in call_every_entry_point(q, k, v, **kwargs):
-        with pytest.raises(NotImplementedError, match=match):
-            call()
+        assert call().shape[-2:] == q.shape[-2:], name
         names.append(name)
     assert len(names) == 6
 
@@ -315,7 +316,7 @@ def test_every_entry_point_takes_a_learnable_sink(fake_cuda):
 
 def test_every_entry_point_takes_alibi_slopes(fake_cuda):
     """alibi_slopes, fp32 (nheads,) or (batch, nheads): accepted by every entry point, its rules
-    named in the errors; with softcap a clear NotImplementedError."""
+    named in the errors."""
     q, k, v = batched(hk=4, device="cuda")
     batch, heads = q.shape[0], q.shape[2]
     for slopes in (torch.ones(heads, device="cuda"), torch.ones(batch, heads, device="cuda")):
@@ -331,8 +332,6 @@ def test_every_entry_point_takes_alibi_slopes(fake_cuda):
                               (torch.ones(heads), ValueError, "q's device")]:
         with pytest.raises(error, match=match):
             flash_attn_t.flash_attn_func(q, k, v, alibi_slopes=bad)
-    with pytest.raises(NotImplementedError, match="softcap"):
-        flash_attn_t.flash_attn_func(q, k, v, alibi_slopes=torch.ones(heads, device="cuda"), softcap=5.0)
     k_cache = torch.zeros(batch, 64, k.shape[2], k.shape[3], dtype=k.dtype, device="cuda")
     slopes = torch.ones(heads, device="cuda")
     assert flash_attn_t.flash_attn_with_kvcache(q, k_cache, k_cache.clone(), alibi_slopes=slopes).shape == q.shape

@@ -79,44 +79,69 @@ struct KeyMask {
 // flash_attn adds slope * key instead (the same softmax, as key <= row + shift; lse differs by
 // the row's constant) and so do we, to return its lse. In the kernels' units (s, before
 // scale_log2) the slope is -alibi_coef(head) (alibi_bias). A constant per row shifts nothing, so
-// the backward's dS is unchanged. Not combined with softcap.
-// Dropout (not in the sm90 backward; plain scores only): the normalised probability of (query head
+// the backward's dS is unchanged.
+// Dropout (the sm80 kernels and the sm90 forward; plain scores only there): the normalised
+// probability of (query head
 // bh = batch x heads + head, row, key) is kept with probability p_keep by the Philox draw of
 // common/philox.h (its values read from p.rng_state, so a captured CUDA graph draws anew on each
 // replay) and scaled by 1 / p_keep; the forward's row sums and lse are those of the undropped
 // probabilities.
-template <typename Mask, bool Softcap, bool Alibi = false, bool Dropout = false>
+// Combined (the sm80 kernels): any combination of softcap, ALiBi and dropout in one kernel per
+// mask, each compiled in and switched on or off at run time by the call (uniform branches), so
+// that rare combinations do not multiply the instantiations; softcap comes first, then the ALiBi
+// bias on the capped score (flash_attn's order), then the softmax and dropout. The single
+// features keep their own kernels.
+template <typename Mask, bool Softcap, bool Alibi = false, bool Dropout = false, bool Combined = false>
 struct Variant : Mask {
-  static_assert(!(Softcap && Alibi), "softcap with ALiBi is not built");
-  static_assert(!(Dropout && (Softcap || Alibi)), "dropout is built for plain scores only");
-  static constexpr bool kSoftcap = Softcap, kAlibi = Alibi, kDropout = Dropout;
+  static_assert(Combined ? !(Softcap || Alibi || Dropout) : Softcap + Alibi + Dropout <= 1,
+                "a combination of features is the Combined variant");
+  static constexpr bool kSoftcap = Softcap || Combined, kAlibi = Alibi || Combined, kDropout = Dropout || Combined;
+  bool softcap_on, alibi_on, dropout_on;  // Combined: the features this call uses (read through the *_active())
   float softcap_scale;        // softmax_scale / softcap
   const float* alibi_slopes;  // this sequence's slopes, one per query head (natural units)
   float alibi_scale;          // log2(e) / scale_log2: natural units to the kernels' score units
   uint64_t dropout_seed;
   uint32_t dropout_offset, dropout_threshold;
-  float dropout_scale;  // 1 / p_keep
+  float dropout_scale;  // 1 / p_keep (1 without dropout)
 
   __device__ __forceinline__ Variant(const SeqInfo& seq, const FwdParams& p)
       : Mask(seq, p),
+        softcap_on(Combined && p.softcap),
+        alibi_on(Combined && p.alibi),
+        dropout_on(Combined && p.dropout),
         softcap_scale(p.softcap_scale),
-        alibi_slopes(Alibi ? p.alibi_slopes + seq.batch * p.alibi_batch_stride : nullptr),
+        alibi_slopes(Alibi || (Combined && p.alibi) ? p.alibi_slopes + seq.batch * p.alibi_batch_stride : nullptr),
         alibi_scale(p.alibi_scale),
-        dropout_seed(Dropout ? static_cast<uint64_t>(p.rng_state[0]) : 0),
-        dropout_offset(Dropout ? static_cast<uint32_t>(p.rng_state[1]) : 0),
+        dropout_seed(Dropout || (Combined && p.dropout) ? static_cast<uint64_t>(p.rng_state[0]) : 0),
+        dropout_offset(Dropout || (Combined && p.dropout) ? static_cast<uint32_t>(p.rng_state[1]) : 0),
         dropout_threshold(p.dropout_threshold),
         dropout_scale(p.dropout_scale) {}
+  // Whether the call uses each feature: compile-time outside Combined, so the specialised kernels
+  // compile exactly as without Combined.
+  __device__ __forceinline__ bool softcap_active() const {
+    if constexpr (Combined) return softcap_on; else return Softcap;
+  }
+  __device__ __forceinline__ bool alibi_active() const {
+    if constexpr (Combined) return alibi_on; else return Alibi;
+  }
+  __device__ __forceinline__ bool dropout_active() const {
+    if constexpr (Combined) return dropout_on; else return Dropout;
+  }
   // The keep bits of the 8 columns this lane holds of the 32-key group `group` of a row
-  // (common/philox.h: bit 2 t + e is column 32 group + 8 t + 2 (lane % 4) + e).
+  // (common/philox.h: bit 2 t + e is column 32 group + 8 t + 2 (lane % 4) + e); all kept when
+  // the call has no dropout.
   __device__ __forceinline__ uint32_t dropout_bits(int bh, int row, int group) const {
+    if (!dropout_active()) return 0xFFu;
     return dropout_keep_bits(dropout_seed, dropout_offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(row),
                              static_cast<uint32_t>(group), threadIdx.x % 4, dropout_threshold);
   }
-  __device__ __forceinline__ float score(float s) const { return Softcap ? fast_tanh(s * softcap_scale) : s; }
-  __device__ __forceinline__ float score_grad(float t) const { return Softcap ? 1.f - t * t : 1.f; }
+  __device__ __forceinline__ float score(float s) const {
+    return softcap_active() ? fast_tanh(s * softcap_scale) : s;
+  }
+  __device__ __forceinline__ float score_grad(float t) const { return softcap_active() ? 1.f - t * t : 1.f; }
   // -slope of head `head` in score units (0 without ALiBi).
   __device__ __forceinline__ float alibi_coef(int head) const {
-    return Alibi ? -alibi_slopes[head] * alibi_scale : 0.f;
+    return alibi_active() ? -alibi_slopes[head] * alibi_scale : 0.f;
   }
   // s plus the ALiBi bias of query position `position` (row + shift) and key `key`, both as floats
   // (the callers form them as a per-lane base plus constants: no integer conversion per score).
@@ -133,11 +158,12 @@ struct Tag {
 
 // f(Tag<Variant<KeyMask<...>, Softcap, Alibi>>{}) for the mask p asks for: none, causal, or
 // local (flash_attn_api normalises a causal window to local with right = 0).
-template <bool Softcap, bool Alibi, bool Dropout = false, typename F>
+template <bool Softcap, bool Alibi, bool Dropout = false, bool Combined = false, typename F>
 decltype(auto) mask_switch(const FwdParams& p, F&& f) {
-  if (p.local) return f(Tag<Variant<KeyMask<false, true>, Softcap, Alibi, Dropout>>{});
-  return bool_switch(p.causal,
-                     [&](auto causal) { return f(Tag<Variant<KeyMask<causal>, Softcap, Alibi, Dropout>>{}); });
+  if (p.local) return f(Tag<Variant<KeyMask<false, true>, Softcap, Alibi, Dropout, Combined>>{});
+  return bool_switch(p.causal, [&](auto causal) {
+    return f(Tag<Variant<KeyMask<causal>, Softcap, Alibi, Dropout, Combined>>{});
+  });
 }
 
 // The same for the whole variant p asks for: each mask plain, with softcap or with ALiBi (nine
@@ -154,6 +180,14 @@ template <typename F>
 decltype(auto) variant_switch_with_dropout(const FwdParams& p, F&& f) {
   if (p.dropout) return mask_switch<false, false, true>(p, f);
   return variant_switch(p, f);
+}
+
+// The sm80 kernels' switch: variant_switch_with_dropout, and each mask's Combined variant for a
+// call that combines softcap, ALiBi and dropout (fifteen instantiations).
+template <typename F>
+decltype(auto) sm80_variant_switch(const FwdParams& p, F&& f) {
+  if (combines_features(p)) return mask_switch<false, false, false, true>(p, f);
+  return variant_switch_with_dropout(p, f);
 }
 
 // A 16-bit lane mask for a packed pair of elements: bits 0 and 1 of keep say whether the low and

@@ -308,7 +308,8 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, const SeqInfo&
               // ones: P (Z dP / p_keep - D), D from the dropped output
               const bool kept = (keep_pair >> c) & 1u;
               pr[c] = kept ? pv : 0.f;
-              dsr[c] = pv * ((kept ? dp[mt][nt][2 * r + c] * mask.dropout_scale : 0.f) - dsum);
+              dsr[c] = pv * ((kept ? dp[mt][nt][2 * r + c] * mask.dropout_scale : 0.f) - dsum) *
+                       mask.score_grad(score);
             } else {
               pr[c] = pv;
               dsr[c] = pv * (dp[mt][nt][2 * r + c] - dsum) * mask.score_grad(score);

@@ -54,7 +54,7 @@ cudaError_t run_bwd_sm80(const BwdParams& p, cudaStream_t stream) {
   // flash_api sizes the deterministic splits by kBwdBlockN keys: never more splits than this
   // kernel's key blocks when those are no longer.
   static_assert(kBwdBlockN % Traits::kBlockN == 0, "flash_api sizes dq_accum splits with kBwdBlockN");
-  return variant_switch_with_dropout(
+  return sm80_variant_switch(
       p, [&](auto variant) { return sm80::launch_bwd<Traits, typename decltype(variant)::type>(p, stream); });
 }
 

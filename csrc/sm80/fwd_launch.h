@@ -30,7 +30,7 @@ namespace fat {
 template <typename Element, int HeadDim>
 cudaError_t run_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
   using Traits = typename sm80::FwdConfig<Element, HeadDim, FAT_TENSOR_ROW_SUM>::Traits;
-  return variant_switch_with_dropout(
+  return sm80_variant_switch(
       p, [&](auto variant) { return sm80::launch_fwd<Traits, typename decltype(variant)::type>(p, stream); });
 }
 

@@ -217,8 +217,6 @@ def unsupported_reason(query, key, attention_mask, dropout, sliding_window, soft
     for feature, (wanted, what) in asked.items():
         if wanted and not KERNEL_FEATURES[feature]:
             return f"{what} (not implemented in the kernels)"
-    if dropout and softcap:
-        return "attention dropout together with softcap (not implemented in the kernels)"
     if kwargs.get("output_attentions"):
         return "output_attentions=True (the kernels never form the attention matrix)"
     if kwargs.get("position_bias") is not None:
