@@ -10,8 +10,7 @@ checked against SDPA's math backend in fp32.
     python benchmarks/benchmark_decode.py                      # issue 11's cases
     python benchmarks/benchmark_decode.py --cases 4x65536 --head-dim 64
     python benchmarks/benchmark_decode.py --page-sizes 16 256   # also the paged cache (pages shuffled)
-    python benchmarks/benchmark_decode.py --splits 2 16 17:3     # also fixed splits (N equal ones; N:W with a
-                                                                 # short last one, W times shorter)
+    python benchmarks/benchmark_decode.py --splits 2 16          # also fixed split counts (the heuristic's A/B)
 """
 import argparse
 import statistics
@@ -40,16 +39,14 @@ def paged(cache, page_size, order):
 
 def callables(q, k_cache, v_cache, page_sizes, splits=()):
     """{backend: fn} for q (batch, 1, heads, d) against the caches (batch, seqlen, heads_k, d), also
-    read through block tables of each of page_sizes and with each fixed split of splits ("N" or
-    "N:W", flash_attn_t.decode's split count and weight)."""
-    from flash_attn_t import decode, flash_attn_with_kvcache
+    read through block tables of each of page_sizes and with each fixed split count of splits."""
+    from flash_attn_t import flash_attn_with_kvcache
     batch, seqlen = k_cache.shape[:2]
     lengths = torch.full((batch,), seqlen, dtype=torch.int32, device=q.device)
     fns = {"flash_attn_t": lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, causal=True)}
-    for spec in splits:
-        n, weight = (int(x) for x in (spec.split(":") + ["1"])[:2])
-        fns[f"fa_t_split{spec}"] = (lambda n=n, weight=weight: decode.split_kv_attention(
-            q, k_cache, v_cache, lengths, None, None, q.shape[-1] ** -0.5, n, split_weight=weight)[0])
+    for n in splits:
+        fns[f"fa_t_split{n}"] = (lambda n=n: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
+                                                                      num_splits=n))
     for page_size in page_sizes:
         order = torch.randperm(batch * seqlen // page_size, device=q.device)
         (k_pool, table), (v_pool, _) = paged(k_cache, page_size, order), paged(v_cache, page_size, order)
@@ -75,7 +72,7 @@ def main(argv=None):
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--page-sizes", nargs="*", type=int, default=[], help="also read a paged cache")
-    parser.add_argument("--splits", nargs="*", default=[], help="also fixed splits: N or N:W")
+    parser.add_argument("--splits", nargs="*", type=int, default=[], help="also fixed split counts")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args(argv)
@@ -90,8 +87,6 @@ def main(argv=None):
         k_cache, v_cache = (torch.randn(batch, seqlen, args.kv_heads, args.head_dim, device="cuda",
                                         dtype=torch.bfloat16, generator=gen) for _ in range(2))
         fns = callables(q, k_cache, v_cache, args.page_sizes, args.splits)
-        from flash_attn_t import decode
-        print(f"{case:>10} {'(plan)':>15} flash_attn_t's (splits, split_weight): {decode.plan(q, k_cache, True)}")
         with sdpa_kernel(SDPBackend.MATH):
             expected = F.scaled_dot_product_attention(*(t.transpose(1, 2).float() for t in (q, k_cache, v_cache)),
                                                       enable_gqa=True).transpose(1, 2)

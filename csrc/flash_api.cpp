@@ -371,9 +371,8 @@ void set_block_table(FwdParams& p, const at::Tensor& block_table, int page_size)
 // Attention of q against a KV cache (batch_k, seqlen_cache, heads_k, dim): query batch b reads
 // cache row kv_batch_idx[b] (b when absent), keys [leftpad_k[b], seqused_k[b]), causal aligned at
 // the end of those keys. The values are clamped into range in the kernels (see params.h).
-// num_splits > 1: each sequence's keys cut into num_splits parts (equal, or with split_weight > 1
-// all but the last that much longer than it: params.h), one output row per (sequence, split),
-// batch-major, for flash_attn_t.decode to merge (no mask: positions would move).
+// num_splits > 1: each sequence's keys cut into num_splits equal parts, one output row per
+// (sequence, split), batch-major, for flash_attn_t.decode to merge (no mask: positions would move).
 // block_table (batch, max_pages) int32: k_cache, v_cache are pools of pages (num_pages,
 // page_size, heads_k, dim); the sm90 kernels without softcap or ALiBi read the pages in place
 // (params.h), the others get them gathered into contiguous caches first.
@@ -384,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
                                                bool causal, int64_t window_left, int64_t window_right,
                                                double softcap, const std::optional<at::Tensor>& alibi_slopes,
                                                int64_t num_splits, const std::optional<at::Tensor>& learnable_sink,
-                                               const std::optional<at::Tensor>& block_table, int64_t split_weight) {
+                                               const std::optional<at::Tensor>& block_table) {
   check_q(q, 4);
   check_tensor(k_cache_, "k_cache", 4, q);
   check_tensor(v_cache_, "v_cache", 4, q);
@@ -412,8 +411,6 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
               "flash_attn_t: num_splits > 1 takes no causal mask, window or alibi_slopes");
   TORCH_CHECK(num_splits == 1 || !learnable_sink.has_value(),
               "flash_attn_t: num_splits > 1 takes no learnable_sink (apply it to the merged splits)");
-  TORCH_CHECK(split_weight >= 1 && split_weight <= 64, "flash_attn_t: split_weight must be in [1, 64], got ",
-              split_weight);
   return batched_fwd(
       q, k_cache, v_cache, softmax_scale, {causal, window_left, window_right, softcap, alibi_slopes}, learnable_sink,
       [&](FwdParams& p) {
@@ -424,7 +421,6 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
           set_block_table(p, *block_table, static_cast<int>(k_cache.size(1)));
           p.seqlen_k = p.max_pages * p.page_size;  // a sequence's capacity
         }
-        p.split_weight = static_cast<int>(split_weight);
       },
       num_splits);
 }
@@ -689,7 +685,7 @@ TORCH_LIBRARY(flash_attn_t, m) {
   m.def("fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqused_k, Tensor? kv_batch_idx, "
         "Tensor? leftpad_k, float softmax_scale, bool causal, int window_left=-1, int window_right=-1, "
         "float softcap=0.0, Tensor? alibi_slopes=None, int num_splits=1, Tensor? learnable_sink=None, "
-        "Tensor? block_table=None, int split_weight=1) -> (Tensor, Tensor)");
+        "Tensor? block_table=None) -> (Tensor, Tensor)");
   m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left=-1, "
         "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? learnable_sink=None, "

@@ -37,10 +37,8 @@ struct FwdParams {
   const int* leftpad_k;
   // Split-KV (batched, forward only; 0 or 1: none): the launch's batch is batch x kv_splits
   // virtual sequences; virtual b reads query batch b / kv_splits and the (b % kv_splits)-th of
-  // kv_splits parts of that sequence's keys, and writes out / lse at batch row b. The parts are
-  // weighted split_weight each but the last, which weighs 1 (1: equal parts; w > 1 leaves a short
-  // last part, for SMs the full parts would leave idle: flash_attn_t/decode.py).
-  int kv_splits, split_weight;
+  // kv_splits equal parts of that sequence's keys, and writes out / lse at batch row b.
+  int kv_splits;
   // Paged KV cache (sm90 forward, batched, no kv_batch_idx / leftpad_k): k and v are pools of
   // batch_k pages of page_size rows (k_batch_stride apart); key j of query batch b sits in row
   // j % page_size of page block_table[b * block_table_stride + j / page_size] (max_pages entries;

@@ -5,8 +5,7 @@ merged exactly through their log-sum-exp.
 
 A decode step is two launches: the KV-cache form of the forward kernel
 (torch.ops.flash_attn_t.fwd_kvcache with num_splits), which cuts each sequence's keys
-[leftpad_b, seqused_b) into parts itself (equal ones, or with a short last one: choose_splits)
-and writes one output row per (sequence, split),
+[leftpad_b, seqused_b) into equal parts itself and writes one output row per (sequence, split),
 and torch.ops.flash_attn_t.merge_splits, which merges them and puts each packed row back in its
 (query, head) place. Nothing is computed or copied per split on the host side, and a step stays
 capturable in a CUDA graph. Packing turns the group's heads into rows, which changes what a row's
@@ -21,28 +20,18 @@ import torch
 # launch width and merging than they add in parallelism.
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 64
-# A short last split is this many times shorter than the others (fwd_kvcache's split_weight).
-SHORT_SPLIT_WEIGHT = 3
 
 
 def choose_splits(batch, kv_heads, rows, max_keys, sms, block_rows=64):
-    """(splits, split_weight) per sequence that fill the GPU: one split when the (batch, kv head,
-    row block) CTAs already make most of a wave; otherwise as many equal ones as fit in one wave
-    (rounding up starts a second wave of a few CTAs, each as long as the first: 1 x 131k keys, 8
-    kv heads on 132 SMs took 375 us in 17 splits, 201 us in 16; two waves of half-length splits,
-    33, took 212 us), each with at least MIN_KEYS_PER_SPLIT keys of the longest possible
-    sequence. When those leave SMs idle and each idle SM would take at most two CTAs of one more
-    split, that split is added as a short one (SHORT_SPLIT_WEIGHT times shorter; split_weight):
-    the full splits shrink by its share and the idle SMs run it."""
+    """How many splits per sequence fill the GPU: 1 when the (batch, kv head, row block) CTAs
+    already make most of a wave; otherwise as many as fit in one wave (rounding up starts a
+    second wave of a few CTAs, each as long as the first: 1 x 131k keys, 8 kv heads on 132 SMs
+    took 375 us in 17 splits, 201 us in 16), each with at least MIN_KEYS_PER_SPLIT keys of the
+    longest possible sequence."""
     ctas = batch * kv_heads * math.ceil(rows / block_rows)
     if ctas == 0 or ctas >= 0.8 * sms:
-        return 1, 1
-    splits = max(1, min(MAX_SPLITS, sms // ctas, max_keys // MIN_KEYS_PER_SPLIT))
-    idle = sms - splits * ctas
-    short_keys = max_keys // (splits * SHORT_SPLIT_WEIGHT + 1)
-    if splits > 1 and idle and ctas <= 2 * idle and splits < MAX_SPLITS and short_keys >= MIN_KEYS_PER_SPLIT:
-        return splits + 1, SHORT_SPLIT_WEIGHT
-    return splits, 1
+        return 1
+    return max(1, min(MAX_SPLITS, sms // ctas, max_keys // MIN_KEYS_PER_SPLIT))
 
 
 # Packed rows at most: beyond one block of rows the prefill kernels' own tiling serves as well.
@@ -55,25 +44,25 @@ def _sms(device):
 
 
 def plan(q, k, causal, window=(-1, -1), num_splits=0, max_keys=None):
-    """(splits, split_weight) for split_kv_attention (choose_splits), or (0, 1) when the plain
-    kernel path is the better one: more than MAX_PACKED_ROWS packed rows, a position-dependent mask over several query rows
+    """The number of splits for split_kv_attention, or 0 when the plain kernel path is the better
+    one: more than MAX_PACKED_ROWS packed rows, a position-dependent mask over several query rows
     (causal with seqlen_q > 1: packing would move rows off their positions), a sliding window (a
     split's keys would move the window's alignment; the kernel skips the keys outside it anyway),
     too few keys to split when the count is left to us, or nothing to gain (no group to pack and
-    one split). num_splits: 0 = choose from the SM count, n > 0 = n equal splits. max_keys: a
-    sequence's most keys (k's length by default; a paged cache's capacity)."""
+    one split). num_splits: 0 = choose from the SM count. max_keys: a sequence's most keys (k's
+    length by default; a paged cache's capacity)."""
     batch, seqlen_q, heads, _ = q.shape
     kv_heads, max_keys = k.shape[2], k.shape[1] if max_keys is None else max_keys
     rows = seqlen_q * (heads // kv_heads)
     positional = (causal and seqlen_q > 1) or tuple(window) != (-1, -1)
     if rows > MAX_PACKED_ROWS or positional or (not num_splits and max_keys < 2 * MIN_KEYS_PER_SPLIT):
-        return 0, 1
-    splits, weight = (num_splits, 1) if num_splits else choose_splits(batch, kv_heads, rows, max_keys, _sms(q.device))
-    return (0, 1) if splits == 1 and heads == kv_heads else (splits, weight)
+        return 0
+    splits = num_splits or choose_splits(batch, kv_heads, rows, max_keys, _sms(q.device))
+    return 0 if splits == 1 and heads == kv_heads else splits
 
 
 def split_kv_attention(q, k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, softmax_scale, num_splits,
-                       softcap=0.0, attend=None, block_table=None, split_weight=1):
+                       softcap=0.0, attend=None, block_table=None):
     """Non-causal attention of q (batch, seqlen_q, nheads, d) against cache rows kv_batch_idx[b]
     (b when None), keys [leftpad_k[b] (0 when None), seqused_k[b]) of k_cache / v_cache
     (batch_cache, seqlen_cache, nheads_k, d), through num_splits splits per sequence with the
@@ -82,18 +71,17 @@ def split_kv_attention(q, k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, 
     exact for it too: each split's lse is of the capped scores). `attend` computes one fwd_kvcache
     call (the kernel by default, then merged by the merge_splits kernel; the CPU tests pass an exact
     emulation, merged here by merge_splits below). block_table: the caches are paged (the kernel
-    path only). split_weight > 1: the splits but the last are that many times longer than it."""
+    path only)."""
     if attend is None:
         out, lse = torch.ops.flash_attn_t.fwd_kvcache(
             _packed_rows(q, k_cache.shape[2]), k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, softmax_scale,
-            False, softcap=softcap, num_splits=num_splits, block_table=block_table, split_weight=split_weight)
+            False, softcap=softcap, num_splits=num_splits, block_table=block_table)
         return torch.ops.flash_attn_t.merge_splits(out, lse, num_splits, q.shape[2] // k_cache.shape[2])
     batch, seqlen_q, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     group, rows, splits = heads // kv_heads, seqlen_q * heads // kv_heads, num_splits
     packed = _packed_rows(q, kv_heads)
-    out, lse = attend(packed, k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, softmax_scale, splits,
-                      split_weight)
+    out, lse = attend(packed, k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, softmax_scale, splits)
     out, lse = merge_splits(out.view(batch, splits, rows, kv_heads, head_dim), lse.view(batch, splits, kv_heads, rows))
     out = out.view(batch, seqlen_q, group, kv_heads, head_dim).transpose(2, 3).reshape(q.shape).to(q.dtype)
     lse = lse.view(batch, kv_heads, seqlen_q, group).transpose(2, 3).reshape(batch, heads, seqlen_q)

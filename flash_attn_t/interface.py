@@ -443,11 +443,10 @@ def _forward(q, k, v, softmax_scale, causal, variant, sink, alibi, dropout_p=0.0
     way (out, lse), which is all the backward needs (with rng_state, for dropout). variant:
     (window_left, window_right, softcap), the ops' trailing arguments. The plain kernel adds the
     sink in its epilogue; the split path adds it to the merged rows."""
-    splits, weight = decode.plan(q, k, causal, variant[:2]) if alibi is None and not dropout_p else (0, 1)
+    splits = decode.plan(q, k, causal, variant[:2]) if alibi is None and not dropout_p else 0
     if splits:
         seqused = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
-        out, lse = decode.split_kv_attention(q, k, v, seqused, None, None, softmax_scale, splits, softcap=variant[2],
-                                             split_weight=weight)
+        out, lse = decode.split_kv_attention(q, k, v, seqused, None, None, softmax_scale, splits, softcap=variant[2])
         return sinks.apply_sink(out, lse, sink) if sink is not None else (out, lse)
     return torch.ops.flash_attn_t.fwd(q, k, v, softmax_scale, causal, *variant, alibi_slopes=alibi,
                                       learnable_sink=_kernel_sink(sink), dropout_p=dropout_p, rng_state=rng_state)
@@ -759,12 +758,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         seqlens = seqlens + k.shape[1]
     head_dim = q.shape[-1]
     q_, k_cache_, v_cache_ = _pad_head_dim(q, k_cache, v_cache)
-    splits, weight = (0, 1) if alibi_slopes is not None else decode.plan(q_, k_cache_, causal, window_size,
-                                                                         operator.index(num_splits), capacity)
+    splits = 0 if alibi_slopes is not None else decode.plan(q_, k_cache_, causal, window_size,
+                                                            operator.index(num_splits), capacity)
     if splits:
         out, lse = decode.split_kv_attention(q_, k_cache_, v_cache_, seqlens, cache_batch_idx, cache_leftpad,
-                                             softmax_scale, splits, softcap=softcap, block_table=block_table,
-                                             split_weight=weight)
+                                             softmax_scale, splits, softcap=softcap, block_table=block_table)
         if learnable_sink is not None:
             out, lse = sinks.apply_sink(out, lse, learnable_sink)
     else:

@@ -51,7 +51,7 @@ if extension_available():
     @torch.library.register_fake("flash_attn_t::fwd_kvcache")
     def _fwd_kvcache_fake(q, k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, softmax_scale, causal,
                           window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, num_splits=1,
-                          learnable_sink=None, block_table=None, split_weight=1):
+                          learnable_sink=None, block_table=None):
         batch, seqlen_q, heads, dim = q.shape
         out = q.new_empty(batch * num_splits, seqlen_q, heads, dim)
         return out, q.new_empty(batch * num_splits, heads, seqlen_q, dtype=torch.float32)

@@ -11,19 +11,17 @@ from flash_attn_t import decode
 from flash_attn_t.reference import attention_reference
 
 
-def emulated_fwd_kvcache(q, k_cache, v_cache, seqused, batch_idx, leftpad, scale, splits, split_weight=1):
+def emulated_fwd_kvcache(q, k_cache, v_cache, seqused, batch_idx, leftpad, scale, splits):
     """torch.ops.flash_attn_t.fwd_kvcache without a causal mask and with num_splits, the kernels'
-    clamping and split bounds included (csrc/common/seq_info.h: splits weigh split_weight but the
-    last, which weighs 1), in fp64: output row b * splits + s is split s of sequence b."""
-    total = (splits - 1) * split_weight + 1
+    clamping and split bounds included (csrc/common/seq_info.h), in fp64: output row b * splits + s
+    is split s of sequence b."""
     outs, lses = [], []
     for b in range(q.shape[0]):
         row = b if batch_idx is None else min(max(int(batch_idx[b]), 0), k_cache.shape[0] - 1)
         end = min(max(int(seqused[b]), 0), k_cache.shape[1])
         start = 0 if leftpad is None else min(max(int(leftpad[b]), 0), end)
-        edge = lambda s: (end - start) * s * split_weight // total if s < splits else end - start  # noqa: E731
         for s in range(splits):
-            first, last = start + edge(s), start + edge(s + 1)
+            first, last = start + (end - start) * s // splits, start + (end - start) * (s + 1) // splits
             out, lse = attention_reference(q[b:b + 1], k_cache[row:row + 1, first:last],
                                            v_cache[row:row + 1, first:last], scale, causal=False)
             outs.append(out)
@@ -33,9 +31,9 @@ def emulated_fwd_kvcache(q, k_cache, v_cache, seqused, batch_idx, leftpad, scale
 
 @pytest.mark.parametrize("seqlen_q", [1, 3])
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4), (6, 1)])
-@pytest.mark.parametrize("splits,split_weight", [(1, 1), (2, 1), (5, 1), (64, 1), (2, 3), (17, 3)])
+@pytest.mark.parametrize("splits", [1, 2, 5, 64])
 @pytest.mark.parametrize("indices", [False, True])
-def test_split_kv_matches_whole_sequence_attention(seqlen_q, heads, kv_heads, splits, split_weight, indices):
+def test_split_kv_matches_whole_sequence_attention(seqlen_q, heads, kv_heads, splits, indices):
     torch.manual_seed(seqlen_q * 100 + heads * 10 + splits)
     batch, batch_cache, seqlen_cache, dim = 4, 6, 90, 16
     q = torch.randn(batch, seqlen_q, heads, dim, dtype=torch.float64)
@@ -47,7 +45,7 @@ def test_split_kv_matches_whole_sequence_attention(seqlen_q, heads, kv_heads, sp
     scale = 0.3
 
     out, lse = decode.split_kv_attention(q, k_cache, v_cache, seqused, batch_idx, leftpad, scale, splits,
-                                         attend=emulated_fwd_kvcache, split_weight=split_weight)
+                                         attend=emulated_fwd_kvcache)
     assert out.shape == q.shape and lse.shape == (batch, heads, seqlen_q)
     for b in range(batch):
         row = int(batch_idx[b]) if indices else b
@@ -87,21 +85,10 @@ def test_plan(monkeypatch, shape, causal, num_splits, expected):
     keys = 100 if expected == "plain-short" else 32768
     q, k = torch.empty(batch, seqlen_q, heads, dim), torch.empty(batch, keys, 8, dim)
     window = causal if isinstance(causal, tuple) else (-1, -1)
-    splits, weight = decode.plan(q, k, causal is True, window, num_splits=num_splits)
+    splits = decode.plan(q, k, causal is True, window, num_splits=num_splits)
     if expected.startswith("plain"):
-        assert (splits, weight) == (0, 1)
+        assert splits == 0
     elif expected == "pack":
-        assert (splits, weight) == (1, 1)
+        assert splits == 1
     else:
         assert 1 < splits <= decode.MAX_SPLITS
-
-
-@pytest.mark.parametrize("batch,kv_heads,keys,expected", [
-    (1, 8, 131072, (17, 3)),  # 16 full splits leave 4 of 132 SMs idle: a short 17th, two CTAs per idle SM
-    (8, 8, 32768, (2, 1)),    # 4 idle SMs for 64 CTAs of a third split: too many per SM, equal splits
-    (8, 8, 8192, (2, 1)),
-    (1, 8, 2048, (8, 1)),     # a short split would hold fewer than MIN_KEYS_PER_SPLIT keys
-    (4, 32, 32768, (1, 1)),   # 128 CTAs already fill most of the wave
-])
-def test_choose_splits(batch, kv_heads, keys, expected):
-    assert decode.choose_splits(batch, kv_heads, 4, keys, 132) == expected

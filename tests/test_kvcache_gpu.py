@@ -189,7 +189,7 @@ def test_split_kv_decode_against_reference(dtype, head_dim, seqlen_q, causal, he
     seqlens = torch.tensor([0, 1, 1234, seqlen_cache], dtype=torch.int32, device="cuda")
     batch_idx = torch.tensor([4, 0, 2, 1], dtype=torch.int32, device="cuda")
     leftpad = torch.tensor([0, 0, 17, 2999], dtype=torch.int32, device="cuda")
-    assert decode.plan(q, k_cache, causal, num_splits=num_splits)[0] or (num_splits == 1 and heads == heads_k)
+    assert decode.plan(q, k_cache, causal, num_splits=num_splits) or (num_splits == 1 and heads == heads_k)
     poison_allocator()
     out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, cache_batch_idx=batch_idx,
                                        cache_leftpad=leftpad, causal=causal, num_splits=num_splits,
@@ -239,7 +239,7 @@ def test_flash_attn_func_one_query_row_against_many_keys(heads, heads_k):
     q = torch.randn(2, 1, heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(2, 5000, heads_k, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             for _ in range(2))
-    assert decode.plan(q, k, True)[0]
+    assert decode.plan(q, k, True)
     out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)

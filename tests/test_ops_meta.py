@@ -52,7 +52,7 @@ def test_ops_are_registered_with_the_contract_schemas():
         "fwd": ["q", "k", "v", "softmax_scale", "causal", *window, "learnable_sink", *dropout],
         "bwd": ["dout", "q", "k", "v", "out", "lse", "softmax_scale", "causal", "deterministic", *window, *dropout],
         "fwd_kvcache": ["q", "k_cache", "v_cache", "seqused_k", "kv_batch_idx", "leftpad_k", "softmax_scale", "causal",
-                        *window, "num_splits", "learnable_sink", "block_table", "split_weight"],
+                        *window, "num_splits", "learnable_sink", "block_table"],
         "varlen_fwd": ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
                        "softmax_scale", "causal", *window, "learnable_sink", "block_table", *dropout],
         "varlen_bwd": ["dout", "q", "k", "v", "out", "lse", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",

@@ -44,13 +44,9 @@ struct SeqInfo {
         first_k = pad;
         len_k -= pad;
       }
-      if (splits > 1) {  // this split's part of the keys (weights and box-aligned starts: params.h)
-        const int64_t weight = max(p.split_weight, 1), total = (splits - 1) * weight + 1;
-        auto edge = [&](int s) {
-          return static_cast<int>(len_k * static_cast<int64_t>(s) * weight / total) & ~p.split_round_bits;
-        };
-        const int begin = split == 0 ? 0 : edge(split);
-        const int end = split == splits - 1 ? len_k : edge(split + 1);
+      if (splits > 1) {  // this split's part of the keys (box-aligned starts when paged, params.h)
+        const int begin = split == 0 ? 0 : len_k * split / splits & ~p.split_round_bits;
+        const int end = split == splits - 1 ? len_k : len_k * (split + 1) / splits & ~p.split_round_bits;
         first_k += begin;
         len_k = end - begin;
       }
