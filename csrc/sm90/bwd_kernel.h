@@ -3,7 +3,10 @@
 // gradients are summed in registers, never expanded). Per query block, recomputing P from lse:
 //   S^T = K Q^T, dP^T = V dO^T, P^T = exp2(S^T scale_log2 - lse log2 e), dS^T = P^T (dP^T - D),
 //   dV += P^T dO, dK += dS^T Q (A operands from registers), dQ = dS K (dS^T from shared memory),
-// with the fp32 dQ block added into dq_accum by the bulk copy engine off the MMA warps.
+// with the fp32 dQ block added into dq_accum by the bulk copy engine off the MMA warps. dQ of a
+// step needs both warpgroups' halves of dS^T, so it is issued one step late: the warpgroups never
+// wait for each other inside a step, and (PingPong) one's element-wise work runs under the
+// other's GEMMs.
 //   producer warpgroup: warp 0 loads K, V once per key block and Q, dO per query block with TMA;
 //                       warp 1 stages each query block's lse (in log2 units) and D rows; warp 2
 //                       drains the staged dQ blocks into dq_accum (cp.reduce.async.bulk);
@@ -66,6 +69,9 @@ struct BwdSmem {
   __device__ __forceinline__ uint64_t* q_empty(int stage) const { return barriers() + 2 + Traits::kStages + stage; }
   __device__ __forceinline__ uint64_t* dq_full() const { return barriers() + 2 + 2 * Traits::kStages; }
   __device__ __forceinline__ uint64_t* dq_empty() const { return dq_full() + 1; }
+  // dS^T buffer b: both warpgroups' halves stored (full); both warpgroups' dQ reads done (free).
+  __device__ __forceinline__ uint64_t* ds_full(int buffer) const { return dq_empty() + 1 + buffer; }
+  __device__ __forceinline__ uint64_t* ds_free(int buffer) const { return dq_empty() + 3 + buffer; }
 };
 
 // One key block of one (kv head, batch) and the (q head, query block) steps that visit it.
@@ -254,11 +260,11 @@ struct BwdConsumer {
     wgmma_commit();
   }
 
-  // This warpgroup's 64 x 64 piece of dQ = dS K: dS^T (keys x queries) as a transposed A, K as a
-  // transposed B, over all 128 keys.
-  __device__ __forceinline__ void issue_dq(float (&dq)[8][4], int ds_buffer) const {
+  // This warpgroup's 64 x 64 piece of dQ = dS K: dS^T (keys x queries, `ds_tile`) as a transposed
+  // A, K as a transposed B, over all 128 keys.
+  __device__ __forceinline__ void issue_dq(float (&dq)[8][4], const Element* ds_tile) const {
     constexpr uint32_t kSlab = kBlockN * kSlabRowBytes;
-    const Element* a_tile = sm.ds(ds_buffer) + (Traits::kDqSplitRows ? wg * kSlab / sizeof(Element) : 0);
+    const Element* a_tile = ds_tile + (Traits::kDqSplitRows ? wg * kSlab / sizeof(Element) : 0);
     const Element* b_tile = sm.k() + (Traits::kDqSplitRows ? 0 : wg * kSlab / sizeof(Element));
     wgmma_fence();
 #pragma unroll
@@ -405,70 +411,105 @@ struct BwdConsumer {
     }
   }
 
+  // Once that dQ piece has retired: frees the dS^T buffer and stages the piece for the drain warp.
+  __device__ __forceinline__ void stage_dq(float (&dq)[8][4], RingPosition<2> ds, RingPosition<1>& dq_slot) const {
+    fence_operand(dq);
+    mbar_arrive(sm.ds_free(ds.stage()));
+    dq_slot.wait_empty(sm.dq_empty());  // the drain warp has read the last staged block
+    store_dq(dq);
+    fence_proxy_async();  // read next by the bulk copy engine
+    mbar_arrive(sm.dq_full());
+    dq_slot = dq_slot.plus(1);
+  }
+
+  // One step: S^T, dP^T; P^T, dS^T; dV; this warpgroup's dS^T half published; the previous
+  // step's dQ (both halves are published by then unless the other warpgroup is more than a step
+  // behind); dK. With PingPong the warpgroups take turns issuing S^T, dP^T, so one warpgroup's
+  // tensor work comes first and its element-wise phase runs while the other's GEMMs occupy the
+  // tensor cores.
+  // A key block's first step has no previous dQ, but issues one anyway, over the K/V tiles (stable
+  // for the whole block) in place of dS^T, and discards it: every step then issues the same
+  // wgmmas. (With the first step as a separate copy without dQ, ptxas serialized every wgmma of
+  // the hd64 kernel for lack of registers, C7512.)
+  __device__ __forceinline__ void step(const BwdParams& p, const BwdKeyBlock<Traits, Mask>& blk, int s_idx,
+                                       RingPosition<Traits::kStages> q, RingPosition<2> ds,
+                                       RingPosition<1>& dq_slot, float (&dk)[kKvTiles][4],
+                                       float (&dv)[kKvTiles][4]) const {
+    const int stage = q.stage(), first_row = blk.first_row(s_idx);
+    const bool has_previous = s_idx > 0;
+    const RingPosition<2> previous = ds.plus(-1);
+    float s[kSTiles][4], dp[kSTiles][4];
+    uint32_t p_frag[kSlices][4], ds_frag[kSlices][4];
+    q.wait_full(sm.q_full(stage));
+    if constexpr (Traits::kPingPong) Barriers::bwd_turn(wg).sync();
+    issue_s_dp(s, dp, stage);
+    if constexpr (Traits::kPingPong) Barriers::bwd_turn(1 - wg).arrive();
+
+    if constexpr (Mask::kSoftcap) {
+      wgmma_wait<0>();
+      fence_operand(s);
+      fence_operand(dp);
+      softcap_p_and_ds(s, dp, blk, first_row, stage, p.scale_log2);
+    } else {
+      wgmma_wait<1>();  // S^T done; dP^T may still run
+      fence_operand(s);
+#if !FAT_BWD_TIMING_SKIP_ELEMENTWISE
+      scores_to_p(s, blk, first_row, stage, p.scale_log2,
+                  Mask::kAlibi ? blk.mask.alibi_coef(blk.head(s_idx, p.heads / p.heads_k)) : 0.f);
+#endif
+      wgmma_wait<0>();
+      fence_operand(dp);
+      // dS before packing either: P^T in fp32 and dP^T die as they are packed, so at most
+      // S^T, dP^T and dK, dV are live at once (hd64 at BlockM 128 would spill otherwise).
+#if !FAT_BWD_TIMING_SKIP_ELEMENTWISE
+      dp_to_ds(dp, s, stage);
+#endif
+    }
+    pack_a_fragments<Element>(s, p_frag);
+    pack_a_fragments<Element>(dp, ds_frag);
+    // The waits come before dV is issued, not between register-sourced wgmmas in flight. Both are
+    // long satisfied unless a warpgroup lags: this step's buffer was read by the dQ of two steps
+    // back; the other warpgroup's half of the previous step's dS^T.
+    ds.wait_empty(sm.ds_free(ds.stage()));
+    if (has_previous) previous.wait_full(sm.ds_full(previous.stage()));
+    // dV += P^T dO runs while dS^T is published, dQ and dK while the dQ piece is staged.
+    issue_kv_grad(dv, p_frag, sm.dout(stage));
+    store_ds(ds_frag, ds.stage());
+    fence_proxy_async();  // plain stores, read next by wgmma (async proxy)
+    mbar_arrive(sm.ds_full(ds.stage()));
+    float dq[8][4];
+    issue_dq(dq, has_previous ? sm.ds(previous.stage()) : sm.k());
+    issue_kv_grad(dk, ds_frag, sm.q(stage));
+    wgmma_wait<1>();  // dV and dQ done
+    if (has_previous) stage_dq(dq, previous, dq_slot);
+    wgmma_wait<0>();
+    fence_operand(dk);
+    fence_operand(dv);
+    // Q, dO, lse and D of this step read. Every thread arrives: the lse/D rows are rewritten by
+    // plain stores, which must be ordered after each thread's own reads.
+    mbar_arrive(sm.q_empty(stage));
+  }
+
   __device__ __forceinline__ void run(const BwdParams& p) const {
-    RingPosition<1> kv, dq_slot, ds_buffers;
+    RingPosition<1> kv, dq_slot;
     RingPosition<Traits::kStages> q;
+    RingPosition<2> ds;  // the step's dS^T buffer
+    if (Traits::kPingPong && wg == 1) Barriers::bwd_turn(0).arrive();  // warpgroup 0 issues first
     for_each_key_block<Traits, Mask>(p, [&](const BwdKeyBlock<Traits, Mask>& blk) {
       if (!blk.exists()) return;
       float dk[kKvTiles][4], dv[kKvTiles][4];
       zero(dk);
       zero(dv);
-      if (blk.steps > 0) kv.wait_full(sm.kv_full());
-      for (int s_idx = 0; s_idx < blk.steps; ++s_idx) {
-        const int stage = q.stage(), first_row = blk.first_row(s_idx), ds_buffer = ds_buffers.fills % 2;
-        float s[kSTiles][4], dp[kSTiles][4], dq[8][4];
-        uint32_t p_frag[kSlices][4], ds_frag[kSlices][4];
-        q.wait_full(sm.q_full(stage));
-        issue_s_dp(s, dp, stage);
-
-        if constexpr (Mask::kSoftcap) {
-          wgmma_wait<0>();
-          fence_operand(s);
-          fence_operand(dp);
-          softcap_p_and_ds(s, dp, blk, first_row, stage, p.scale_log2);
-        } else {
-          wgmma_wait<1>();  // S^T done; dP^T may still run
-          fence_operand(s);
-#if !FAT_BWD_TIMING_SKIP_ELEMENTWISE
-          scores_to_p(s, blk, first_row, stage, p.scale_log2,
-                      Mask::kAlibi ? blk.mask.alibi_coef(blk.head(s_idx, p.heads / p.heads_k)) : 0.f);
-#endif
-          wgmma_wait<0>();
-          fence_operand(dp);
-          // dS before packing either: P^T in fp32 and dP^T die as they are packed, so at most
-          // S^T, dP^T and dK, dV are live at once (hd64 at BlockM 128 would spill otherwise).
-#if !FAT_BWD_TIMING_SKIP_ELEMENTWISE
-          dp_to_ds(dp, s, stage);
-#endif
-        }
-        pack_a_fragments<Element>(s, p_frag);
-        pack_a_fragments<Element>(dp, ds_frag);
-        // Tensor-core work queued around the two waits of this warpgroup: dV += P^T dO runs while
-        // dS^T is stored and the other warpgroup's half is awaited, dK += dS^T Q while dQ is staged.
-        issue_kv_grad(dv, p_frag, sm.dout(stage));
-        store_ds(ds_frag, ds_buffer);
-        fence_proxy_async();  // plain stores, read next by wgmma (async proxy)
-        Barriers::bwd_ds_ready().sync();
-        issue_dq(dq, ds_buffer);
-        issue_kv_grad(dk, ds_frag, sm.q(stage));
-        wgmma_wait<1>();  // dV and dQ done
-        fence_operand(dq);
-        dq_slot.wait_empty(sm.dq_empty());  // the drain warp has read the last staged block
-        store_dq(dq);
-        fence_proxy_async();  // read next by the bulk copy engine
-        mbar_arrive(sm.dq_full());
-
-        wgmma_wait<0>();
-        fence_operand(dk);
-        fence_operand(dv);
-        // Q, dO, lse and D of this step read. Every thread arrives: the lse/D rows are rewritten
-        // by plain stores, which must be ordered after each thread's own reads.
-        mbar_arrive(sm.q_empty(stage));
-        q = q.plus(1);
-        dq_slot = dq_slot.plus(1);
-        ds_buffers = ds_buffers.plus(1);
-      }
       if (blk.steps > 0) {
+        kv.wait_full(sm.kv_full());
+        for (int s_idx = 0; s_idx < blk.steps; ++s_idx, q = q.plus(1), ds = ds.plus(1))
+          step(p, blk, s_idx, q, ds, dq_slot, dk, dv);
+        float dq[8][4];  // the last step's dQ (it reads K: before K/V are released)
+        const RingPosition<2> last = ds.plus(-1);
+        last.wait_full(sm.ds_full(last.stage()));
+        issue_dq(dq, sm.ds(last.stage()));
+        wgmma_wait<0>();
+        stage_dq(dq, last, dq_slot);
         warp_release(sm.kv_empty());
         kv = kv.plus(1);
       }
@@ -495,6 +536,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
     mbar_init(sm.dq_full(), kConsumerThreads);  // every consumer thread, after its fence
     mbar_init(sm.dq_empty(), 1);
+    for (int b = 0; b < 2; ++b) {
+      mbar_init(sm.ds_full(b), kConsumerThreads);  // every consumer thread, after its fence
+      mbar_init(sm.ds_free(b), kConsumerThreads);
+    }
     mbar_init_fence();
   }
   __syncthreads();
