@@ -18,8 +18,6 @@ Build knobs (environment variables):
                         (64 query rows each); 2 for the ablation
   FLASH_ATTN_T_TIMING_SKIP_SOFTMAX  0 (default); 1 builds an sm90 forward WITHOUT its softmax, for
                         timing the softmax's exposed cost only: its output is wrong
-  FLASH_ATTN_T_BWD_PINGPONG    1 (default): the sm90 backward's consumer warpgroups take turns
-                        issuing their S^T, dP^T GEMMs; 0: both issue as soon as they can (ablation)
   FLASH_ATTN_T_BWD_TIMING_SKIP_ELEMENTWISE  0 (default); 1 builds an sm90 backward WITHOUT its
                         per-element work (exp2, masks, dS), for timing only: its gradients are wrong
   FLASH_ATTN_T_BWD_TIMING_SKIP_DQ_REDUCE  0 (default); 1 builds an sm90 backward that never adds
@@ -78,7 +76,7 @@ nvcc_flags = [
       for name, default in (("TENSOR_ROW_SUM", 1), ("SM90_TENSOR_ROW_SUM", 0), ("LAZY_RESCALE", 1), ("PINGPONG", 1),
                             ("SM90_HD64_WARPGROUPS", 3), ("TIMING_SKIP_SOFTMAX", 0),
                             ("POLY_EXP2_SOFTCAP", 1),
-                            ("BWD_PINGPONG", 1), ("BWD_TIMING_SKIP_ELEMENTWISE", 0), ("BWD_TIMING_SKIP_DQ_REDUCE", 0))),
+                            ("BWD_TIMING_SKIP_ELEMENTWISE", 0), ("BWD_TIMING_SKIP_DQ_REDUCE", 0))),
     *sm90_flags,
 ]
 

@@ -4,9 +4,8 @@
 //   S^T = K Q^T, dP^T = V dO^T, P^T = exp2(S^T scale_log2 - lse log2 e), dS^T = P^T (dP^T - D),
 //   dV += P^T dO, dK += dS^T Q (A operands from registers), dQ = dS K (dS^T from shared memory),
 // with the fp32 dQ block added into dq_accum by the bulk copy engine off the MMA warps. dQ of a
-// step needs both warpgroups' halves of dS^T, so it is issued one step late: the warpgroups never
-// wait for each other inside a step, and (PingPong) one's element-wise work runs under the
-// other's GEMMs.
+// step needs both warpgroups' halves of dS^T: the warpgroups meet at a named barrier every step,
+// or (kDqOneStepLate) dQ is issued a step late and they never wait for each other inside a step.
 //   producer warpgroup: warp 0 loads K, V once per key block and Q, dO per query block with TMA;
 //                       warp 1 stages each query block's lse (in log2 units) and D rows; warp 2
 //                       drains the staged dQ blocks into dq_accum (cp.reduce.async.bulk);
@@ -411,10 +410,9 @@ struct BwdConsumer {
     }
   }
 
-  // Once that dQ piece has retired: frees the dS^T buffer and stages the piece for the drain warp.
-  __device__ __forceinline__ void stage_dq(float (&dq)[8][4], RingPosition<2> ds, RingPosition<1>& dq_slot) const {
+  // A retired dQ piece into the staged block, for the drain warp.
+  __device__ __forceinline__ void stage_dq(float (&dq)[8][4], RingPosition<1>& dq_slot) const {
     fence_operand(dq);
-    mbar_arrive(sm.ds_free(ds.stage()));
     dq_slot.wait_empty(sm.dq_empty());  // the drain warp has read the last staged block
     store_dq(dq);
     fence_proxy_async();  // read next by the bulk copy engine
@@ -422,28 +420,26 @@ struct BwdConsumer {
     dq_slot = dq_slot.plus(1);
   }
 
-  // One step: S^T, dP^T; P^T, dS^T; dV; this warpgroup's dS^T half published; the previous
-  // step's dQ (both halves are published by then unless the other warpgroup is more than a step
-  // behind); dK. With PingPong the warpgroups take turns issuing S^T, dP^T, so one warpgroup's
-  // tensor work comes first and its element-wise phase runs while the other's GEMMs occupy the
-  // tensor cores.
-  // A key block's first step has no previous dQ, but issues one anyway, over the K/V tiles (stable
-  // for the whole block) in place of dS^T, and discards it: every step then issues the same
-  // wgmmas. (With the first step as a separate copy without dQ, ptxas serialized every wgmma of
-  // the hd64 kernel for lack of registers, C7512.)
+  // One step: S^T, dP^T; P^T, dS^T; dV; this warpgroup's half of dS^T published; dQ; dK.
+  // dQ needs both halves. Either the warpgroups meet at a named barrier and issue this step's dQ,
+  // or (kDqOneStepLate) each issues the previous step's dQ, whose halves are published by then
+  // unless the other warpgroup is more than a step behind, and never waits inside a step. A key
+  // block's first step then has no dQ to issue but issues one anyway, over the K/V tiles (stable
+  // for the whole block) in place of dS^T, and discards it: every step issues the same wgmmas
+  // (with the first step as a separate copy without dQ, ptxas serialized every wgmma of the hd64
+  // kernel for lack of registers, C7512); run() issues the block's last dQ.
   __device__ __forceinline__ void step(const BwdParams& p, const BwdKeyBlock<Traits, Mask>& blk, int s_idx,
                                        RingPosition<Traits::kStages> q, RingPosition<2> ds,
                                        RingPosition<1>& dq_slot, float (&dk)[kKvTiles][4],
                                        float (&dv)[kKvTiles][4]) const {
+    constexpr bool kLate = Traits::kDqOneStepLate;
     const int stage = q.stage(), first_row = blk.first_row(s_idx);
-    const bool has_previous = s_idx > 0;
-    const RingPosition<2> previous = ds.plus(-1);
-    float s[kSTiles][4], dp[kSTiles][4];
+    const bool has_dq = !kLate || s_idx > 0;
+    const RingPosition<2> dq_of = kLate ? ds.plus(-1) : ds;  // the step whose dQ this step issues
+    float s[kSTiles][4], dp[kSTiles][4], dq[8][4];
     uint32_t p_frag[kSlices][4], ds_frag[kSlices][4];
     q.wait_full(sm.q_full(stage));
-    if constexpr (Traits::kPingPong) Barriers::bwd_turn(wg).sync();
     issue_s_dp(s, dp, stage);
-    if constexpr (Traits::kPingPong) Barriers::bwd_turn(1 - wg).arrive();
 
     if constexpr (Mask::kSoftcap) {
       wgmma_wait<0>();
@@ -467,21 +463,30 @@ struct BwdConsumer {
     }
     pack_a_fragments<Element>(s, p_frag);
     pack_a_fragments<Element>(dp, ds_frag);
-    // The waits come before dV is issued, not between register-sourced wgmmas in flight. Both are
-    // long satisfied unless a warpgroup lags: this step's buffer was read by the dQ of two steps
-    // back; the other warpgroup's half of the previous step's dS^T.
-    ds.wait_empty(sm.ds_free(ds.stage()));
-    if (has_previous) previous.wait_full(sm.ds_full(previous.stage()));
-    // dV += P^T dO runs while dS^T is published, dQ and dK while the dQ piece is staged.
+    if constexpr (kLate) {
+      // Before dV is issued, not between register-sourced wgmmas in flight: this step's buffer
+      // was read by the dQ of two steps back; the other warpgroup's half of the previous step.
+      ds.wait_empty(sm.ds_free(ds.stage()));
+      if (has_dq) dq_of.wait_full(sm.ds_full(dq_of.stage()));
+    }
+    // Tensor-core work queued around the waits of this warpgroup: dV += P^T dO runs while dS^T is
+    // stored (and the other warpgroup's half is awaited), dK += dS^T Q while dQ is staged.
     issue_kv_grad(dv, p_frag, sm.dout(stage));
     store_ds(ds_frag, ds.stage());
     fence_proxy_async();  // plain stores, read next by wgmma (async proxy)
-    mbar_arrive(sm.ds_full(ds.stage()));
-    float dq[8][4];
-    issue_dq(dq, has_previous ? sm.ds(previous.stage()) : sm.k());
+    if constexpr (kLate) {
+      mbar_arrive(sm.ds_full(ds.stage()));
+      issue_dq(dq, has_dq ? sm.ds(dq_of.stage()) : sm.k());
+    } else {
+      Barriers::bwd_ds_ready().sync();
+      issue_dq(dq, sm.ds(dq_of.stage()));
+    }
     issue_kv_grad(dk, ds_frag, sm.q(stage));
     wgmma_wait<1>();  // dV and dQ done
-    if (has_previous) stage_dq(dq, previous, dq_slot);
+    if (has_dq) {
+      if constexpr (kLate) warp_release(sm.ds_free(dq_of.stage()));
+      stage_dq(dq, dq_slot);
+    }
     wgmma_wait<0>();
     fence_operand(dk);
     fence_operand(dv);
@@ -494,22 +499,24 @@ struct BwdConsumer {
     RingPosition<1> kv, dq_slot;
     RingPosition<Traits::kStages> q;
     RingPosition<2> ds;  // the step's dS^T buffer
-    if (Traits::kPingPong && wg == 1) Barriers::bwd_turn(0).arrive();  // warpgroup 0 issues first
     for_each_key_block<Traits, Mask>(p, [&](const BwdKeyBlock<Traits, Mask>& blk) {
       if (!blk.exists()) return;
       float dk[kKvTiles][4], dv[kKvTiles][4];
       zero(dk);
       zero(dv);
+      if (blk.steps > 0) kv.wait_full(sm.kv_full());
+      for (int s_idx = 0; s_idx < blk.steps; ++s_idx, q = q.plus(1), ds = ds.plus(1))
+        step(p, blk, s_idx, q, ds, dq_slot, dk, dv);
       if (blk.steps > 0) {
-        kv.wait_full(sm.kv_full());
-        for (int s_idx = 0; s_idx < blk.steps; ++s_idx, q = q.plus(1), ds = ds.plus(1))
-          step(p, blk, s_idx, q, ds, dq_slot, dk, dv);
-        float dq[8][4];  // the last step's dQ (it reads K: before K/V are released)
-        const RingPosition<2> last = ds.plus(-1);
-        last.wait_full(sm.ds_full(last.stage()));
-        issue_dq(dq, sm.ds(last.stage()));
-        wgmma_wait<0>();
-        stage_dq(dq, last, dq_slot);
+        if constexpr (Traits::kDqOneStepLate) {  // the last step's dQ (it reads K: before K/V are released)
+          const RingPosition<2> last = ds.plus(-1);
+          float dq[8][4];
+          last.wait_full(sm.ds_full(last.stage()));
+          issue_dq(dq, sm.ds(last.stage()));
+          wgmma_wait<0>();
+          warp_release(sm.ds_free(last.stage()));
+          stage_dq(dq, dq_slot);
+        }
         warp_release(sm.kv_empty());
         kv = kv.plus(1);
       }
@@ -536,9 +543,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
     mbar_init(sm.dq_full(), kConsumerThreads);  // every consumer thread, after its fence
     mbar_init(sm.dq_empty(), 1);
-    for (int b = 0; b < 2; ++b) {
-      mbar_init(sm.ds_full(b), kConsumerThreads);  // every consumer thread, after its fence
-      mbar_init(sm.ds_free(b), kConsumerThreads);
+    for (int b = 0; Traits::kDqOneStepLate && b < 2; ++b) {
+      mbar_init(sm.ds_full(b), kConsumerThreads);        // every consumer thread, after its fence
+      mbar_init(sm.ds_free(b), kConsumerThreads / 32);  // one arrival per consumer warp
     }
     mbar_init_fence();
   }

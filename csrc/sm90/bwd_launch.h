@@ -32,18 +32,12 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
 
 }  // namespace fat::sm90
 
-// Build switch (setup.py, FLASH_ATTN_T_BWD_PINGPONG): the consumer warpgroups take turns issuing
-// their S^T, dP^T GEMMs (benchmarks/NOTES.md, sm90 backward step 15).
-#ifndef FAT_BWD_PINGPONG
-#define FAT_BWD_PINGPONG 1
-#endif
-
 namespace fat {
 
 // Query rows per step: 128 at hd64 (FA3's choice too), 64 at hd128 (the registers of dK, dV).
 template <typename Element, int HeadDim>
 cudaError_t run_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
-  using Traits = sm90::BwdTraits<Element, HeadDim, HeadDim == 64 ? 128 : 64, FAT_BWD_PINGPONG>;
+  using Traits = sm90::BwdTraits<Element, HeadDim, HeadDim == 64 ? 128 : 64>;
   static_assert(Traits::kBlockN == kBwdBlockN, "flash_api sizes dq_accum splits with kBwdBlockN");
   return variant_switch(p, [&](auto variant) { return sm90::launch_bwd<Traits, typename decltype(variant)::type>(p, stream); });
 }

@@ -46,8 +46,8 @@ struct Barriers {
   // Forward, PingPong: consumer warpgroup w (0-2) waits for its turn to issue GEMMs; the barrier
   // meets the waiter and the warpgroup that passes it the turn.
   __device__ __forceinline__ static constexpr NamedBarrier fwd_turn(int warpgroup) { return {1 + warpgroup, 256}; }
-  // Backward, PingPong: consumer warpgroup w (0-1) waits for its turn to issue S^T and dP^T.
-  __device__ __forceinline__ static constexpr NamedBarrier bwd_turn(int warpgroup) { return {4 + warpgroup, 256}; }
+  // Backward (hd128): both consumer warpgroups have written their halves of dS^T to shared memory.
+  static constexpr NamedBarrier bwd_ds_ready() { return {4, 256}; }
 };
 
 }  // namespace fat::sm90

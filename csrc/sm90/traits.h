@@ -93,13 +93,15 @@ struct FwdTraits {
 // and added to global memory by the bulk copy engine.
 // Register budgets: hd128 keeps dK, dV (64 + 64), S^T, dP^T (32 + 32) and the dQ piece (32)
 // per thread; hd64 at BlockM 128 keeps 32 + 32, 64 + 64 and 32.
-template <typename Element_, int HeadDim_, int BlockM_, bool PingPong_>
+template <typename Element_, int HeadDim_, int BlockM_>
 struct BwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = HeadDim_;
   static constexpr int kBlockM = BlockM_;
-  // The consumer warpgroups take turns issuing S^T, dP^T (see BwdConsumer::run).
-  static constexpr bool kPingPong = PingPong_;
+  // dQ of a step issued one step late, so the consumer warpgroups never meet inside a step (see
+  // BwdConsumer::step): +3-4% at hd64 non-causal, -1-4% at hd128 (benchmarks/NOTES.md, sm90
+  // backward step 15), so hd128 keeps the per-step meeting.
+  static constexpr bool kDqOneStepLate = kHeadDim == 64;
   static constexpr int kBlockN = 128;
   static constexpr int kConsumerWarpgroups = 2;
   static constexpr int kStages = 2;
@@ -126,8 +128,9 @@ struct BwdTraits {
   static constexpr uint32_t kDqOffset = kDsOffset + 2 * kDsBytes;
   static constexpr uint32_t kLseOffset = kDqOffset + kDqBytes;  // per stage: lse * log2(e), then D
   static constexpr uint32_t kBarrierOffset = kLseOffset + kStages * 2 * kRowStatBytes;
-  // K/V full, K/V empty; per stage Q full, Q empty; dQ full, dQ empty; per dS^T buffer full, free.
-  static constexpr int kBarriers = 2 + 2 * kStages + 2 + 2 * 2;
+  // K/V full, K/V empty; per stage Q full, Q empty; dQ full, dQ empty; kDqOneStepLate: per dS^T
+  // buffer full, free.
+  static constexpr int kBarriers = 2 + 2 * kStages + 2 + (kDqOneStepLate ? 2 * 2 : 0);
   static constexpr int kSmemBytes = kBarrierOffset + kBarriers * 8 + 1024;  // + alignment slack
 
   static_assert(kBlockM * kHeadDim == 2 * 64 * 64, "two 64 x 64 dQ pieces per query block");
