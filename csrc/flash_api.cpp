@@ -151,8 +151,7 @@ bool sm90_kernels_available() {
 // dropout run on the sm80 kernels (their Combined variant) in both passes.
 bool use_sm90_kernels(const FwdParams& p, bool backward = false) {
   return p.rows_q > 0 && p.rows_k > 0 && has_sm90_kernels(p.head_dim) && !(backward && p.dropout) &&
-         !combines_features(p) &&
-         sm90_kernels_available();
+         !combines_features(p) && sm90_kernels_available();
 }
 
 // The attention variant an op asks for: causal, and flash_attn's window_size (left, right).

@@ -81,11 +81,10 @@ struct KeyMask {
 // scale_log2) the slope is -alibi_coef(head) (alibi_bias). A constant per row shifts nothing, so
 // the backward's dS is unchanged.
 // Dropout (the sm80 kernels and the sm90 forward; plain scores only there): the normalised
-// probability of (query head
-// bh = batch x heads + head, row, key) is kept with probability p_keep by the Philox draw of
-// common/philox.h (its values read from p.rng_state, so a captured CUDA graph draws anew on each
-// replay) and scaled by 1 / p_keep; the forward's row sums and lse are those of the undropped
-// probabilities.
+// probability of (query head bh = batch x heads + head, row, key) is kept with probability p_keep
+// by the Philox draw of common/philox.h (its values read from p.rng_state, so a captured CUDA
+// graph draws anew on each replay) and scaled by 1 / p_keep; the forward's row sums and lse are
+// those of the undropped probabilities.
 // Combined (the sm80 kernels): any combination of softcap, ALiBi and dropout in one kernel per
 // mask, each compiled in and switched on or off at run time by the call (uniform branches), so
 // that rare combinations do not multiply the instantiations; softcap comes first, then the ALiBi
