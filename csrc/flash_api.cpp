@@ -350,10 +350,11 @@ void check_paged_kv(const at::Tensor& block_table, const at::Tensor& k, const at
 }
 
 // Whether the kernels for this call read a paged K/V in place: the sm90 ones without softcap or
-// ALiBi. The others get the pages gathered into a contiguous copy (gathered_pages).
+// ALiBi, at head dims up to 128 (a page's TMA box has up to 128 rows, paged_box_rows; the hd256
+// kernel's key blocks have 64). The others get the pages gathered into a contiguous copy
+// (gathered_pages).
 bool reads_pages_in_place(int head_dim, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
-  return sm90_kernels_available() && has_sm90_kernels(head_dim, /*backward=*/false) && softcap <= 0 &&
-         !alibi_slopes.has_value();
+  return sm90_kernels_available() && head_dim <= 128 && softcap <= 0 && !alibi_slopes.has_value();
 }
 
 // The pool's pages as (batch, max_pages x page_size, heads_k, dim), table entries clamped.
