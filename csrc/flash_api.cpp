@@ -150,8 +150,8 @@ bool sm90_kernels_available() {
 // the sm80 one (it draws the same keep mask: common/philox.h). Combinations of softcap, ALiBi and
 // dropout run on the sm80 kernels (their Combined variant) in both passes.
 bool use_sm90_kernels(const FwdParams& p, bool backward = false) {
-  return p.rows_q > 0 && p.rows_k > 0 && has_sm90_kernels(p.head_dim) && !(backward && p.dropout) &&
-         !combines_features(p) && sm90_kernels_available();
+  return p.rows_q > 0 && p.rows_k > 0 && has_sm90_kernels(p.head_dim, backward) &&
+         !(backward && p.dropout) && !combines_features(p) && sm90_kernels_available();
 }
 
 // The attention variant an op asks for: causal, and flash_attn's window_size (left, right).
@@ -273,7 +273,7 @@ void launch_fwd(FwdParams& p, const at::Tensor& q, const Variant& variant) {
                         [&](auto element, auto dim) {
                           using Element = decltype(element);
                           constexpr int kDim = decltype(dim)::value;
-                          if constexpr (has_sm90_kernels(kDim))
+                          if constexpr (has_sm90_kernels(kDim, /*backward=*/false))
                             if (sm90) return run_fwd_sm90<Element, kDim>(p, stream);
                           return run_fwd_sm80<Element, kDim>(p, stream);
                         }),
@@ -349,9 +349,11 @@ void check_paged_kv(const at::Tensor& block_table, const at::Tensor& k, const at
 }
 
 // Whether the kernels for this call read a paged K/V in place: the sm90 ones without softcap or
-// ALiBi. The others get the pages gathered into a contiguous copy (gathered_pages).
+// ALiBi, at head dims up to 128 (a page's TMA box has up to 128 rows, paged_box_rows; the hd256
+// kernel's key blocks have 64). The others get the pages gathered into a contiguous copy
+// (gathered_pages).
 bool reads_pages_in_place(int head_dim, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
-  return sm90_kernels_available() && has_sm90_kernels(head_dim) && softcap <= 0 && !alibi_slopes.has_value();
+  return sm90_kernels_available() && head_dim <= 128 && softcap <= 0 && !alibi_slopes.has_value();
 }
 
 // The pool's pages as (batch, max_pages x page_size, heads_k, dim), table entries clamped.
@@ -536,7 +538,7 @@ std::tuple<at::Tensor, at::Tensor> launch_bwd(BwdParams& p, const at::Tensor& q,
                           [&](auto element, auto dim) {
                             using Element = decltype(element);
                             constexpr int kDim = decltype(dim)::value;
-                            if constexpr (has_sm90_kernels(kDim))
+                            if constexpr (has_sm90_kernels(kDim, /*backward=*/true))
                               if (sm90) return run_bwd_sm90<Element, kDim>(p, stream);
                             return run_bwd_sm80<Element, kDim>(p, stream);
                           }),

@@ -15,9 +15,10 @@ from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent
 DTYPES = {"fp16": "__half", "bf16": "__nv_bfloat16"}
-# The head dims each family is built for: the sm90 kernels for 64 and 128, the sm80 ones (and
-# the merge of split-KV's splits) also for 256, which runs on the sm80 kernels on Hopper too.
-HEAD_DIMS = {"sm80": (64, 128, 256), "sm90": (64, 128), "any": (64, 128, 256)}
+# The head dims each (pass, family) is built for: everything for 64, 128 and 256 but the sm90
+# backward, which has 64 and 128 (an hd256 backward runs the sm80 kernel on Hopper too).
+HEAD_DIMS = {("fwd", "sm80"): (64, 128, 256), ("fwd", "sm90"): (64, 128, 256), ("bwd", "sm80"): (64, 128, 256),
+             ("bwd", "sm90"): (64, 128), ("merge", "any"): (64, 128, 256)}
 # (pass, arch) -> (launch header, launcher signatures with {T} for the dtype and {D} for the head dim)
 KERNELS = {
     ("fwd", "sm80"): ("sm80/fwd_launch.h", ["run_fwd_sm80<{T}, {D}>(const FwdParams&, cudaStream_t)"]),
@@ -38,7 +39,7 @@ def instantiation_files():
     files = {}
     for (pass_, arch), (header, launchers) in KERNELS.items():
         for dtype, element in DTYPES.items():
-            for head_dim in HEAD_DIMS[arch]:
+            for head_dim in HEAD_DIMS[pass_, arch]:
                 lines = [HEADER, f'#include "../{header}"\n']
                 lines += [f"template cudaError_t fat::{sig.format(T=element, D=head_dim)};\n" for sig in launchers]
                 files[f"instantiations/{pass_}_{arch}_{dtype}_hd{head_dim}.cu"] = "".join(lines)

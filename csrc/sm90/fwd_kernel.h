@@ -287,9 +287,14 @@ struct Consumer {
     const uint64_t ones = SmemDesc(smem_addr(sm.ones()), 128, 128, false).at(0);
     ring.block(i).wait_full(sm.v_full(stage_of(i)));
     wgmma_fence();
+    constexpr int kPvTiles = Traits::kPvN / 8, kPvSlabs = Traits::kPvN / 64;
 #pragma unroll
     for (int kk = 0; kk < kPSlices; ++kk) {
-      wgmma_rs<Element, Traits::kHeadDim>(o, p[kk], mn_major_desc(sm.v(stage_of(i)), Traits::kBlockN, kk), 1);
+#pragma unroll
+      for (int c = 0; c < Traits::kHeadDim / Traits::kPvN; ++c)  // column chunks of O and V
+        wgmma_rs<Element, Traits::kPvN>(
+            reinterpret_cast<float(&)[kPvTiles][4]>(o[c * kPvTiles]), p[kk],
+            mn_major_desc(sm.v(stage_of(i)) + c * kPvSlabs * Traits::kBlockN * 64, Traits::kBlockN, kk), 1);
       if constexpr (Traits::kTensorRowSum) wgmma_rs<Element, 8>(row_sum, p[kk], ones, 1);
     }
     wgmma_commit();
@@ -406,7 +411,7 @@ struct Consumer {
   __device__ __forceinline__ void store(const FwdParams& p, float (&o)[1][kOTiles][4],
                                         Softmax& softmax) const {
     using Ops = ElementOps<Element>;
-    constexpr int kPitch = Traits::kOStagePitch, kChunksPerRow = Traits::kHeadDim / 8;
+    constexpr int kPitch = Traits::kOStagePitch, kCols = Traits::kOStageCols, kChunksPerRow = kCols / 8;
     float row_lse[1][2];
     softmax.finalize(o, p.scale_log2, row_lse, sink_log2(p, blk.head));
     if constexpr (Mask::kDropout)
@@ -415,24 +420,27 @@ struct Consumer {
 #pragma unroll
         for (int j = 0; j < 4; ++j) o[0][ot][j] *= blk.mask.dropout_scale;
     Element* stage = sm.o_stage(threadIdx.x / 32 - 4);  // warps 0-3 are the producer's
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int ot = 0; ot < kOTiles; ++ot)
-        *reinterpret_cast<uint32_t*>(stage + (lane / 4 + 8 * r) * kPitch + ot * 8 + 2 * (lane % 4)) =
-            Ops::pack(o[0][ot][2 * r], o[0][ot][2 * r + 1]);
-    __syncwarp();
     Element* out = static_cast<Element*>(p.out) + blk.seq.out_offset(p.out_batch_stride, p.out_row_stride) +
                    blk.head * p.out_head_stride;
-    // (out is ours, contiguous: its rows are 16-byte aligned.)
 #pragma unroll
-    for (int k = 0; k < 16 * kChunksPerRow / 32; ++k) {
-      const int c = 32 * k + lane, r = c / kChunksPerRow, col = c % kChunksPerRow * 8, row = warp_first_row + r;
-      if (row < blk.seq.len_q)
-        *reinterpret_cast<uint4*>(out + row * p.out_row_stride + col) =
-            *reinterpret_cast<const uint4*>(stage + r * kPitch + col);
+    for (int col0 = 0; col0 < Traits::kHeadDim; col0 += kCols) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int ot = 0; ot < kCols / 8; ++ot)
+          *reinterpret_cast<uint32_t*>(stage + (lane / 4 + 8 * r) * kPitch + ot * 8 + 2 * (lane % 4)) =
+              Ops::pack(o[0][col0 / 8 + ot][2 * r], o[0][col0 / 8 + ot][2 * r + 1]);
+      __syncwarp();
+      // (out is ours, contiguous: its rows are 16-byte aligned.)
+#pragma unroll
+      for (int k = 0; k < 16 * kChunksPerRow / 32; ++k) {
+        const int c = 32 * k + lane, r = c / kChunksPerRow, col = c % kChunksPerRow * 8, row = warp_first_row + r;
+        if (row < blk.seq.len_q)
+          *reinterpret_cast<uint4*>(out + row * p.out_row_stride + col0 + col) =
+              *reinterpret_cast<const uint4*>(stage + r * kPitch + col);
+      }
+      __syncwarp();  // the next chunk's (or tile's) store rewrites the stage
     }
-    __syncwarp();  // the next tile's store rewrites the stage
     float* lse = p.lse + blk.seq.lse_offset(p, blk.head);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {

@@ -72,11 +72,16 @@ cudaError_t run_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   constexpr int warpgroups = HeadDim == 64 ? FAT_SM90_HD64_WARPGROUPS : 2;
   using Traits = sm90::FwdTraits<Element, HeadDim, warpgroups, FAT_SM90_TENSOR_ROW_SUM, FAT_LAZY_RESCALE,
                                   FAT_PINGPONG, FAT_POLY_EXP2_SOFTCAP, FAT_TIMING_SKIP_SOFTMAX>;
-  // A paged cache: built for the mask variants alone (flash_api gathers the pages for the others).
+  // A paged cache: built for the mask variants alone, and for key blocks of 128 (a page's TMA box
+  // has up to 128 rows); flash_api gathers the pages for the others (reads_pages_in_place).
   if (p.block_table != nullptr) {
-    if (p.softcap || p.alibi) return cudaErrorNotSupported;
-    return mask_switch<false, false>(
-        p, [&](auto variant) { return sm90::launch_fwd<Traits, typename decltype(variant)::type, true>(p, stream); });
+    if constexpr (Traits::kBlockN < 128) {
+      return cudaErrorNotSupported;
+    } else {
+      if (p.softcap || p.alibi) return cudaErrorNotSupported;
+      return mask_switch<false, false>(
+          p, [&](auto variant) { return sm90::launch_fwd<Traits, typename decltype(variant)::type, true>(p, stream); });
+    }
   }
   return variant_switch_with_dropout(
       p, [&](auto variant) { return sm90::launch_fwd<Traits, typename decltype(variant)::type, false>(p, stream); });

@@ -33,7 +33,8 @@ struct FwdTraits {
   static constexpr int kPolyExp2QuartersSoftcap = PolyExp2QuartersSoftcap_;
   static constexpr int kConsumerWarpgroups = ConsumerWarpgroups_;
   static constexpr int kBlockM = 64 * kConsumerWarpgroups;
-  static constexpr int kBlockN = 128;
+  // hd256: 64 keys a block (S 32 registers beside O's 128; K and V 32 KB a stage).
+  static constexpr int kBlockN = kHeadDim == 256 ? 64 : 128;
   static constexpr int kStages = 2;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
   // setmaxnreg budgets (multiples of 8, at most 64K in all): 40 x 128 + 232 x 256, or
@@ -44,6 +45,8 @@ struct FwdTraits {
 
   // The m16n8 view of a warp's part of a warpgroup accumulator (softmax and masks use it).
   static constexpr int kMTiles = 1, kSTiles = kBlockN / 8, kOTiles = kHeadDim / 8;
+  // O += P V as wgmmas of N = kPvN columns (N is at most 128 in our wgmma wrappers).
+  static constexpr int kPvN = kHeadDim < 128 ? kHeadDim : 128;
 
   static constexpr int kSlabs = kHeadDim / 64;  // 128-byte (64-column) slabs per row
   static constexpr int kSlabRowBytes = 128;
@@ -56,10 +59,12 @@ struct FwdTraits {
   static constexpr uint32_t kQOffset = 0;
   static constexpr uint32_t kKOffset = kQOffset + kQBytes;
   static constexpr uint32_t kVOffset = kKOffset + kStages * kKVBytes;
-  // The epilogue stages each consumer warp's 16 rows of O here before writing them out in 16-byte
-  // pieces. Rows are padded by 16 bytes: the accumulator layout's 4-byte writes (8 rows x 4
-  // column pairs per warp) then fall in 32 different banks.
-  static constexpr int kOStagePitch = kHeadDim + 8;  // elements
+  // The epilogue stages each consumer warp's 16 rows of O here, kOStageCols columns at a time,
+  // before writing them out in 16-byte pieces. Rows are padded by 16 bytes: the accumulator
+  // layout's 4-byte writes (8 rows x 4 column pairs per warp) then fall in 32 different banks.
+  // (hd256 stages 64 columns at a time: its whole rows would not fit beside Q and the K/V ring.)
+  static constexpr int kOStageCols = kHeadDim == 256 ? 64 : kHeadDim;
+  static constexpr int kOStagePitch = kOStageCols + 8;  // elements
   static constexpr uint32_t kOStageWarpBytes = 16 * kOStagePitch * sizeof(Element);
   static constexpr uint32_t kOStageOffset = kVOffset + kStages * kKVBytes;
   static constexpr uint32_t kOnesOffset = kOStageOffset + 4 * kConsumerWarpgroups * kOStageWarpBytes;
