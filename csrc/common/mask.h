@@ -257,6 +257,67 @@ __device__ __forceinline__ void add_alibi(float (&s)[MTiles][NTiles][4], const M
   }
 }
 
+// The non-causal (distance) ALiBi bias in one FP32 op per score off the diagonal: every row's
+// scores are taken shifted by row_shift(row) = -coef (row + shift) (a per-row constant: the
+// same softmax; OnlineSoftmax::finalize takes it back out of lse). A key block wholly left of the
+// warp's rows then adds -coef key (per column), one wholly right of them +coef key (per column)
+// and a per-row -2 coef (row + shift), returned in offset[mt][r] for OnlineSoftmax::exponentiate
+// (it joins the row max and the exp2's addend for free); a block across the diagonal adds
+// coef |row + shift - key| (two ops per score) with offset -coef (row + shift).
+template <typename Mask, int MTiles, int NTiles>
+__device__ __forceinline__ void add_alibi_shifted(float (&s)[MTiles][NTiles][4], const Mask& mask, float coef,
+                                                  int first_row, int first_col, float (&offset)[MTiles][2]) {
+  static_assert(!Mask::kCausal, "the causal form is add_alibi's");
+  const int lane = threadIdx.x % 32;
+  const int key_base = first_col + 2 * (lane % 4);
+  const int first_position = first_row + mask.shift, last_position = first_position + 16 * MTiles - 1;
+  const int last_col = first_col + 8 * NTiles - 1;
+  const bool left = last_col <= first_position, right = first_col > last_position;  // warp-uniform
+  if (left || right) {
+    const float sign = left ? -1.f : 1.f;
+    const float bias_base = sign * coef * static_cast<float>(key_base);
+#pragma unroll
+    for (int nt = 0; nt < NTiles; ++nt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const float bias = fmaf(sign * coef, static_cast<float>(nt * 8 + c), bias_base);
+#pragma unroll
+        for (int mt = 0; mt < MTiles; ++mt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) s[mt][nt][2 * r + c] += bias;
+      }
+  }
+#pragma unroll
+  for (int mt = 0; mt < MTiles; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float position = static_cast<float>(first_position + mt * 16 + lane / 4 + 8 * r);
+      offset[mt][r] = left ? 0.f : right ? -2.f * coef * position : -coef * position;
+      if (!left && !right) {
+        const float distance = position - static_cast<float>(key_base);
+#pragma unroll
+        for (int nt = 0; nt < NTiles; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c)
+            s[mt][nt][2 * r + c] =
+                fmaf(coef, fabsf(distance - static_cast<float>(nt * 8 + c)), s[mt][nt][2 * r + c]);
+      }
+    }
+}
+
+// The per-row shift of add_alibi_shifted, times scale_log2 (for OnlineSoftmax::finalize).
+template <typename Mask, int MTiles>
+__device__ __forceinline__ void alibi_row_shift_log2(float (&shift_log2)[MTiles][2], const Mask& mask, float coef,
+                                                     int first_row, float scale_log2) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int mt = 0; mt < MTiles; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      shift_log2[mt][r] =
+          -coef * static_cast<float>(first_row + mask.shift + mt * 16 + lane / 4 + 8 * r) * scale_log2;
+}
+
 // Sets masked scores of a warp's tiles to -inf (m16n8 accumulator layout: a lane holds rows
 // lane/4 and lane/4 + 8 of each 16-row tile, columns 2*(lane%4) and +1 of each 8-column tile).
 // first_row / first_col: the tiles' first query row / key.

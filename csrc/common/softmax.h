@@ -64,6 +64,18 @@ struct OnlineSoftmax {
 #pragma unroll
       for (int r = 0; r < 2; ++r) correction[mt][r] = exponentiate_row<true>(s, mt, r, scale_log2);
   }
+  // The same for a tile whose row r's scores are s + offset[mt][r] (raw units): the offset joins
+  // the row max and the exp2's FFMA addend, so a per-row term costs nothing per score (the
+  // non-causal ALiBi forward's blocks off the diagonal: add_alibi_shifted).
+  template <int NTiles>
+  __device__ __forceinline__ void exponentiate(float (&s)[MTiles][NTiles][4], float scale_log2,
+                                               float (&correction)[MTiles][2], const float (&offset)[MTiles][2]) {
+#pragma unroll
+    for (int mt = 0; mt < MTiles; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        correction[mt][r] = exponentiate_row<true, NTiles, true>(s, mt, r, scale_log2, offset[mt][r]);
+  }
 
   // o (and the tensor row sum) times each row's correction. Skipped when no row of the warp
   // changed its max (warp-uniform, so the skip is a branch, not masks). wait_for_o() runs first
@@ -102,25 +114,36 @@ struct OnlineSoftmax {
   // that joins every row's normaliser and carries no value (attention sinks): the row's total is
   // taken relative to the larger of its max and the sink, so neither can overflow the other, and
   // a row without keys then gets zeros and lse = the sink.
+  // row_shift_log2: when the scores were taken as (true score + a per-row constant) -- the
+  // non-causal ALiBi forward -- that constant times scale_log2: the sink joins the shifted scores,
+  // and the returned lse is the true one.
   template <int OTiles>
   __device__ __forceinline__ void finalize(float (&o)[MTiles][OTiles][4], float scale_log2,
                                            float (&lse)[MTiles][2], float sink_log2 = -INFINITY) {
+    const float no_shift[MTiles][2] = {};
+    finalize(o, scale_log2, lse, sink_log2, no_shift);
+  }
+  template <int OTiles>
+  __device__ __forceinline__ void finalize(float (&o)[MTiles][OTiles][4], float scale_log2,
+                                           float (&lse)[MTiles][2], float sink_log2,
+                                           const float (&row_shift_log2)[MTiles][2]) {
 #pragma unroll
     for (int mt = 0; mt < MTiles; ++mt) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const float l = TensorRowSum ? sum_acc[mt][2 * r] : quad_sum(row_sum[mt][r]);
         const float shift = l > 0.f ? row_max[mt][r] * scale_log2 : -INFINITY;  // the exp2 shift of l
-        const float top = fmaxf(shift, sink_log2);
+        const float top = fmaxf(shift, sink_log2 + row_shift_log2[mt][r]);
         const float keep = top == -INFINITY ? 0.f : fast_exp2(shift - top);
-        const float total = l * keep + (top == -INFINITY ? 0.f : fast_exp2(sink_log2 - top));
+        const float total =
+            l * keep + (top == -INFINITY ? 0.f : fast_exp2(sink_log2 + row_shift_log2[mt][r] - top));
         const float inv = total > 0.f ? keep / total : 0.f;
 #pragma unroll
         for (int ot = 0; ot < OTiles; ++ot) {
           o[mt][ot][2 * r] *= inv;
           o[mt][ot][2 * r + 1] *= inv;
         }
-        lse[mt][r] = total > 0.f ? (top + __log2f(total)) * 0.69314718056f : INFINITY;
+        lse[mt][r] = total > 0.f ? (top - row_shift_log2[mt][r] + __log2f(total)) * 0.69314718056f : INFINITY;
       }
     }
   }
@@ -132,12 +155,14 @@ struct OnlineSoftmax {
   // is exactly 1 when the max did not move, so rescale's vote can skip, and the row max is taken
   // as a tree (+2% at hd64 there). step (the sm80 kernel) multiplies unconditionally and keeps
   // the chained max: the tree measured 1-3% slower there at hd64 (benchmarks/NOTES.md).
-  template <bool SplitForm, int NTiles>
-  __device__ __forceinline__ float exponentiate_row(float (&s)[MTiles][NTiles][4], int mt, int r, float scale_log2) {
+  // Offset (HasOffset): the row's scores are s + offset.
+  template <bool SplitForm, int NTiles, bool HasOffset = false>
+  __device__ __forceinline__ float exponentiate_row(float (&s)[MTiles][NTiles][4], int mt, int r, float scale_log2,
+                                                    float offset = 0.f) {
     const float old_max = row_max[mt][r];
     float m = old_max;
     if constexpr (SplitForm) {
-      m = fmaxf(m, tile_row_max(s, mt, r));
+      m = fmaxf(m, HasOffset ? tile_row_max(s, mt, r) + offset : tile_row_max(s, mt, r));
     } else {
 #pragma unroll
       for (int nt = 0; nt < NTiles; ++nt) m = fmaxf(m, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
@@ -151,13 +176,15 @@ struct OnlineSoftmax {
     const float correction =
         SplitForm && m == old_max ? 1.f : fast_exp2(old_max * scale_log2 - shift);
     row_max[mt][r] = m;
+    // (HasOffset: a row with only masked keys in this tile has tile max -inf + offset = -inf.)
+    const float addend = HasOffset ? fmaf(offset, scale_log2, -shift) : -shift;
     float sum = 0.f;
 #pragma unroll
     for (int nt = 0; nt < NTiles; ++nt) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         float& x = s[mt][nt][2 * r + c];
-        const float arg = fmaf(x, scale_log2, -shift);
+        const float arg = fmaf(x, scale_log2, addend);
         x = nt % 4 < PolyExp2Quarters ? poly_exp2(arg) : fast_exp2(arg);
         if constexpr (!TensorRowSum) sum += x;
       }

@@ -336,10 +336,18 @@ struct Consumer {
 #pragma unroll
           for (int j = 0; j < 4; ++j) s[0][t][j] = blk.mask.score(s[0][t][j]);
       }
-      if constexpr (Mask::kAlibi)
-        add_alibi(s, blk.mask, blk.mask.alibi_coef(blk.head), warp_first_row, block_of(i) * Traits::kBlockN);
-      mask(s[0], i);
-      softmax.exponentiate(s, scale_log2, correction);
+      if constexpr (Mask::kAlibi && !Mask::kCausal) {  // rows shifted: one op per score off the diagonal
+        float offset[1][2];
+        add_alibi_shifted(s, blk.mask, blk.mask.alibi_coef(blk.head), warp_first_row, block_of(i) * Traits::kBlockN,
+                          offset);
+        mask(s[0], i);
+        softmax.exponentiate(s, scale_log2, correction, offset);
+      } else {
+        if constexpr (Mask::kAlibi)
+          add_alibi(s, blk.mask, blk.mask.alibi_coef(blk.head), warp_first_row, block_of(i) * Traits::kBlockN);
+        mask(s[0], i);
+        softmax.exponentiate(s, scale_log2, correction);
+      }
     }
   }
 
@@ -413,7 +421,13 @@ struct Consumer {
     using Ops = ElementOps<Element>;
     constexpr int kPitch = Traits::kOStagePitch, kCols = Traits::kOStageCols, kChunksPerRow = kCols / 8;
     float row_lse[1][2];
-    softmax.finalize(o, p.scale_log2, row_lse, sink_log2(p, blk.head));
+    if constexpr (Mask::kAlibi && !Mask::kCausal) {  // the rows' shift (add_alibi_shifted) out of lse
+      float shift_log2[1][2];
+      alibi_row_shift_log2(shift_log2, blk.mask, blk.mask.alibi_coef(blk.head), warp_first_row, p.scale_log2);
+      softmax.finalize(o, p.scale_log2, row_lse, sink_log2(p, blk.head), shift_log2);
+    } else {
+      softmax.finalize(o, p.scale_log2, row_lse, sink_log2(p, blk.head));
+    }
     if constexpr (Mask::kDropout)
 #pragma unroll
       for (int ot = 0; ot < kOTiles; ++ot)
