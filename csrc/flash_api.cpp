@@ -370,7 +370,8 @@ void set_block_table(FwdParams& p, const at::Tensor& block_table, int page_size)
 }
 
 // Attention of q against a KV cache (batch_k, seqlen_cache, heads_k, dim): query batch b reads
-// cache row kv_batch_idx[b] (b when absent), keys [leftpad_k[b], seqused_k[b]), causal aligned at
+// cache row kv_batch_idx[b] (b when absent), keys [leftpad_k[b], seqused_k[b]) (seqused_k absent: the
+// whole cache, so a decode call through flash_attn_func launches no fill kernel), causal aligned at
 // the end of those keys. The values are clamped into range in the kernels (see params.h).
 // num_splits > 1: each sequence's keys cut into num_splits equal parts, one output row per
 // (sequence, split), batch-major, for flash_attn_t.decode to merge (no mask: positions would move).
@@ -378,7 +379,8 @@ void set_block_table(FwdParams& p, const at::Tensor& block_table, int page_size)
 // page_size, heads_k, dim); the sm90 kernels without softcap or ALiBi read the pages in place
 // (params.h), the others get them gathered into contiguous caches first.
 std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Tensor& k_cache_,
-                                               const at::Tensor& v_cache_, const at::Tensor& seqused_k,
+                                               const at::Tensor& v_cache_,
+                                               const std::optional<at::Tensor>& seqused_k,
                                                const std::optional<at::Tensor>& kv_batch_idx,
                                                const std::optional<at::Tensor>& leftpad_k, double softmax_scale,
                                                bool causal, int64_t window_left, int64_t window_right,
@@ -393,6 +395,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
     check_paged_kv(*block_table, k_cache_, q, q.size(0));
     TORCH_CHECK(!kv_batch_idx.has_value() && !leftpad_k.has_value(),
                 "flash_attn_t: block_table takes no kv_batch_idx or leftpad_k");
+    TORCH_CHECK(seqused_k.has_value(), "flash_attn_t: block_table needs seqused_k (the sequences' lengths)");
   }
   const bool gather = paged && !reads_pages_in_place(static_cast<int>(q.size(-1)), softcap, alibi_slopes);
   const at::Tensor k_cache = gather ? gathered_pages(k_cache_, *block_table) : k_cache_;
@@ -415,7 +418,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
   return batched_fwd(
       q, k_cache, v_cache, softmax_scale, {causal, window_left, window_right, softcap, alibi_slopes}, learnable_sink,
       [&](FwdParams& p) {
-        p.seqused_k = seqused_k.data_ptr<int>();
+        p.seqused_k = seqused_k.has_value() ? seqused_k->data_ptr<int>() : nullptr;
         p.kv_batch_idx = kv_batch_idx.has_value() ? kv_batch_idx->data_ptr<int>() : nullptr;
         p.leftpad_k = leftpad_k.has_value() ? leftpad_k->data_ptr<int>() : nullptr;
         if (paged && !gather) {
@@ -683,7 +686,7 @@ TORCH_LIBRARY(flash_attn_t, m) {
   m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale, "
         "bool causal, bool deterministic, int window_left=-1, int window_right=-1, float softcap=0.0, "
         "Tensor? alibi_slopes=None, float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqused_k, Tensor? kv_batch_idx, "
+  m.def("fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? seqused_k, Tensor? kv_batch_idx, "
         "Tensor? leftpad_k, float softmax_scale, bool causal, int window_left=-1, int window_right=-1, "
         "float softcap=0.0, Tensor? alibi_slopes=None, int num_splits=1, Tensor? learnable_sink=None, "
         "Tensor? block_table=None) -> (Tensor, Tensor)");

@@ -444,9 +444,8 @@ def _forward(q, k, v, softmax_scale, causal, variant, sink, alibi, dropout_p=0.0
     (window_left, window_right, softcap), the ops' trailing arguments. The plain kernel adds the
     sink in its epilogue; the split path adds it to the merged rows."""
     splits = decode.plan(q, k, causal, variant[:2]) if alibi is None and not dropout_p else 0
-    if splits:
-        seqused = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
-        out, lse = decode.split_kv_attention(q, k, v, seqused, None, None, softmax_scale, splits, softcap=variant[2])
+    if splits:  # every key of k is valid: no seqused_k
+        out, lse = decode.split_kv_attention(q, k, v, None, None, None, softmax_scale, splits, softcap=variant[2])
         return sinks.apply_sink(out, lse, sink) if sink is not None else (out, lse)
     return torch.ops.flash_attn_t.fwd(q, k, v, softmax_scale, causal, *variant, alibi_slopes=alibi,
                                       learnable_sink=_kernel_sink(sink), dropout_p=dropout_p, rng_state=rng_state)

@@ -18,7 +18,7 @@ def emulated_fwd_kvcache(q, k_cache, v_cache, seqused, batch_idx, leftpad, scale
     outs, lses = [], []
     for b in range(q.shape[0]):
         row = b if batch_idx is None else min(max(int(batch_idx[b]), 0), k_cache.shape[0] - 1)
-        end = min(max(int(seqused[b]), 0), k_cache.shape[1])
+        end = k_cache.shape[1] if seqused is None else min(max(int(seqused[b]), 0), k_cache.shape[1])
         start = 0 if leftpad is None else min(max(int(leftpad[b]), 0), end)
         for s in range(splits):
             first, last = start + (end - start) * s // splits, start + (end - start) * (s + 1) // splits
@@ -27,6 +27,20 @@ def emulated_fwd_kvcache(q, k_cache, v_cache, seqused, batch_idx, leftpad, scale
             outs.append(out)
             lses.append(lse)
     return torch.cat(outs), torch.cat(lses)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_split_kv_without_seqused_reads_the_whole_cache(splits):
+    """seqused_k None (flash_attn_func's decode path): every key of the cache, no lengths tensor."""
+    torch.manual_seed(splits)
+    q = torch.randn(2, 1, 4, 16, dtype=torch.float64)
+    k_cache = torch.randn(2, 50, 2, 16, dtype=torch.float64)
+    v_cache = torch.randn_like(k_cache)
+    out, lse = decode.split_kv_attention(q, k_cache, v_cache, None, None, None, 0.25, splits,
+                                         attend=emulated_fwd_kvcache)
+    ref_out, ref_lse = attention_reference(q, k_cache, v_cache, 0.25)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("seqlen_q", [1, 3])
