@@ -219,6 +219,23 @@ __device__ __forceinline__ void drop_a_fragment(uint32_t (&a)[4], int kk, const 
   }
 }
 
+// Adds slope x key to every score (m16n8 accumulator layout), key = key_base + the column's offset
+// in the lane's tiles: an FFMA per column, then an FADD per score.
+template <int MTiles, int NTiles>
+__device__ __forceinline__ void add_column_bias(float (&s)[MTiles][NTiles][4], float slope, int key_base) {
+  const float bias_base = slope * static_cast<float>(key_base);
+#pragma unroll
+  for (int nt = 0; nt < NTiles; ++nt)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const float bias = fmaf(slope, static_cast<float>(nt * 8 + c), bias_base);
+#pragma unroll
+      for (int mt = 0; mt < MTiles; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) s[mt][nt][2 * r + c] += bias;
+    }
+}
+
 // Adds the ALiBi bias (Variant::alibi_bias) to every score of a warp's tiles (m16n8 accumulator
 // layout, as mask_scores), in the fewest instructions per score: the causal form's bias depends
 // on the key only, so each of the lane's columns gets it once and every row adds it (an FADD per
@@ -230,17 +247,7 @@ __device__ __forceinline__ void add_alibi(float (&s)[MTiles][NTiles][4], const M
   const int lane = threadIdx.x % 32;
   const int key_base = first_col + 2 * (lane % 4);
   if constexpr (Mask::kCausal) {
-    const float bias_base = -coef * static_cast<float>(key_base);
-#pragma unroll
-    for (int nt = 0; nt < NTiles; ++nt)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const float bias = fmaf(-coef, static_cast<float>(nt * 8 + c), bias_base);
-#pragma unroll
-        for (int mt = 0; mt < MTiles; ++mt)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) s[mt][nt][2 * r + c] += bias;
-      }
+    add_column_bias(s, -coef, key_base);
   } else {
 #pragma unroll
     for (int mt = 0; mt < MTiles; ++mt)
@@ -273,20 +280,7 @@ __device__ __forceinline__ void add_alibi_shifted(float (&s)[MTiles][NTiles][4],
   const int first_position = first_row + mask.shift, last_position = first_position + 16 * MTiles - 1;
   const int last_col = first_col + 8 * NTiles - 1;
   const bool left = last_col <= first_position, right = first_col > last_position;  // warp-uniform
-  if (left || right) {
-    const float sign = left ? -1.f : 1.f;
-    const float bias_base = sign * coef * static_cast<float>(key_base);
-#pragma unroll
-    for (int nt = 0; nt < NTiles; ++nt)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const float bias = fmaf(sign * coef, static_cast<float>(nt * 8 + c), bias_base);
-#pragma unroll
-        for (int mt = 0; mt < MTiles; ++mt)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) s[mt][nt][2 * r + c] += bias;
-      }
-  }
+  if (left || right) add_column_bias(s, left ? -coef : coef, key_base);
 #pragma unroll
   for (int mt = 0; mt < MTiles; ++mt)
 #pragma unroll
