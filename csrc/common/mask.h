@@ -236,6 +236,18 @@ __device__ __forceinline__ void add_column_bias(float (&s)[MTiles][NTiles][4], f
     }
 }
 
+// Adds coef |distance - column offset| to the scores of row half r of tile row mt, distance being
+// the row's position less the lane's first key: an FADD and an FFMA with |.| per score.
+template <int MTiles, int NTiles>
+__device__ __forceinline__ void add_distance_bias(float (&s)[MTiles][NTiles][4], int mt, int r, float coef,
+                                                  float distance) {
+#pragma unroll
+  for (int nt = 0; nt < NTiles; ++nt)
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+      s[mt][nt][2 * r + c] = fmaf(coef, fabsf(distance - static_cast<float>(nt * 8 + c)), s[mt][nt][2 * r + c]);
+}
+
 // Adds the ALiBi bias (Variant::alibi_bias) to every score of a warp's tiles (m16n8 accumulator
 // layout, as mask_scores), in the fewest instructions per score: the causal form's bias depends
 // on the key only, so each of the lane's columns gets it once and every row adds it (an FADD per
@@ -253,13 +265,8 @@ __device__ __forceinline__ void add_alibi(float (&s)[MTiles][NTiles][4], const M
     for (int mt = 0; mt < MTiles; ++mt)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const float distance = static_cast<float>(first_row + mt * 16 + lane / 4 + 8 * r + mask.shift - key_base);
-#pragma unroll
-        for (int nt = 0; nt < NTiles; ++nt)
-#pragma unroll
-          for (int c = 0; c < 2; ++c)
-            s[mt][nt][2 * r + c] =
-                fmaf(coef, fabsf(distance - static_cast<float>(nt * 8 + c)), s[mt][nt][2 * r + c]);
+        add_distance_bias(s, mt, r, coef,
+                          static_cast<float>(first_row + mt * 16 + lane / 4 + 8 * r + mask.shift - key_base));
       }
   }
 }
@@ -287,15 +294,7 @@ __device__ __forceinline__ void add_alibi_shifted(float (&s)[MTiles][NTiles][4],
     for (int r = 0; r < 2; ++r) {
       const float position = static_cast<float>(first_position + mt * 16 + lane / 4 + 8 * r);
       offset[mt][r] = left ? 0.f : right ? -2.f * coef * position : -coef * position;
-      if (!left && !right) {
-        const float distance = position - static_cast<float>(key_base);
-#pragma unroll
-        for (int nt = 0; nt < NTiles; ++nt)
-#pragma unroll
-          for (int c = 0; c < 2; ++c)
-            s[mt][nt][2 * r + c] =
-                fmaf(coef, fabsf(distance - static_cast<float>(nt * 8 + c)), s[mt][nt][2 * r + c]);
-      }
+      if (!left && !right) add_distance_bias(s, mt, r, coef, position - static_cast<float>(key_base));
     }
 }
 
