@@ -66,12 +66,12 @@ def split_kv_attention(q, k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, 
     """Non-causal attention of q (batch, seqlen_q, nheads, d) against cache rows kv_batch_idx[b]
     (b when None), keys [leftpad_k[b] (0 when None), seqused_k[b] (seqlen_cache when None)) of
     k_cache / v_cache (batch_cache, seqlen_cache, nheads_k, d), through num_splits splits per
-    sequence with the query heads of each kv head packed into rows. Returns (out like q, lse (batch, nheads,
-    seqlen_q) fp32, +inf for rows that see no key). softcap as in flash_attn_func (the merge is
-    exact for it too: each split's lse is of the capped scores). `attend` computes one fwd_kvcache
-    call (the kernel by default, then merged by the merge_splits kernel; the CPU tests pass an exact
-    emulation, merged here by merge_splits below). block_table: the caches are paged (the kernel
-    path only)."""
+    sequence with the query heads of each kv head packed into rows. Returns (out like q, lse
+    (batch, nheads, seqlen_q) fp32, +inf for rows that see no key). softcap as in flash_attn_func
+    (the merge is exact for it too: each split's lse is of the capped scores). `attend` computes
+    one fwd_kvcache call (the kernel by default, then merged by the merge_splits kernel; the CPU
+    tests pass an exact emulation, merged here by merge_splits below). block_table: the caches
+    are paged (the kernel path only)."""
     if attend is None:
         out, lse = torch.ops.flash_attn_t.fwd_kvcache(
             _packed_rows(q, k_cache.shape[2]), k_cache, v_cache, seqused_k, kv_batch_idx, leftpad_k, softmax_scale,
