@@ -146,12 +146,11 @@ bool sm90_kernels_available() {
 #endif
 }
 
-// backward: the sm90 backward does not implement dropout yet, so a dropout call's backward runs
-// the sm80 one (it draws the same keep mask: common/philox.h). Combinations of softcap, ALiBi and
-// dropout run on the sm80 kernels (their Combined variant) in both passes.
+// Combinations of softcap, ALiBi and dropout run on the sm80 kernels (their Combined variant) in
+// both passes; the sm90 backward has no kernels for head dim 256 (the sm80 one runs).
 bool use_sm90_kernels(const FwdParams& p, bool backward = false) {
-  return p.rows_q > 0 && p.rows_k > 0 && has_sm90_kernels(p.head_dim, backward) &&
-         !(backward && p.dropout) && !combines_features(p) && sm90_kernels_available();
+  return p.rows_q > 0 && p.rows_k > 0 && has_sm90_kernels(p.head_dim, backward) && !combines_features(p) &&
+         sm90_kernels_available();
 }
 
 // The attention variant an op asks for: causal, and flash_attn's window_size (left, right).

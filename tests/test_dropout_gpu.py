@@ -1,6 +1,6 @@
 """GPU: dropout (dropout_p > 0) against the fp64 reference with the kernels' own keep mask, through
-both kernel families (on Hopper the sm90 forward with the sm80 backward, which draws the same
-mask, and the sm80 pair).
+both kernel families (on Hopper the sm90 pair, whose backward draws the same mask in its
+transposed layout, and the sm80 pair).
 
 The mask is flash_attn_t.philox.dropout_keep_mask of the call's (seed, offset): torch's CUDA
 generator's seed and its offset just before the call (each dropout call advances it by 4). The

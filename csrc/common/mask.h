@@ -80,7 +80,7 @@ struct KeyMask {
 // the row's constant) and so do we, to return its lse. In the kernels' units (s, before
 // scale_log2) the slope is -alibi_coef(head) (alibi_bias). A constant per row shifts nothing, so
 // the backward's dS is unchanged.
-// Dropout (the sm80 kernels and the sm90 forward; plain scores only there): the normalised
+// Dropout (plain scores only, but in the sm80 kernels' Combined variant): the normalised
 // probability of (query head bh = batch x heads + head, row, key) is kept with probability p_keep
 // by the Philox draw of common/philox.h (its values read from p.rng_state, so a captured CUDA
 // graph draws anew on each replay) and scaled by 1 / p_keep; the forward's row sums and lse are
@@ -126,13 +126,13 @@ struct Variant : Mask {
   __device__ __forceinline__ bool dropout_active() const {
     if constexpr (Combined) return dropout_on; else return Dropout;
   }
-  // The keep bits of the 8 columns this lane holds of the 32-key group `group` of a row
-  // (common/philox.h: bit 2 t + e is column 32 group + 8 t + 2 (lane % 4) + e); all kept when
-  // the call has no dropout.
-  __device__ __forceinline__ uint32_t dropout_bits(int bh, int row, int group) const {
+  // The keep bits of the 8 columns a lane of quad `quad` holds of the 32-key group `group` of a
+  // row (common/philox.h: bit 2 t + e is column 32 group + 8 t + 2 quad + e); all kept when the
+  // call has no dropout. quad defaults to this lane's in the m16n8 layout (lane % 4).
+  __device__ __forceinline__ uint32_t dropout_bits(int bh, int row, int group, int quad = threadIdx.x % 4) const {
     if (!dropout_active()) return 0xFFu;
     return dropout_keep_bits(dropout_seed, dropout_offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(row),
-                             static_cast<uint32_t>(group), threadIdx.x % 4, dropout_threshold);
+                             static_cast<uint32_t>(group), static_cast<uint32_t>(quad), dropout_threshold);
   }
   __device__ __forceinline__ float score(float s) const {
     return softcap_active() ? fast_tanh(s * softcap_scale) : s;
@@ -173,8 +173,8 @@ decltype(auto) variant_switch(const FwdParams& p, F&& f) {
   return bool_switch(p.softcap, [&](auto softcap) { return mask_switch<decltype(softcap)::value, false>(p, f); });
 }
 
-// variant_switch plus each mask with dropout (twelve instantiations): the kernels that implement
-// dropout (the sm80 forward and backward, the sm90 forward).
+// variant_switch plus each mask with dropout (twelve instantiations): the sm90 kernels' switch
+// (the sm80 ones add the Combined variant).
 template <typename F>
 decltype(auto) variant_switch_with_dropout(const FwdParams& p, F&& f) {
   if (p.dropout) return mask_switch<false, false, true>(p, f);

@@ -215,6 +215,8 @@ struct BwdConsumer {
   static constexpr int kSTiles = kBlockM / 8;    // 8-column tiles of S^T, dP^T (query columns)
   static constexpr int kKvTiles = kHeadDim / 8;  // of dK, dV
   static constexpr int kSlices = kBlockM / 16;   // k16 slices of P^T, dS^T as A operands
+  static constexpr int kKeepWords = (4 * kSTiles + 31) / 32;  // dropout: 4 keep bits per tile
+  static_assert(!(Mask::kDropout && (Mask::kSoftcap || Mask::kAlibi)), "dropout with softcap or ALiBi: sm80 only");
 
   const BwdSmem<Traits>& sm;
   const int wg, lane, warp_row;  // warp_row: this warp's first key row within the warpgroup's 64
@@ -345,15 +347,57 @@ struct BwdConsumer {
     }
   }
 
-  // dP^T -> dS^T = P^T (dP^T - D).
-  __device__ __forceinline__ void dp_to_ds(float (&dp)[kSTiles][4], const float (&p)[kSTiles][4], int stage) const {
+  // dP^T -> dS^T = P^T (dP^T - D); with dropout P^T (Z dP^T / p_keep - D), D from the dropped
+  // output.
+  __device__ __forceinline__ void dp_to_ds(float (&dp)[kSTiles][4], const float (&p)[kSTiles][4], int stage,
+                                           const uint32_t (&keep)[kKeepWords], float dropout_scale) const {
     const float* dsum = sm.dsum(stage);
 #pragma unroll
     for (int t = 0; t < kSTiles; ++t) {
       const float2 d = *reinterpret_cast<const float2*>(dsum + col_of(t, 0));
 #pragma unroll
-      for (int j = 0; j < 4; ++j) dp[t][j] = p[t][j] * (dp[t][j] - (j % 2 ? d.y : d.x));
+      for (int j = 0; j < 4; ++j) {
+        float g = dp[t][j];
+        if constexpr (Mask::kDropout) g = (keep[t / 8] >> (4 * (t % 8) + j) & 1u) ? g * dropout_scale : 0.f;
+        dp[t][j] = p[t][j] * (g - (j % 2 ? d.y : d.x));
+      }
     }
+  }
+
+  // Dropout's keep bits of this lane's elements of S^T: element [t][j] (query col_of(t, j), key
+  // key_of(j)) at bit 4 (t % 8) + j of word t / 8. A Philox call gives the 8 keep values one lane
+  // of the forward's (query-row) layout holds in a 32-key group: keys 8 t' + 2 quad + e of the
+  // group (common/philox.h). This lane's keys key_of(0) and key_of(2) = key_of(0) + 8 lie in one
+  // group, at t' = 2 (warp % 2) + j / 2, quad = lane / 8, e = lane / 4 % 2: 2 of a call's 8 values
+  // per query (the other 4 this warp needs nothing of belong to the neighbouring warp). The lane
+  // and its partner lane ^ 4 (the other e, the same queries) draw one query parity each and swap.
+  __device__ __forceinline__ void draw_keep(uint32_t (&keep)[kKeepWords], const BwdKeyBlock<Traits, Mask>& blk,
+                                            int bh, int first_row) const {
+    const int e = lane / 4 % 2, quad = lane / 8, bit0 = 4 * (warp_row / 16 % 2) + e;
+    const int group = (blk.first_key + key_of(0)) / 32;
+#pragma unroll
+    for (int w = 0; w < kKeepWords; ++w) keep[w] = 0u;
+#pragma unroll
+    for (int t = 0; t < kSTiles; ++t) {
+      const uint32_t mine = blk.mask.dropout_bits(bh, first_row + col_of(t, e), group, quad);
+      const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, 4);
+      const uint32_t even = e ? other : mine, odd = e ? mine : other;  // query parity 0 and 1
+      const uint32_t bits = (even >> bit0 & 1u) | (odd >> bit0 & 1u) << 1 | (even >> (bit0 + 2) & 1u) << 2 |
+                            (odd >> (bit0 + 2) & 1u) << 3;
+      keep[t / 8] |= bits << (4 * (t % 8));
+    }
+  }
+
+  // Zeroes the dropped elements of the packed P^T fragments (pack_a_fragments: a[kk][i] holds
+  // tile 2 kk + i / 2, elements 2 (i % 2) and 2 (i % 2) + 1).
+  __device__ __forceinline__ static void drop(uint32_t (&a)[kSlices][4], const uint32_t (&keep)[kKeepWords]) {
+#pragma unroll
+    for (int kk = 0; kk < kSlices; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int tile = 2 * kk + i / 2;
+        a[kk][i] &= keep_pair_mask(keep[tile / 8] >> (4 * (tile % 8) + 2 * (i % 2)));
+      }
   }
 
   // This warpgroup's rows of dS^T into shared memory in the swizzled slab layout (4-byte stores:
@@ -405,7 +449,9 @@ struct BwdConsumer {
         const int col = col_of(t, 0);
         *reinterpret_cast<uint32_t*>(dk_out + key * p.dk_row_stride + col) =
             Ops::pack(dk[t][2 * r] * p.softmax_scale, dk[t][2 * r + 1] * p.softmax_scale);
-        *reinterpret_cast<uint32_t*>(dv_out + key * p.dv_row_stride + col) = Ops::pack(dv[t][2 * r], dv[t][2 * r + 1]);
+        const float dv_scale = Mask::kDropout ? blk.mask.dropout_scale : 1.f;  // the kept P's 1 / p_keep
+        *reinterpret_cast<uint32_t*>(dv_out + key * p.dv_row_stride + col) =
+            Ops::pack(dv[t][2 * r] * dv_scale, dv[t][2 * r + 1] * dv_scale);
       }
     }
   }
@@ -440,6 +486,10 @@ struct BwdConsumer {
     uint32_t p_frag[kSlices][4], ds_frag[kSlices][4];
     q.wait_full(sm.q_full(stage));
     issue_s_dp(s, dp, stage);
+    // Dropout's Philox draws: integer work while the tensor cores run S^T and dP^T.
+    uint32_t keep[kKeepWords];
+    if constexpr (Mask::kDropout)
+      draw_keep(keep, blk, blk.seq.batch * p.heads + blk.head(s_idx, p.heads / p.heads_k), first_row);
 
     if constexpr (Mask::kSoftcap) {
       wgmma_wait<0>();
@@ -458,10 +508,11 @@ struct BwdConsumer {
       // dS before packing either: P^T in fp32 and dP^T die as they are packed, so at most
       // S^T, dP^T and dK, dV are live at once (hd64 at BlockM 128 would spill otherwise).
 #if !FAT_BWD_TIMING_SKIP_ELEMENTWISE
-      dp_to_ds(dp, s, stage);
+      dp_to_ds(dp, s, stage, keep, blk.mask.dropout_scale);
 #endif
     }
     pack_a_fragments<Element>(s, p_frag);
+    if constexpr (Mask::kDropout) drop(p_frag, keep);  // dV takes the kept P (scaled by 1 / p_keep at the store)
     pack_a_fragments<Element>(dp, ds_frag);
     if constexpr (kLate) {
       // Before dV is issued, not between register-sourced wgmmas in flight: this step's buffer

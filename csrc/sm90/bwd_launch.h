@@ -39,7 +39,8 @@ template <typename Element, int HeadDim>
 cudaError_t run_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
   using Traits = sm90::BwdTraits<Element, HeadDim, HeadDim == 64 ? 128 : 64>;
   static_assert(Traits::kBlockN == kBwdBlockN, "flash_api sizes dq_accum splits with kBwdBlockN");
-  return variant_switch(p, [&](auto variant) { return sm90::launch_bwd<Traits, typename decltype(variant)::type>(p, stream); });
+  return variant_switch_with_dropout(
+      p, [&](auto variant) { return sm90::launch_bwd<Traits, typename decltype(variant)::type>(p, stream); });
 }
 
 }  // namespace fat
