@@ -12,6 +12,7 @@ capturable in a CUDA graph. Packing turns the group's heads into rows, which cha
 position is, so it is used when the mask does not depend on positions: one query row, or no
 causal mask.
 """
+import functools
 import math
 
 import torch
@@ -39,8 +40,14 @@ MAX_PACKED_ROWS = 64
 
 
 def _sms(device):
-    # (torch caches the device properties; no GPU: shape-only fake tensors, any count will do)
-    return torch.cuda.get_device_properties(device.index or 0).multi_processor_count if torch.cuda.is_available() else 1
+    # (no GPU: shape-only fake tensors, any count will do)
+    return _sm_count(device.index or 0) if torch.cuda.is_available() else 1
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    # (get_device_properties costs ~15 us a call: a decode step's whole host budget is ~100 us)
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def plan(q, k, causal, window=(-1, -1), num_splits=0, max_keys=None):

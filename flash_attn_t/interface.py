@@ -430,6 +430,11 @@ def _kernel_sink(sink):
     return None if sink is None else sink.detach().to(torch.float32).contiguous()
 
 
+def _grad_needed(*tensors):
+    """Whether autograd records this call: grad mode on and an input that requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _rng_state(q, dropout_p):
     """The int64 (2,) tensor into which a dropout forward writes its (seed, offset), for the
     backward to draw the same mask; None without dropout."""
@@ -545,8 +550,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
     ops.require_extension()
     head_dim = q.shape[-1]
-    out, lse = FlashAttnFunc.apply(*_pad_head_dim(q, k, v), softmax_scale, bool(causal), (*window_size, softcap),
-                                   bool(deterministic), learnable_sink, alibi_slopes, dropout_p)
+    q_, k_, v_ = _pad_head_dim(q, k, v)
+    if _grad_needed(q, k, v, learnable_sink):
+        out, lse = FlashAttnFunc.apply(q_, k_, v_, softmax_scale, bool(causal), (*window_size, softcap),
+                                       bool(deterministic), learnable_sink, alibi_slopes, dropout_p)
+    else:  # (inference: the autograd.Function's own host time is a fifth of a decode step's)
+        out, lse = _forward(q_, k_, v_, softmax_scale, bool(causal), (*window_size, softcap), learnable_sink,
+                            alibi_slopes, dropout_p, _rng_state(q, dropout_p))
     return _result(out[..., :head_dim], lse, return_attn_probs)
 
 

@@ -344,6 +344,8 @@ def test_left_padded_masks_become_key_ranges_others_stay_masks():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
     ranges = integration.padding_mask(kv_length=8, attention_mask=mask)
     assert ranges.dtype == torch.int32 and ranges.reshape(3, 2).tolist() == [[2, 5], [0, 5], [5, 5]]
+    # the firsts and the ends are the kernels' cache_leftpad / cache_seqlens as they are (no copy per layer)
+    assert ranges[:, 0, 0, 0].is_contiguous() and ranges[:, 0, 0, 1].is_contiguous()
     assert integration.padding_mask(kv_length=8, attention_mask=ranges) is ranges  # handed back as it is
     holed = torch.tensor([[1, 0, 1, 1, 1]])
     got = integration.padding_mask(kv_length=8, attention_mask=holed)

@@ -72,14 +72,16 @@ def key_ranges(mask):
     shape whose values the kernels read on the device (flash_attn_with_kvcache's cache_leftpad and
     cache_seqlens), so the attention layers neither sync with the host nor recompile per step.
     (Four dimensions: transformers hands a 4-d mask back unchanged when a model's forward builds
-    its masks again from the one generate prepared.) Any other mask (a hole among the keys, right
-    padding) stays a boolean mask for the unpadding path. Deciding which costs one host sync per
-    forward, here rather than in every layer."""
+    its masks again from the one generate prepared.) Its firsts and its ends each lie contiguous in
+    memory (strides (1, 1, 1, batch)), so every layer passes them to the kernels as they are, with
+    no copy. Any other mask (a hole among the keys, right padding) stays a boolean mask for the
+    unpadding path. Deciding which costs one host sync per forward, here rather than in every layer."""
     mask = mask.bool()
     if mask.shape[1] > 1 and not bool((mask[:, 1:] >= mask[:, :-1]).all()):
         return mask
-    end = torch.full((mask.shape[0],), mask.shape[1], dtype=torch.int32, device=mask.device)
-    return torch.stack([end - mask.sum(1, dtype=torch.int32), end], dim=1).view(-1, 1, 1, 2)
+    batch = mask.shape[0]
+    end = torch.full((batch,), mask.shape[1], dtype=torch.int32, device=mask.device)
+    return torch.stack([end - mask.sum(1, dtype=torch.int32), end]).as_strided((batch, 1, 1, 2), (1, 1, 1, batch))
 
 
 def _is_key_ranges(attention_mask):
