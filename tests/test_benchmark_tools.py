@@ -37,3 +37,14 @@ def test_sass_report_reads_the_wgmma_region_of_each_kernel(monkeypatch):
     rows = list(load("sass_report", monkeypatch).kernel_rows(sass))
     stats = dict(instructions=6, ldl=1, stl=1, full_waits=1, mufu=1)
     assert rows == [("causal+softcap", stats), ("local+alibi", stats), ("plain+paged", stats)]
+
+
+def test_decode_grid_covers_issue_11s_cases_and_skips_what_does_not_fit(monkeypatch):
+    decode = load("benchmark_decode", monkeypatch)
+    cases = decode.grid_cases(**{k: decode.GRID[k] for k in ("cases", "queries", "head_configs")})
+    assert len(cases) == 3 * 4 * 2 * 2 and len(set(cases)) == len(cases)
+    assert (64, 131072, 4, 32, 32) in cases and (1, 4096, 1, 32, 8) in cases
+    # K and V, bf16: b8 x 32k x 8 kv heads x 128 is 1 GiB
+    assert decode.cache_bytes(8, 32768, 8, 128) == 2**30
+    assert decode.fits(2**30, 2 * 2**30) and not decode.fits(2**30, 1.5 * 2**30)
+    assert not decode.fits(decode.cache_bytes(64, 131072, 32, 128), 80 * 2**30)  # 128 GiB on an 80 GiB card
