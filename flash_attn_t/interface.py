@@ -477,15 +477,23 @@ class FlashAttnFunc(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, dsink, None, None
 
 
+def _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, variant,
+                    sink, alibi, dropout_p=0.0, rng_state=None):
+    """The varlen forward kernel: (out, lse), which is all the backward needs (with rng_state, for
+    dropout)."""
+    return torch.ops.flash_attn_t.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                             softmax_scale, causal, *variant, alibi_slopes=alibi,
+                                             learnable_sink=_kernel_sink(sink), dropout_p=dropout_p,
+                                             rng_state=rng_state)
+
+
 class FlashAttnVarlenFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, variant,
                 deterministic, sink, alibi, dropout_p=0.0):
         rng_state = _rng_state(q, dropout_p)
-        out, lse = torch.ops.flash_attn_t.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                     max_seqlen_k, softmax_scale, causal, *variant, alibi_slopes=alibi,
-                                                     learnable_sink=_kernel_sink(sink), dropout_p=dropout_p,
-                                                     rng_state=rng_state)
+        out, lse = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                   causal, variant, sink, alibi, dropout_p, rng_state)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sink, alibi, rng_state)
         ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
         ctx.softmax_scale, ctx.causal, ctx.variant, ctx.deterministic = softmax_scale, causal, variant, deterministic
@@ -612,9 +620,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     ops.require_extension()
     head_dim = q.shape[-1]
-    out, lse = FlashAttnVarlenFunc.apply(*_pad_head_dim(q, k, v), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                         int(max_seqlen_k), softmax_scale, bool(causal), (*window_size, softcap),
-                                         bool(deterministic), learnable_sink, alibi_slopes, dropout_p)
+    q_, k_, v_ = _pad_head_dim(q, k, v)
+    if _grad_needed(q, k, v, learnable_sink):
+        out, lse = FlashAttnVarlenFunc.apply(q_, k_, v_, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                                             int(max_seqlen_k), softmax_scale, bool(causal), (*window_size, softcap),
+                                             bool(deterministic), learnable_sink, alibi_slopes, dropout_p)
+    else:  # inference: no autograd.Function (as flash_attn_func)
+        out, lse = _varlen_forward(q_, k_, v_, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                   softmax_scale, bool(causal), (*window_size, softcap), learnable_sink, alibi_slopes,
+                                   dropout_p, _rng_state(q, dropout_p))
     return _result(out[..., :head_dim], lse, return_attn_probs)
 
 

@@ -78,6 +78,27 @@ def test_public_api_on_fake_cuda_tensors():
 
 
 @requires_extension
+def test_public_api_records_autograd_only_when_a_gradient_is_needed():
+    """Inference calls skip the autograd.Function (host time per decode step); the outputs are the
+    same shapes either way, and only a call with an input that requires grad, in grad mode, has a
+    graph to differentiate."""
+    with FakeTensorMode():
+        q = torch.randn(2, 5, 8, 64, dtype=torch.bfloat16, device="cuda")
+        k, v = (torch.randn(2, 40, 2, 64, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+        cu_q, cu_k = (torch.zeros(3, dtype=torch.int32, device="cuda") for _ in range(2))  # (values unread)
+        qv, kv, vv = q.reshape(10, 8, 64), k.reshape(80, 2, 64), v.reshape(80, 2, 64)
+        for grad in (False, True):
+            leaves = [t.detach().requires_grad_(grad) for t in (q, k, v, qv, kv, vv)]
+            out = flash_attn_t.flash_attn_func(*leaves[:3], causal=True)
+            out_v = flash_attn_t.flash_attn_varlen_func(*leaves[3:], cu_q, cu_k, 7, 77, causal=True)
+            assert out.shape == q.shape and out_v.shape == qv.shape
+            assert out.requires_grad == grad and out_v.requires_grad == grad
+            with torch.no_grad():
+                assert not flash_attn_t.flash_attn_func(*leaves[:3]).requires_grad
+                assert not flash_attn_t.flash_attn_varlen_func(*leaves[3:], cu_q, cu_k, 7, 77).requires_grad
+
+
+@requires_extension
 @pytest.mark.parametrize("batch", [2, 0])
 def test_autograd_functions_on_meta_tensors(batch):
     """Backward wiring: a packed qkv gets its gradient packed, GQA k/v get k/v-shaped gradients."""
