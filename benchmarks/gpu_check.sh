@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One full check on a GPU machine: build (all cores), the test suite, compute-sanitizer on a
-# small forward + backward, then the benchmark, the variants' benchmark and the decode benchmark.
+# small forward + backward, then the benchmark, the variants' benchmark and the decode benchmarks
+# (GPU and host time).
 # Everything it writes goes to $OUT (or ./gpu_check_out).
 #   bash benchmarks/gpu_check.sh [benchmark_attention.py options, e.g. --quick]
 #   PARTS="tests sanitizer" bash benchmarks/gpu_check.sh     (a subset; the build always runs)
@@ -46,5 +47,6 @@ fi
 if part decode; then
   echo "== decode benchmark"
   python3 benchmarks/benchmark_decode.py --rounds 3 2>&1 | tee "$OUT/decode.log" | tail -n 20
+  python3 benchmarks/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log"
 fi
 exit $status
