@@ -562,7 +562,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     if _grad_needed(q, k, v, learnable_sink):
         out, lse = FlashAttnFunc.apply(q_, k_, v_, softmax_scale, bool(causal), (*window_size, softcap),
                                        bool(deterministic), learnable_sink, alibi_slopes, dropout_p)
-    else:  # (inference: the autograd.Function's own host time is a fifth of a decode step's)
+    else:  # inference: no autograd.Function (its bookkeeping was ~15% of a decode call's host time)
         out, lse = _forward(q_, k_, v_, softmax_scale, bool(causal), (*window_size, softcap), learnable_sink,
                             alibi_slopes, dropout_p, _rng_state(q, dropout_p))
     return _result(out[..., :head_dim], lse, return_attn_probs)
