@@ -6,11 +6,14 @@
 #   bash benchmarks/ablation.sh [benchmark_attention.py args, e.g. --seqlens 2048 8192]
 #   VARIANTS="PINGPONG=0 LAZY_RESCALE=0" bash benchmarks/ablation.sh ...   (other overrides;
 #   a comma joins overrides of one build: SM90_HD64_WARPGROUPS=3,PINGPONG=0)
+#   FEATURES=1 ... also runs benchmark_features.py on each build (window, softcap, ALiBi, sinks,
+#   dropout against the plain kernel) and prints its tables after the TFLOP/s table.
 # Writes the logs and CSVs under $OUT (or ./ablation_out). Leaves the last build installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-ablation_out}"
 mkdir -p "$OUT"
+rm -f "$OUT"/features_*.log
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a
 
 for variant in defaults ${VARIANTS:-SM90_TENSOR_ROW_SUM=1 LAZY_RESCALE=0 PINGPONG=0}; do
@@ -22,6 +25,9 @@ for variant in defaults ${VARIANTS:-SM90_TENSOR_ROW_SUM=1 LAZY_RESCALE=0 PINGPON
   echo "== $label (build $(( $(date +%s) - start )) s)"
   python3 benchmarks/benchmark_attention.py --passes "${PASS:-fwd}" --backends flash_attn_t --variant "$label" \
     --out-dir "$OUT" "$@" > "$OUT/bench_$label.log" 2>&1 || { tail -n 30 "$OUT/bench_$label.log"; exit 1; }
+  if [ "${FEATURES:-0}" = 1 ]; then
+    python3 benchmarks/benchmark_features.py > "$OUT/features_$label.log" 2>&1 || { tail -n 30 "$OUT/features_$label.log"; exit 1; }
+  fi
 done
 
 python3 - "$OUT" <<'PY'
@@ -34,3 +40,9 @@ print(f"{'hdim':>4} {'causal':>6} {'seqlen':>6} " + " ".join(f"{v:>22}" for v in
 for cell in sorted({k[:3] for k in table}):
     print(f"{cell[0]:>4} {cell[1]:>6} {cell[2]:>6} " + " ".join(f"{table.get((*cell, v), 0):22.1f}" for v in variants))
 PY
+if [ "${FEATURES:-0}" = 1 ]; then
+  for log in "$OUT"/features_*.log; do
+    echo "== $(basename "$log" .log)"
+    grep -v -i warning "$log"
+  done
+fi
