@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from flash_attn_t import flash_attn_func, flash_attn_with_kvcache
+from flash_attn_t import decode, flash_attn_func, flash_attn_with_kvcache
 from flash_attn_t.integrations import transformers as integration
 
 
@@ -60,7 +60,7 @@ def main():
         "integration, key ranges": lambda: integration.attention_forward(Module(), qt, kt, vt, ranges),
         "integration, no mask": lambda: integration.attention_forward(Module(), qt, kt, vt, None),
         "fwd_kvcache + merge ops": lambda: torch.ops.flash_attn_t.merge_splits(
-            *torch.ops.flash_attn_t.fwd_kvcache(q.view(b, 1, hk, h // hk, d).transpose(2, 3).reshape(b, h // hk, hk, d),
+            *torch.ops.flash_attn_t.fwd_kvcache(decode._packed_rows(q, hk),
                                                 k_cache, v_cache, seqlens, None, leftpad, d ** -0.5, False,
                                                 num_splits=2), 2, h // hk),
         "sdpa (enable_gqa)": lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True),
