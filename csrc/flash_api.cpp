@@ -16,7 +16,9 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <type_traits>
+#include <unordered_map>
 
 #include "launch.h"
 
@@ -258,15 +260,32 @@ void set_sink(FwdParams& p, const std::optional<at::Tensor>& sink, const at::Ten
   p.sink = sink->data_ptr<float>();
 }
 
+// The sm90 forward's tile counter for a launch on q's device and `stream`: it must read zero when
+// the launch starts, and the kernel leaves it at zero when it ends (TileQueue::next). One counter
+// per (device, stream), zeroed once and kept, so launches on one stream take turns with it and
+// launches on different streams never share one; a call captured into a CUDA graph gets a counter
+// of its own instead, zeroed by the graph (a kept one would belong to the graph's memory pool).
+at::Tensor tile_counter(const at::Tensor& q, cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  TORCH_CHECK(cudaStreamIsCapturing(stream, &capture) == cudaSuccess, "flash_attn_t: cannot query the stream");
+  if (capture != cudaStreamCaptureStatusNone) return at::zeros({1}, q.options().dtype(at::kInt));
+  static std::mutex mutex;
+  // (never destroyed: freeing CUDA memory at interpreter exit may find the driver shut down)
+  static auto* counters = new std::unordered_map<uint64_t, at::Tensor>();
+  const uint64_t key = (static_cast<uint64_t>(q.get_device()) << 56) ^ reinterpret_cast<uintptr_t>(stream);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = counters->find(key);
+  if (found != counters->end()) return found->second;
+  return counters->emplace(key, at::zeros({1}, q.options().dtype(at::kInt))).first->second;
+}
+
 void launch_fwd(FwdParams& p, const at::Tensor& q, const Variant& variant) {
   set_variant(p, variant);
   if (p.batch == 0 || p.seqlen_q == 0) return;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool sm90 = use_sm90_kernels(p);
-  // The sm90 kernel's tile scheduler counts from zero in every launch (stream-ordered, so the
-  // buffer may be released as soon as the launch is queued).
-  const at::Tensor tile_counter = sm90 ? at::zeros({1}, q.options().dtype(at::kInt)) : at::Tensor();
-  p.tile_counter = sm90 ? tile_counter.data_ptr<int>() : nullptr;
+  const at::Tensor counter = sm90 ? tile_counter(q, stream) : at::Tensor();
+  p.tile_counter = sm90 ? counter.data_ptr<int>() : nullptr;
   const at::ScalarType dtype = q.scalar_type();
   check_launch(dispatch(dtype, p.head_dim,
                         [&](auto element, auto dim) {

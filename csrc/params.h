@@ -82,7 +82,7 @@ struct FwdParams {
   // Forward only (the backward takes the sink-normalised out and lse as they are).
   const float* sink;
 
-  int* tile_counter;  // sm90 forward: zeroed before each launch; tiles handed out past the first wave
+  int* tile_counter;  // sm90 forward: tiles handed out past the first wave; zero at launch, zero again at exit
 };
 
 // Backward pass: the forward's tensors plus the gradients and the fp32 workspaces.

@@ -268,6 +268,26 @@ def test_packed_qkv_and_kv_match_unpacked(heads_k):
         assert torch.equal(dqkv, torch.stack(ref_grads, dim=2))
 
 
+def test_forwards_on_several_streams_at_once_match_one_stream():
+    """The sm90 forward hands out tiles through a counter per stream that each launch leaves at
+    zero: launches queued on four streams at once (more tiles than SMs, so the counter is used)
+    and repeated on each give what the same calls give one after another on one stream."""
+    problems = [make_inputs(2, 2048 + 256 * i, 2048, 8, 2, 64 * (1 + i % 2), torch.bfloat16, seed=20 + i)
+                for i in range(4)]
+    expected = [flash_attn_func(q, k, v, causal=bool(i % 2)) for i, (q, k, v, _) in enumerate(problems)]
+    streams = [torch.cuda.Stream() for _ in problems]
+    torch.cuda.synchronize()
+    outs = [[] for _ in problems]
+    for _ in range(3):
+        for i, ((q, k, v, _), stream) in enumerate(zip(problems, streams)):
+            with torch.cuda.stream(stream):
+                outs[i].append(flash_attn_func(q, k, v, causal=bool(i % 2)))
+    torch.cuda.synchronize()
+    for want, got in zip(expected, outs):
+        for out in got:
+            assert torch.equal(out, want)
+
+
 def test_strided_inputs():
     # q, k, v as views with non-contiguous batch/seq/head strides: (b, h, s, d) transposed
     base = torch.randn(3, 2, 4, 150, 128, device="cuda", dtype=torch.bfloat16)

@@ -500,7 +500,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if (warpgroup == 0) {
     regs_decrease<Traits::kProducerRegisters>();
     if (threadIdx.x != 0) return;
-    for (int tile = blockIdx.x;; tile = queue.next(p.tile_counter)) {
+    for (int tile = blockIdx.x;; tile = queue.next(p.tile_counter, tiles.count)) {
       queue.push(tile);
       if (tile >= tiles.count) break;
       const FwdBlock<Traits, Mask> blk(p, tiles, tile);

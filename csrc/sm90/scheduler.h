@@ -24,7 +24,15 @@ struct TileQueue {
     mbar_arrive(sm.tile_full(at.stage()));  // releases the store above
     at = at.plus(1);
   }
-  __device__ __forceinline__ static int next(int* counter) { return gridDim.x + atomicAdd(counter, 1); }
+  // Producer thread: the tile after this CTA's current one. Every CTA that starts with a tile
+  // fetches until it gets one past the last, so a launch fetches exactly `count` times and the
+  // fetch that returns count - 1 is its last: that one puts the counter back to zero for the next
+  // launch on the stream (no memset before each launch).
+  __device__ __forceinline__ static int next(int* counter, int count) {
+    const int fetched = atomicAdd(counter, 1);
+    if (fetched == count - 1) atomicExch(counter, 0);
+    return gridDim.x + fetched;
+  }
 
   // Consumer warp: this CTA's next tile.
   __device__ __forceinline__ int pop() {
