@@ -260,23 +260,33 @@ void set_sink(FwdParams& p, const std::optional<at::Tensor>& sink, const at::Ten
   p.sink = sink->data_ptr<float>();
 }
 
-// The sm90 forward's tile counter for a launch on q's device and `stream`: it must read zero when
-// the launch starts, and the kernel leaves it at zero when it ends (TileQueue::next). One counter
-// per (device, stream), zeroed once and kept, so launches on one stream take turns with it and
-// launches on different streams never share one; a call captured into a CUDA graph gets a counter
-// of its own instead, zeroed by the graph (a kept one would belong to the graph's memory pool).
-at::Tensor tile_counter(const at::Tensor& q, cudaStream_t stream) {
+// The sm90 forward's tile counter for a launch on the current device and `stream`: it must read
+// zero when the launch starts, and the kernel leaves it at zero when it ends (TileQueue::next).
+// One counter per (device, stream), zeroed once and kept, so launches on one stream take turns
+// with it and launches on different streams never share one. The kept counters come from
+// cudaMalloc, not the caching allocator: an allocation that outlives the call must not land in a
+// CUDA-graph memory pool (torch.compile's cudagraph trees run their warmup inside one and reject
+// live allocations they do not own). A call being captured gets a counter of its own in `owner`,
+// which the graph zeroes on each replay.
+int* tile_counter(const at::Tensor& q, cudaStream_t stream, at::Tensor& owner) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   TORCH_CHECK(cudaStreamIsCapturing(stream, &capture) == cudaSuccess, "flash_attn_t: cannot query the stream");
-  if (capture != cudaStreamCaptureStatusNone) return at::zeros({1}, q.options().dtype(at::kInt));
+  if (capture != cudaStreamCaptureStatusNone) {
+    owner = at::zeros({1}, q.options().dtype(at::kInt));
+    return owner.data_ptr<int>();
+  }
   static std::mutex mutex;
-  // (never destroyed: freeing CUDA memory at interpreter exit may find the driver shut down)
-  static auto* counters = new std::unordered_map<uint64_t, at::Tensor>();
+  // (never freed: one int per stream, and freeing at interpreter exit may find the driver gone)
+  static auto* counters = new std::unordered_map<uint64_t, int*>();
   const uint64_t key = (static_cast<uint64_t>(q.get_device()) << 56) ^ reinterpret_cast<uintptr_t>(stream);
   std::lock_guard<std::mutex> lock(mutex);
   auto found = counters->find(key);
   if (found != counters->end()) return found->second;
-  return counters->emplace(key, at::zeros({1}, q.options().dtype(at::kInt))).first->second;
+  int* counter = nullptr;
+  TORCH_CHECK(cudaMalloc(&counter, sizeof(int)) == cudaSuccess &&
+                  cudaMemsetAsync(counter, 0, sizeof(int), stream) == cudaSuccess,
+              "flash_attn_t: cannot allocate the forward's tile counter: ", cudaGetErrorString(cudaGetLastError()));
+  return counters->emplace(key, counter).first->second;
 }
 
 void launch_fwd(FwdParams& p, const at::Tensor& q, const Variant& variant) {
@@ -284,8 +294,8 @@ void launch_fwd(FwdParams& p, const at::Tensor& q, const Variant& variant) {
   if (p.batch == 0 || p.seqlen_q == 0) return;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool sm90 = use_sm90_kernels(p);
-  const at::Tensor counter = sm90 ? tile_counter(q, stream) : at::Tensor();
-  p.tile_counter = sm90 ? counter.data_ptr<int>() : nullptr;
+  at::Tensor counter_owner;  // set only under graph capture; keeps that counter alive until queued
+  p.tile_counter = sm90 ? tile_counter(q, stream, counter_owner) : nullptr;
   const at::ScalarType dtype = q.scalar_type();
   check_launch(dispatch(dtype, p.head_dim,
                         [&](auto element, auto dim) {
