@@ -64,7 +64,6 @@ struct FwdSmem {
   __device__ __forceinline__ int* tile_slot(int slot) const {
     return reinterpret_cast<int*>(base + Traits::kTileSlotOffset) + slot;
   }
-  __device__ __forceinline__ int* pages() const { return reinterpret_cast<int*>(base + Traits::kPageOffset); }
 };
 
 // Where this CTA stands in its two rings: Q (one slot, filled once per tile) and K/V (Stages
@@ -119,53 +118,6 @@ struct FwdBlock {
   __device__ __forceinline__ int kv_batch_coord() const { return seq.varlen_k ? 0 : seq.batch_k; }
 };
 
-// A paged cache's key block from sequence row `row` is loaded as boxes of paged_box_rows() rows
-// (each inside one page: params.h), box r from page pages[r]. Each page index is a global load in
-// front of a TMA issue; the producer copies a block's indices into shared memory with cp.async
-// right after issuing the block before it (no registers held while it waits for a free slot) and
-// waits for them only when it issues that block. The producer is one thread issuing up to 32
-// boxes per block at small pages: no divisions in these loops (a box never straddles a page, so
-// the next box starts at offset + box, or at row 0 of the next page).
-template <typename Traits>
-__device__ __forceinline__ void prefetch_pages(int* pages, const FwdParams& p, int row, int b_k) {
-  const int* table = p.block_table + b_k * p.block_table_stride;
-  const int box = paged_box_rows(p), last = p.max_pages - 1;
-  int slot = row / p.page_size, offset = row - slot * p.page_size;
-#pragma unroll
-  for (int r = 0; r < Traits::kMaxPagesPerBlock; ++r) {
-    if (r * box < Traits::kBlockN) {
-      cp_async_4(smem_addr(pages + r), table + min(slot, last), true);
-      offset += box;
-      if (offset == p.page_size) offset = 0, ++slot;
-    }
-  }
-  cp_async_commit();
-}
-
-// One K or V block (kBlockN keys from sequence row `row`, at `page_offset` in its page) of a paged
-// cache into `dst`: one TMA box per 64-column slab and box of rows (pages as prefetch_pages left
-// them). Boxes land at their rows' offsets in the slab: the 128-byte swizzle follows the
-// shared-memory address, so the pieces form the same tile one box would.
-template <typename Traits>
-__device__ __forceinline__ void load_paged_kv_block(typename Traits::Element* dst, const CUtensorMap* map,
-                                                    uint64_t* full, int head_k, const FwdParams& p, const int* pages,
-                                                    int page_offset) {
-  constexpr int kSlabElems = 64;
-  const int box = paged_box_rows(p);
-#pragma unroll
-  for (int r = 0; r < Traits::kMaxPagesPerBlock; ++r) {
-    if (r * box < Traits::kBlockN) {
-      const int page = min(max(pages[r], 0), p.batch_k - 1);
-#pragma unroll
-      for (int slab = 0; slab < Traits::kSlabs; ++slab)
-        tma_load_4d(dst + (slab * Traits::kBlockN + r * box) * kSlabElems, map, full, slab * kSlabElems,
-                    page_offset, head_k, page);
-      page_offset += box;
-      if (page_offset == p.page_size) page_offset = 0;
-    }
-  }
-}
-
 // ---- producer: one thread keeps the ring full, one tile after another.
 template <typename Traits, typename Mask>
 __device__ __forceinline__ void produce(const FwdBlock<Traits, Mask>& blk, const FwdParams& p,
@@ -200,35 +152,54 @@ __device__ __forceinline__ void produce(const FwdBlock<Traits, Mask>& blk, const
 }
 
 // The same from a paged cache (a kernel of its own: beside the paged loop, ptxas spilled in the
-// plain producer's per-tile path, 1-4% on short causal sequences). Each block's page indices
-// are prefetched one block ahead (prefetch_pages); the loop is not unrolled (spills).
+// plain producer's per-tile path, 1-4% on short causal sequences). A key block arrives as boxes
+// of paged_box_rows() rows, each inside one page (params.h), one TMA per box and 64-column slab;
+// boxes land at their rows' offsets in the slab, where the 128-byte swizzle (which follows the
+// shared-memory address) makes them the same tile one box would. One thread issuing them all,
+// each behind its page index (16 TMAs for K and 16 for V per block at 16-row pages), held the
+// cache read to ~2.6 TB/s, so the producer's whole warp issues them: lane l takes box l / kSlabs
+// and slab l % kSlabs, its page index loaded one block ahead (the load's latency hides behind the
+// wait for the next free stage). Lane 0 alone loads Q and arms the mbarriers.
 template <typename Traits, typename Mask>
 __device__ __forceinline__ void produce_paged(const FwdBlock<Traits, Mask>& blk, const FwdParams& p,
                                               const CUtensorMap* tma_q, const CUtensorMap* tma_k,
                                               const CUtensorMap* tma_v, const FwdSmem<Traits>& sm,
-                                              const RingCounters<Traits::kStages>& ring) {
+                                              const RingCounters<Traits::kStages>& ring, int lane) {
   constexpr int kSlabElems = 64;
   const int head_k = blk.head / (p.heads / p.heads_k), b = blk.batch_coord(), b_k = blk.kv_batch_coord();
-  prefetch_pages<Traits>(sm.pages(), p, blk.k_row((blk.n_end - 1) * Traits::kBlockN), b_k);
-  ring.q.wait_empty(sm.q_empty());
-  mbar_arrive_expect_tx(sm.q_full(), Traits::kQBytes);
+  const int box_row = lane / Traits::kSlabs * paged_box_rows(p), slab = lane % Traits::kSlabs;
+  const bool issues = box_row < Traits::kBlockN;
+  const int dst_offset = (slab * Traits::kBlockN + box_row) * kSlabElems;
+  const int* table = p.block_table + b_k * p.block_table_stride;
+  int page = 0, page_row = 0;  // where this lane's box of the next key block is in the cache
+  const auto locate = [&](int block_row) {
+    const int slot = (block_row + box_row) / p.page_size;
+    page_row = block_row + box_row - slot * p.page_size;
+    page = table[min(slot, p.max_pages - 1)];
+  };
+  if (issues) locate(blk.k_row((blk.n_end - 1) * Traits::kBlockN));
+  if (lane == 0) {
+    ring.q.wait_empty(sm.q_empty());
+    mbar_arrive_expect_tx(sm.q_full(), Traits::kQBytes);
 #pragma unroll
-  for (int slab = 0; slab < Traits::kSlabs; ++slab)
-    tma_load_4d(sm.q() + slab * Traits::kBlockM * kSlabElems, tma_q, sm.q_full(), slab * kSlabElems,
-                blk.q_row(blk.first_row), blk.head, b);
+    for (int s = 0; s < Traits::kSlabs; ++s)
+      tma_load_4d(sm.q() + s * Traits::kBlockM * kSlabElems, tma_q, sm.q_full(), s * kSlabElems,
+                  blk.q_row(blk.first_row), blk.head, b);
+  }
 #pragma unroll 1
   for (int i = 0; i < blk.blocks(); ++i) {
     const RingPosition<Traits::kStages> slot = ring.block(i);
     const int n = blk.n_end - 1 - i, stage = slot.stage(), use = slot.use();
-    const int row = blk.k_row(n * Traits::kBlockN), page_offset = row % p.page_size;
     if (use > 0) mbar_wait(sm.k_empty(stage), (use - 1) & 1);
-    cp_async_wait_all();  // this block's page indices
-    mbar_arrive_expect_tx(sm.k_full(stage), Traits::kKVBytes);
-    load_paged_kv_block<Traits>(sm.k(stage), tma_k, sm.k_full(stage), head_k, p, sm.pages(), page_offset);
+    if (lane == 0) mbar_arrive_expect_tx(sm.k_full(stage), Traits::kKVBytes);
+    __syncwarp();  // the expected bytes are armed before any box lands
+    const int safe_page = min(max(page, 0), p.batch_k - 1);  // a malformed table reads a real page
+    if (issues) tma_load_4d(sm.k(stage) + dst_offset, tma_k, sm.k_full(stage), slab * kSlabElems, page_row, head_k, safe_page);
     if (use > 0) mbar_wait(sm.v_empty(stage), (use - 1) & 1);
-    mbar_arrive_expect_tx(sm.v_full(stage), Traits::kKVBytes);
-    load_paged_kv_block<Traits>(sm.v(stage), tma_v, sm.v_full(stage), head_k, p, sm.pages(), page_offset);
-    if (i + 1 < blk.blocks()) prefetch_pages<Traits>(sm.pages(), p, row - Traits::kBlockN, b_k);
+    if (lane == 0) mbar_arrive_expect_tx(sm.v_full(stage), Traits::kKVBytes);
+    __syncwarp();
+    if (issues) tma_load_4d(sm.v(stage) + dst_offset, tma_v, sm.v_full(stage), slab * kSlabElems, page_row, head_k, safe_page);
+    if (issues && i + 1 < blk.blocks()) locate(blk.k_row((n - 1) * Traits::kBlockN));
   }
 }
 
@@ -499,14 +470,20 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int warpgroup = warp_uniform(threadIdx.x / 128);
   if (warpgroup == 0) {
     regs_decrease<Traits::kProducerRegisters>();
-    if (threadIdx.x != 0) return;
-    for (int tile = blockIdx.x;; tile = queue.next(p.tile_counter, tiles.count)) {
-      queue.push(tile);
+    // One thread issues the loads; from a paged cache, the whole warp (produce_paged).
+    if (threadIdx.x >= (kPaged ? 32 : 1)) return;
+    const int lane = kPaged ? threadIdx.x : 0;
+    const auto next_tile = [&] {
+      const int next = lane == 0 ? queue.next(p.tile_counter, tiles.count) : 0;
+      return kPaged ? __shfl_sync(0xffffffffu, next, 0) : next;
+    };
+    for (int tile = blockIdx.x;; tile = next_tile()) {
+      if (lane == 0) queue.push(tile);
       if (tile >= tiles.count) break;
       const FwdBlock<Traits, Mask> blk(p, tiles, tile);
       if (!blk.has_keys()) continue;
       if constexpr (kPaged)
-        produce_paged(blk, p, &tma_q, &tma_k, &tma_v, sm, ring);
+        produce_paged(blk, p, &tma_q, &tma_k, &tma_v, sm, ring, lane);
       else
         produce(blk, p, &tma_q, &tma_k, &tma_v, sm, ring);
       ring.advance(blk.blocks());

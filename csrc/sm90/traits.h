@@ -74,10 +74,7 @@ struct FwdTraits {
   static constexpr int kTileSlots = 2;
   static constexpr int kBarriers = 2 + 4 * kStages + 2 * kTileSlots;
   static constexpr uint32_t kTileSlotOffset = kBarrierOffset + kBarriers * 8;
-  // A paged cache's page indices for the next key block (pages are at least 16 rows).
-  static constexpr int kMaxPagesPerBlock = kBlockN / 16;
-  static constexpr uint32_t kPageOffset = kTileSlotOffset + kTileSlots * 4;
-  static constexpr int kSmemBytes = kPageOffset + kMaxPagesPerBlock * 4 + 1024;  // + alignment slack
+  static constexpr int kSmemBytes = kTileSlotOffset + kTileSlots * 4 + 1024;  // + alignment slack
 
   static_assert(kConsumerWarpgroups == 2 || kConsumerWarpgroups == 3, "register budgets for 2 or 3");
   static_assert(kProducerRegisters * 128 + kConsumerRegisters * 128 * kConsumerWarpgroups <= 65536, "registers");
