@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from benchmark_attention import Timer  # noqa: E402
+from kernel_times import kernel_times  # noqa: E402
 
 SDPA_BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
                  "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -145,6 +146,11 @@ def run_case(batch, seqlen, n_q, heads, kv_heads, args, timer):
     for name, us in median.items():
         vs_contiguous = f"{median['flash_attn_t'] / us:12.2f}x" if name.startswith("fa_t_page") else ""
         print(f"{label:>22} {name:>15} {us:>9.1f} {read / us / 1e3:>7.0f} {best_sdpa / us:>11.2f}x {vs_contiguous}")
+    if args.kernels:  # (no L2 flush between these calls)
+        for name, fn in usable.items():
+            times = kernel_times([fn] * args.reps)
+            print(f"{label:>22} {name:>15} kernels: " +
+                  ", ".join(f"{us:.1f} us {kernel[:60]}" for kernel, us in times.items()))
     return median
 
 
@@ -159,6 +165,7 @@ def main(argv=None):
     parser.add_argument("--splits", nargs="*", type=int, default=[], help="also fixed split counts")
     parser.add_argument("--grid", action="store_true", help="issue 11's grid (overrides the case options)")
     parser.add_argument("--csv", help="also write the medians here")
+    parser.add_argument("--kernels", action="store_true", help="also each backend's GPU time per kernel (profiler)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args(argv)

@@ -16,22 +16,28 @@ from torch.profiler import ProfilerActivity, profile
 from flash_attn_t import flash_attn_func
 
 
+def kernel_times(calls):
+    """{kernel name: mean GPU microseconds per call} of the zero-argument callables `calls`, each
+    run once under the profiler (warm them up first)."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for call in calls:
+            call()
+        torch.cuda.synchronize()
+    totals = collections.Counter()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] += event.device_time
+    return {name: us / len(calls) for name, us in totals.most_common()}
+
+
 def backward_kernel_times(make_out, inputs, reps):
     """{kernel name: mean microseconds per call} of the backward of make_out(*inputs)."""
     outs = [make_out(*inputs) for _ in range(reps + 1)]
     grads = [torch.randn_like(o) for o in outs]
     # autograd.grad, not backward(): no accumulation into the leaves' .grad (an add kernel).
     torch.autograd.grad(outs[0], inputs, grads[0])  # warm-up
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for o, g in zip(outs[1:], grads[1:]):
-            torch.autograd.grad(o, inputs, g)
-        torch.cuda.synchronize()
-    totals = collections.Counter()
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[event.name] += event.device_time
-    return {name: us / reps for name, us in totals.most_common()}
+    return kernel_times([lambda o=o, g=g: torch.autograd.grad(o, inputs, g) for o, g in zip(outs[1:], grads[1:])])
 
 
 def main():

@@ -38,17 +38,25 @@ __global__ void __launch_bounds__(128) merge_splits_kernel(const MergeParams p) 
   for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   const float total = m == -INFINITY ? -INFINITY : m + __logf(sum);
 
+  // A lane's columns of one split's output, read in one load.
+  struct alignas(sizeof(Element) * kPerLane) Chunk {
+    Element v[kPerLane];
+  };
   float acc[kPerLane] = {};
-  if (total != -INFINITY)
+  if (total != -INFINITY) {
+    // Unrolled and without a branch on the weight, so the loads of eight splits are in flight at
+    // once (one split at a time, each behind the last, took ~0.4 us a split). A split without
+    // keys weighs 0 and is not added, whatever its output holds.
+#pragma unroll 8
     for (int s = 0; s < p.splits; ++s) {
-      const float w = __expf(split_lse(s) - total);  // 0 for a split without keys
-      if (w == 0.f) continue;  // (warp-uniform: every lane reads the same lse)
-      const Element* src = static_cast<const Element*>(p.out_partial) +
-                           (((static_cast<int64_t>(b) * p.splits + s) * p.rows + row) * p.heads_k + hk) * HeadDim +
-                           lane * kPerLane;
+      const float w = __expf(split_lse(s) - total);
+      const Chunk chunk = *reinterpret_cast<const Chunk*>(
+          static_cast<const Element*>(p.out_partial) +
+          (((static_cast<int64_t>(b) * p.splits + s) * p.rows + row) * p.heads_k + hk) * HeadDim + lane * kPerLane);
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) acc[i] = fmaf(w, Ops::to_float(src[i]), acc[i]);
+      for (int i = 0; i < kPerLane; ++i) acc[i] = w > 0.f ? fmaf(w, Ops::to_float(chunk.v[i]), acc[i]) : acc[i];
     }
+  }
   // Packed row = query * group + g belongs to head hk * group + g of that query.
   const int query = row / p.group, head = hk * p.group + row % p.group, heads = p.heads_k * p.group;
   Element* dst = static_cast<Element*>(p.out) +
