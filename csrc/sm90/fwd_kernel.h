@@ -194,11 +194,15 @@ __device__ __forceinline__ void produce_paged(const FwdBlock<Traits, Mask>& blk,
     if (lane == 0) mbar_arrive_expect_tx(sm.k_full(stage), Traits::kKVBytes);
     __syncwarp();  // the expected bytes are armed before any box lands
     const int safe_page = min(max(page, 0), p.batch_k - 1);  // a malformed table reads a real page
-    if (issues) tma_load_4d(sm.k(stage) + dst_offset, tma_k, sm.k_full(stage), slab * kSlabElems, page_row, head_k, safe_page);
+    if (issues)
+      tma_load_4d(sm.k(stage) + dst_offset, tma_k, sm.k_full(stage), slab * kSlabElems, page_row, head_k,
+                  safe_page);
     if (use > 0) mbar_wait(sm.v_empty(stage), (use - 1) & 1);
     if (lane == 0) mbar_arrive_expect_tx(sm.v_full(stage), Traits::kKVBytes);
     __syncwarp();
-    if (issues) tma_load_4d(sm.v(stage) + dst_offset, tma_v, sm.v_full(stage), slab * kSlabElems, page_row, head_k, safe_page);
+    if (issues)
+      tma_load_4d(sm.v(stage) + dst_offset, tma_v, sm.v_full(stage), slab * kSlabElems, page_row, head_k,
+                  safe_page);
     if (issues && i + 1 < blk.blocks()) locate(blk.k_row((n - 1) * Traits::kBlockN));
   }
 }
