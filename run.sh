@@ -62,7 +62,7 @@ set_up() {
   local files
   files=$(wc -w < csrc/sources.txt)
   step "building flash_attn_t._C: $files source files, MAX_JOBS=${MAX_JOBS:-all cores}," \
-       "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0a} (from scratch 5-8 minutes on 2 cores;" \
+       "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0a} (from scratch 5-9 minutes on 2 cores;" \
        "afterwards only what changed)"
   python -m pip install -q --no-build-isolation --no-deps -e .
   took
