@@ -16,7 +16,6 @@
 #include <optional>
 #include <string>
 #include <tuple>
-#include <utility>
 #include <type_traits>
 #include <unordered_map>
 
