@@ -67,6 +67,7 @@ struct ElementOps<__nv_bfloat16> {
     return *reinterpret_cast<uint32_t*>(&v);
   }
   __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ __forceinline__ static float rounded(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
   __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
     asm volatile(
@@ -85,6 +86,7 @@ struct ElementOps<__half> {
     return *reinterpret_cast<uint32_t*>(&v);
   }
   __device__ __forceinline__ static float to_float(__half x) { return __half2float(x); }
+  __device__ __forceinline__ static float rounded(float x) { return __half2float(__float2half_rn(x)); }
   __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
     asm volatile(

@@ -141,6 +141,10 @@ __device__ __forceinline__ void fence_operand(float (&d)[N][4]) {
     for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(d[i][j])::"memory");
 }
 
+// The same for a register that a wgmma will read: pins its computation above this point (ahead of
+// wgmma_fence, so ptxas need not serialise the batch: C7519).
+__device__ __forceinline__ void fence_operand(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+
 // wgmma.mma_async m64nNk16, fp32 accumulators. D is a warpgroup accumulator: warp w holds rows
 // 16 w .. 16 w + 15 in the m16n8 layout, d[j] is its 8-column tile j. accumulate == 0 overwrites D.
 // Operand sources and layouts:

@@ -48,6 +48,9 @@ struct FwdSmem {
     return reinterpret_cast<Element*>(base + Traits::kOStageOffset + w * Traits::kOStageWarpBytes);
   }
   __device__ __forceinline__ uint32_t* ones() const { return reinterpret_cast<uint32_t*>(base + Traits::kOnesOffset); }
+  __device__ __forceinline__ uint32_t* alibi_keys() const {
+    return reinterpret_cast<uint32_t*>(base + Traits::kAlibiKeysOffset);
+  }
   __device__ __forceinline__ uint64_t* barriers() const {
     return reinterpret_cast<uint64_t*>(base + Traits::kBarrierOffset);
   }
@@ -207,6 +210,32 @@ __device__ __forceinline__ void produce_paged(const FwdBlock<Traits, Mask>& blk,
   }
 }
 
+// ALiBi's bias is -coef (key - position) left of the diagonal, -coef (position - key) right of it
+// (Variant::alibi_coef; the softmax takes rows shifted by a per-row constant, add_alibi_shifted),
+// so a key block wholly on one side of a warpgroup's rows adds the same +-coef x key to every
+// row: the S wgmma adds the part that varies inside the block, +-coef x (key - the block's first
+// key), as one more k16 step -- A holds +-coef in columns 0-2 of every row (split into three
+// 16-bit parts, so that the sum keeps fp32's precision) and B this tile, each key's offset in its
+// block in columns 0-2 -- and the block's first key's part joins the row offsets of the online
+// softmax. No FP32 op per score is left for such blocks (the add it replaces was the whole of
+// ALiBi's cost: the softmax is issue-bound). The tile: no swizzle, K-major, 8 x 8 core matrices
+// of 128 bytes, the two of an 8-key group (columns 0-7, 8-15) 128 bytes apart (the leading
+// byte offset), 8-key groups 256 bytes apart (the stride byte offset).
+template <typename Traits>
+__device__ __forceinline__ void write_alibi_keys(const FwdSmem<Traits>& sm) {
+  using Ops = ElementOps<typename Traits::Element>;
+  constexpr int kWords = Traits::kBlockN * 8;  // 16 columns a key, two a word
+  for (int w = threadIdx.x; w < kWords; w += Traits::kThreads) {
+    const int byte = 4 * w, key = byte / 256 * 8 + byte % 128 / 16, col = byte / 128 % 2 * 8 + byte % 16 / 2;
+    const float offset = static_cast<float>(key);  // (exact in 16 bits: at most 127)
+    sm.alibi_keys()[w] = Ops::pack(col < 3 ? offset : 0.f, col + 1 < 3 ? offset : 0.f);
+  }
+}
+template <typename Traits>
+__device__ __forceinline__ uint64_t alibi_keys_desc(const FwdSmem<Traits>& sm) {
+  return SmemDesc(smem_addr(sm.alibi_keys()), 128, 256, false).at(0);
+}
+
 // ---- consumer: one warpgroup, 64 query rows.
 template <typename Traits, typename Mask>
 struct Consumer {
@@ -214,6 +243,7 @@ struct Consumer {
   static constexpr int kSTiles = Traits::kSTiles, kOTiles = Traits::kOTiles, kPSlices = Traits::kBlockN / 16;
   static constexpr int kGroups = Traits::kBlockN / 32;  // dropout's 32-key draws per key block
   static_assert(!(Mask::kDropout && Traits::kTensorRowSum), "dropout needs the row sum of the undropped P");
+  static_assert(!(Mask::kAlibi && Mask::kSoftcap), "the S wgmma adds ALiBi's bias before any softcap could apply");
 
   using Softmax = OnlineSoftmax<1, Traits::kTensorRowSum, Traits::kLazyRescale,
                                 Mask::kSoftcap ? Traits::kPolyExp2QuartersSoftcap : 0>;
@@ -244,15 +274,45 @@ struct Consumer {
     if constexpr (Traits::kPingPong) Barriers::fwd_turn((warpgroup + 1) % Traits::kConsumerWarpgroups).arrive();
   }
 
-  // S = Q K(i)^T, issued (not waited for).
-  __device__ __forceinline__ void issue_qk(float (&s)[kSTiles][4], int i) const {
+  // S = Q K(i)^T, issued (not waited for); with ALiBi plus the key-offset part of the bias
+  // (write_alibi_keys; alibi_word: this lane's A word, 0 for a block across the diagonal).
+  __device__ __forceinline__ void issue_qk(float (&s)[kSTiles][4], int i, uint32_t alibi_word = 0u) const {
+    const uint32_t alibi_a[4] = {alibi_word, alibi_word, 0u, 0u};  // rows r, r + 8; columns 0-7 (A layout)
     ring.block(i).wait_full(sm.k_full(stage_of(i)));
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < Traits::kHeadDim / 16; ++kk)
       wgmma_ss<Element, Traits::kBlockN>(s, kmajor_desc(sm.q(), Traits::kBlockM, wg_row, kk),
                                          kmajor_desc(sm.k(stage_of(i)), Traits::kBlockN, 0, kk), kk > 0);
+    if constexpr (Mask::kAlibi) wgmma_rs<Element, Traits::kBlockN, false>(s, alibi_a, alibi_keys_desc(sm), 1);
     wgmma_commit();
+  }
+
+  // ALiBi: this lane's word of the A operand that adds -coef x (key offset) to S: +-coef split in
+  // three 16-bit parts in columns 0-2 of every row (lanes 0 mod 4 hold columns 0-1, lanes 1 mod 4
+  // columns 2-3 of the m16n8k16 A layout).
+  __device__ __forceinline__ uint32_t alibi_lane_word() const {
+    using Ops = ElementOps<Element>;
+    const float c = -blk.mask.alibi_coef(blk.head), hi = Ops::rounded(c), mid = Ops::rounded(c - hi);
+    const float lo = c - hi - mid;
+    return lane % 4 == 0 ? Ops::pack(hi, mid) : lane % 4 == 1 ? Ops::pack(lo, 0.f) : 0u;
+  }
+  // Where key block i lies from this warpgroup's rows: -1 wholly left (always under causal, whose
+  // bias is -coef x key for every key), +1 wholly right, 0 across the diagonal (the softmax then
+  // adds the bias per score).
+  __device__ __forceinline__ int alibi_side(int i) const {
+    if constexpr (Mask::kCausal) return -1;
+    const int first_col = block_of(i) * Traits::kBlockN, first_position = blk.first_row + wg_row + blk.mask.shift;
+    return first_col + Traits::kBlockN - 1 <= first_position ? -1 : first_col > first_position + 63 ? 1 : 0;
+  }
+  // Block i's word, computed before the GEMMs are issued (fenced: written between the wgmmas
+  // of one batch, it would make ptxas serialise them).
+  __device__ __forceinline__ uint32_t alibi_word(uint32_t left_word, int i) const {
+    if constexpr (!Mask::kAlibi) return 0u;
+    const int side = alibi_side(i);
+    uint32_t word = side < 0 ? left_word : side > 0 ? left_word ^ 0x80008000u : 0u;  // (+coef: halves negated)
+    fence_operand(word);
+    return word;
   }
 
   // O += P V(i), and l += P x ones, issued (not waited for). P is already packed: registers
@@ -311,15 +371,23 @@ struct Consumer {
 #pragma unroll
           for (int j = 0; j < 4; ++j) s[0][t][j] = blk.mask.score(s[0][t][j]);
       }
-      if constexpr (Mask::kAlibi && !Mask::kCausal) {  // rows shifted: one op per score off the diagonal
+      if constexpr (Mask::kAlibi) {
+        const float coef = blk.mask.alibi_coef(blk.head);
+        const int side = alibi_side(i), first_col = block_of(i) * Traits::kBlockN;
         float offset[1][2];
-        add_alibi_shifted(s, blk.mask, blk.mask.alibi_coef(blk.head), warp_first_row, block_of(i) * Traits::kBlockN,
-                          offset);
+        if (side != 0) {  // S has the key offsets' part (issue_qk): the block's first key's joins the rows'
+          const float first_key_part = (side < 0 ? -coef : coef) * static_cast<float>(first_col);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float position = static_cast<float>(warp_first_row + blk.mask.shift + lane / 4 + 8 * r);
+            offset[0][r] = side > 0 ? fmaf(-2.f * coef, position, first_key_part) : first_key_part;
+          }
+        } else if constexpr (!Mask::kCausal) {  // rows shifted (add_alibi_shifted): two ops per score
+          add_alibi_shifted(s, blk.mask, coef, warp_first_row, first_col, offset);
+        }
         mask(s[0], i);
         softmax.exponentiate(s, scale_log2, correction, offset);
       } else {
-        if constexpr (Mask::kAlibi)
-          add_alibi(s, blk.mask, blk.mask.alibi_coef(blk.head), warp_first_row, block_of(i) * Traits::kBlockN);
         mask(s[0], i);
         softmax.exponentiate(s, scale_log2, correction);
       }
@@ -339,12 +407,15 @@ struct Consumer {
     uint32_t keep[2][kGroups];
     [[maybe_unused]] const int bh = blk.seq.batch * p.heads + blk.head;  // dropout's (batch, head) counter word
 
+    [[maybe_unused]] const uint32_t alibi_left_word = Mask::kAlibi ? alibi_lane_word() : 0u;
+
     if (blk.has_keys()) {
       ring.q.wait_full(sm.q_full());
 
       // prologue: S(0) and its softmax
+      const uint32_t alibi_first = alibi_word(alibi_left_word, 0);
       wait_turn();
-      issue_qk(s[0], 0);
+      issue_qk(s[0], 0, alibi_first);
       pass_turn();
       draw_keep(keep, bh, 0);
       wgmma_wait<0>();
@@ -357,8 +428,9 @@ struct Consumer {
 
       // steady state: S(i) and P(i-1) V(i-1) on the tensor cores, then softmax(S(i)) beside P V
       for (int i = 1; i < blk.blocks(); ++i) {
+        const uint32_t alibi_next = alibi_word(alibi_left_word, i);
         wait_turn();
-        issue_qk(s[0], i);
+        issue_qk(s[0], i, alibi_next);
         issue_pv(o[0], softmax.sum_acc, pfrag, i - 1);
         pass_turn();
         draw_keep(keep, bh, i);
@@ -466,7 +538,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
   static_assert(Traits::kOnesBytes / 4 <= Traits::kThreads, "one word of ones per thread");
   if (threadIdx.x < Traits::kOnesBytes / 4) sm.ones()[threadIdx.x] = ElementOps<typename Traits::Element>::kOnePair;
-  fence_proxy_async();  // the ones are written by plain stores and read by wgmma (async proxy)
+  if constexpr (Mask::kAlibi) write_alibi_keys(sm);
+  fence_proxy_async();  // the ones and ALiBi's keys are written by plain stores and read by wgmma (async proxy)
   __syncthreads();
 
   RingCounters<Traits::kStages> ring;

@@ -68,7 +68,10 @@ struct FwdTraits {
   static constexpr uint32_t kOStageWarpBytes = 16 * kOStagePitch * sizeof(Element);
   static constexpr uint32_t kOStageOffset = kVOffset + kStages * kKVBytes;
   static constexpr uint32_t kOnesOffset = kOStageOffset + 4 * kConsumerWarpgroups * kOStageWarpBytes;
-  static constexpr uint32_t kBarrierOffset = kOnesOffset + kOnesBytes;
+  // ALiBi's key tile (alibi_keys_desc): each key's offset in its block, 16 columns a key, no swizzle.
+  static constexpr uint32_t kAlibiKeysBytes = kBlockN * 16 * sizeof(Element);
+  static constexpr uint32_t kAlibiKeysOffset = kOnesOffset + kOnesBytes;
+  static constexpr uint32_t kBarrierOffset = kAlibiKeysOffset + kAlibiKeysBytes;
   // Q full, Q empty; per stage K full, V full, K empty, V empty (K is released a GEMM earlier
   // than V); per slot of the tile-index ring tile full, tile empty.
   static constexpr int kTileSlots = 2;
