@@ -15,10 +15,9 @@ from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent
 DTYPES = {"fp16": "__half", "bf16": "__nv_bfloat16"}
-# The head dims each (pass, family) is built for: everything for 64, 128 and 256 but the sm90
-# backward, which has 64 and 128 (an hd256 backward runs the sm80 kernel on Hopper too).
+# The head dims each (pass, family) is built for: 64, 128 and 256 everywhere.
 HEAD_DIMS = {("fwd", "sm80"): (64, 128, 256), ("fwd", "sm90"): (64, 128, 256), ("bwd", "sm80"): (64, 128, 256),
-             ("bwd", "sm90"): (64, 128), ("merge", "any"): (64, 128, 256)}
+             ("bwd", "sm90"): (64, 128, 256), ("merge", "any"): (64, 128, 256)}
 # (pass, arch) -> (launch header, launcher signatures with {T} for the dtype and {D} for the head dim)
 KERNELS = {
     ("fwd", "sm80"): ("sm80/fwd_launch.h", ["run_fwd_sm80<{T}, {D}>(const FwdParams&, cudaStream_t)"]),

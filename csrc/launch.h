@@ -41,8 +41,8 @@ cudaError_t run_merge_splits(const MergeParams& params, cudaStream_t stream);
 // hd256 sm80 kernel's key block of 64 divides it).
 constexpr int kBwdBlockN = 128;
 
-// The head dims with sm90 kernels (csrc/generate_instantiations.py): the forward 64, 128 and 256,
-// the backward 64 and 128 (hd256 runs the sm80 backward).
-constexpr bool has_sm90_kernels(int head_dim, bool backward) { return head_dim <= 128 || (!backward && head_dim == 256); }
+// The head dims with sm90 kernels (csrc/generate_instantiations.py): 64, 128 and 256, both passes
+// (the hd256 backward without softcap, ALiBi or dropout: flash_api's use_sm90_kernels).
+constexpr bool has_sm90_kernels(int head_dim, bool /*backward*/) { return head_dim <= 128 || head_dim == 256; }
 
 }  // namespace fat

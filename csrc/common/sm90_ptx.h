@@ -157,6 +157,7 @@ __device__ __forceinline__ void fence_operand(uint32_t& r) { asm volatile("" : "
 // per N because inline asm takes no computed operand lists.
 #define FAT_WGMMA_ACC8(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
 #define FAT_WGMMA_ACC_N8 FAT_WGMMA_ACC8(0)
+#define FAT_WGMMA_ACC_N32 FAT_WGMMA_ACC8(0), FAT_WGMMA_ACC8(1), FAT_WGMMA_ACC8(2), FAT_WGMMA_ACC8(3)
 #define FAT_WGMMA_ACC_N64                                                                                      \
   FAT_WGMMA_ACC8(0), FAT_WGMMA_ACC8(1), FAT_WGMMA_ACC8(2), FAT_WGMMA_ACC8(3), FAT_WGMMA_ACC8(4), FAT_WGMMA_ACC8(5), \
       FAT_WGMMA_ACC8(6), FAT_WGMMA_ACC8(7)
@@ -164,6 +165,7 @@ __device__ __forceinline__ void fence_operand(uint32_t& r) { asm volatile("" : "
   FAT_WGMMA_ACC_N64, FAT_WGMMA_ACC8(8), FAT_WGMMA_ACC8(9), FAT_WGMMA_ACC8(10), FAT_WGMMA_ACC8(11),              \
       FAT_WGMMA_ACC8(12), FAT_WGMMA_ACC8(13), FAT_WGMMA_ACC8(14), FAT_WGMMA_ACC8(15)
 #define FAT_WGMMA_REGS_N8 "{%0, %1, %2, %3}"
+#define FAT_WGMMA_REGS_N32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
 #define FAT_WGMMA_REGS_N64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
 #define FAT_WGMMA_REGS_N128 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 // After the N/2 accumulators come the inputs, numbered from FIRST (a string): ss takes desc_a,
@@ -185,9 +187,12 @@ constexpr bool kIsBf16 = std::is_same_v<Element, __nv_bfloat16>;
 
 template <typename Element, int N, bool TransA = false, bool TransB = false>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  static_assert(N == 64 || N == 128, "wgmma_ss: N of 64 or 128");
+  static_assert(N == 32 || N == 64 || N == 128, "wgmma_ss: N of 32, 64 or 128");
 #ifdef FAT_SM90_DEVICE
-  if constexpr (N == 64) {
+  if constexpr (N == 32) {
+    if constexpr (kIsBf16<Element>) FAT_WGMMA_SS(32, "bf16", "16", "17", "18", "19", "20");
+    else FAT_WGMMA_SS(32, "f16", "16", "17", "18", "19", "20");
+  } else if constexpr (N == 64) {
     if constexpr (kIsBf16<Element>) FAT_WGMMA_SS(64, "bf16", "32", "33", "34", "35", "36");
     else FAT_WGMMA_SS(64, "f16", "32", "33", "34", "35", "36");
   } else {

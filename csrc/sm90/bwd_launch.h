@@ -3,6 +3,7 @@
 #pragma once
 #include "../launch.h"
 #include "bwd_kernel.h"
+#include "bwd_split_dim.h"
 #include "tma.h"
 #include "traits.h"
 
@@ -18,7 +19,12 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
                                    p.dout_row_stride, p.dout_head_stride, p.dout_batch_stride, Traits::kBlockM);
   if (err != cudaSuccess) return err;
 
-  auto kernel = bwd_kernel<Traits, Mask>;
+  auto kernel = [] {
+    if constexpr (Traits::kHeadDim == 256)
+      return bwd_kernel_split_dim<Traits, Mask>;
+    else
+      return bwd_kernel<Traits, Mask>;
+  }();
   constexpr int smem = Traits::kSmemBytes;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
@@ -35,12 +41,22 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
 namespace fat {
 
 // Query rows per step: 128 at hd64 (FA3's choice too), 64 at hd128 (the registers of dK, dV).
+// Head dim 256: its own consumer (bwd_split_dim.h), for the masks alone (flash_api runs the sm80
+// kernel for softcap, ALiBi and dropout there).
 template <typename Element, int HeadDim>
 cudaError_t run_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
-  using Traits = sm90::BwdTraits<Element, HeadDim, HeadDim == 64 ? 128 : 64>;
-  static_assert(Traits::kBlockN == kBwdBlockN, "flash_api sizes dq_accum splits with kBwdBlockN");
-  return variant_switch_with_dropout(
-      p, [&](auto variant) { return sm90::launch_bwd<Traits, typename decltype(variant)::type>(p, stream); });
+  if constexpr (HeadDim == 256) {
+    using Traits = sm90::BwdSplitDimTraits<Element>;
+    static_assert(kBwdBlockN % Traits::kBlockN == 0, "flash_api sizes dq_accum splits with kBwdBlockN");
+    if (p.softcap || p.alibi || p.dropout) return cudaErrorNotSupported;
+    return mask_switch<false, false>(
+        p, [&](auto variant) { return sm90::launch_bwd<Traits, typename decltype(variant)::type>(p, stream); });
+  } else {
+    using Traits = sm90::BwdTraits<Element, HeadDim, HeadDim == 64 ? 128 : 64>;
+    static_assert(Traits::kBlockN == kBwdBlockN, "flash_api sizes dq_accum splits with kBwdBlockN");
+    return variant_switch_with_dropout(
+        p, [&](auto variant) { return sm90::launch_bwd<Traits, typename decltype(variant)::type>(p, stream); });
+  }
 }
 
 }  // namespace fat

@@ -144,4 +144,44 @@ struct BwdTraits {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
 };
 
+// Backward at head dim 256 (bwd_split_dim.h). A CTA's dK and dV for 128 keys would be 256 KB of
+// fp32 (256 registers a consumer thread), so a CTA owns 64 keys and its two consumer warpgroups
+// split the work two ways: per step (64 queries) warpgroup w computes S^T and dP^T for queries
+// [32 w, 32 w + 32) of all 64 keys (K = 256), writes P^T and dS^T to shared memory, and after
+// both halves are there adds dV, dK and dQ for head-dim columns [128 w, 128 w + 128) from them.
+// dQ goes to dq_accum by vector reductions from the registers: a staged fp32 dQ block (64 KB)
+// does not fit beside two Q/dO stages. Registers: dK, dV, dQ 64 each, S^T, dP^T 16 each (dead
+// before dQ); P^T, dS^T double-buffered (a warpgroup writes step s + 1's while the other may
+// still read step s's).
+template <typename Element_>
+struct BwdSplitDimTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = 256, kBlockM = 64, kBlockN = 64;
+  static constexpr int kHalfM = kBlockM / 2, kHalfDim = kHeadDim / 2;
+  static constexpr int kConsumerWarpgroups = 2;
+  static constexpr int kStages = 2;
+  static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
+  static constexpr int kProducerRegisters = 24;
+  static constexpr int kConsumerRegisters = 240;
+
+  static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kDsBytes = kBlockN * kBlockM * sizeof(Element);  // one P^T or dS^T tile
+  static constexpr uint32_t kRowStatBytes = kBlockM * sizeof(float);
+
+  static constexpr uint32_t kKOffset = 0;
+  static constexpr uint32_t kVOffset = kKOffset + kKVBytes;
+  static constexpr uint32_t kQOffset = kVOffset + kKVBytes;
+  static constexpr uint32_t kDoOffset = kQOffset + kStages * kQBytes;
+  static constexpr uint32_t kDsOffset = kDoOffset + kStages * kQBytes;  // buffer b: P^T tile 2 b, dS^T 2 b + 1
+  static constexpr uint32_t kDqOffset = kDsOffset;                      // (no staged dQ)
+  static constexpr uint32_t kLseOffset = kDsOffset + 4 * kDsBytes;
+  static constexpr uint32_t kBarrierOffset = kLseOffset + kStages * 2 * kRowStatBytes;
+  static constexpr int kBarriers = 2 + 2 * kStages;  // K/V full, empty; per stage Q full, empty
+  static constexpr int kSmemBytes = kBarrierOffset + kBarriers * 8 + 1024;  // + alignment slack
+
+  static_assert(kProducerRegisters * 128 + kConsumerRegisters * 256 <= 65536, "registers");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
+};
+
 }  // namespace fat::sm90
