@@ -113,7 +113,18 @@ __device__ __forceinline__ void for_each_key_block(const BwdParams& p, F&& f) {
     for (int n = split; n < n_blocks; n += p.num_splits)
       f(BwdKeyBlock<Traits, Mask>(p, n, bh % p.heads_k, bh / p.heads_k, split));
   } else {
-    const int n = blockIdx.x % n_blocks, bh = blockIdx.x / n_blocks;
+    int n = blockIdx.x % n_blocks, bh = blockIdx.x / n_blocks;
+    // Under causal and windows a group's blocks get lighter with n, so in group-major order the
+    // last CTAs to start include the last group's heaviest, which run on while the other SMs
+    // idle. The last kTailGroups groups go block-major instead (every one's block 0, then every
+    // one's block 1, ...): the launch ends on light blocks (4 measured best of 0 / 4 / 8).
+    constexpr int kTailGroups = 4;
+    const int groups = p.heads_k * p.batch, tail = min(kTailGroups, groups);
+    if ((Mask::kCausal || Mask::kLocal) && bh >= groups - tail) {
+      const int r = blockIdx.x - (groups - tail) * n_blocks;
+      n = r / tail;
+      bh = groups - tail + r % tail;
+    }
     f(BwdKeyBlock<Traits, Mask>(p, n, bh % p.heads_k, bh / p.heads_k, 0));
   }
 }
