@@ -7,7 +7,8 @@
 #   VARIANTS="PINGPONG=0 LAZY_RESCALE=0" bash benchmarks/ablation.sh ...   (other overrides;
 #   a comma joins overrides of one build: SM90_HD64_WARPGROUPS=3,PINGPONG=0)
 #   FEATURES=1 ... also runs benchmark_features.py on each build (window, softcap, ALiBi, sinks,
-#   dropout against the plain kernel) and prints its tables after the TFLOP/s table.
+#   dropout against the plain kernel; FEATURES_ARGS="--variants window" for a subset) and prints
+#   its tables after the TFLOP/s table.
 # Writes the logs and CSVs under $OUT (or ./ablation_out). Leaves the last build installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +27,7 @@ for variant in defaults ${VARIANTS:-SM90_TENSOR_ROW_SUM=1 LAZY_RESCALE=0 PINGPON
   python3 benchmarks/benchmark_attention.py --passes "${PASS:-fwd}" --backends flash_attn_t --variant "$label" \
     --out-dir "$OUT" "$@" > "$OUT/bench_$label.log" 2>&1 || { tail -n 30 "$OUT/bench_$label.log"; exit 1; }
   if [ "${FEATURES:-0}" = 1 ]; then
-    python3 benchmarks/benchmark_features.py > "$OUT/features_$label.log" 2>&1 || { tail -n 30 "$OUT/features_$label.log"; exit 1; }
+    python3 benchmarks/benchmark_features.py ${FEATURES_ARGS:-} > "$OUT/features_$label.log" 2>&1 || { tail -n 30 "$OUT/features_$label.log"; exit 1; }
   fi
 done
 

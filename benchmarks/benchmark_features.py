@@ -10,6 +10,7 @@ round (median of the rounds' medians):
            for scale (it has none of them).
 
     python benchmarks/benchmark_features.py [--seqlen 8192] [--window-seqlen 16384] [--window 4096]
+        [--variants window alibi]     (a subset; the plain kernel and cuDNN are always timed)
 """
 import argparse
 import statistics
@@ -21,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from benchmark_attention import Timer
 
 PASS_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5}
+VARIANTS = ("window", "softcap", "alibi", "sinks", "dropout")
 
 
 def visited_pairs(seqlen, window):
@@ -102,12 +104,14 @@ def cost_section(args, timer):
           "time against the plain kernel")
     print(f"{'case':>14} {'causal':>6} {'pass':>4} {'ms':>8} {'TFLOP/s':>8} {'cost':>7}")
     for causal in (False, True):
-        cases = {"plain": ours(q, k, v, dout, causal=causal),
-                 "softcap 30": ours(q, k, v, dout, causal=causal, softcap=30.0),
-                 "alibi": ours(q, k, v, dout, causal=causal, alibi_slopes=slopes),
-                 "sinks": ours(q, k, v, dout, causal=causal, sink=sink),
-                 "dropout 0.1": ours(q, k, v, dout, causal=causal, dropout_p=0.1),
-                 "cuDNN plain": cudnn(q, k, v, dout, causal)}
+        variants = {"softcap": ("softcap 30", dict(softcap=30.0)),
+                    "alibi": ("alibi", dict(alibi_slopes=slopes)),
+                    "sinks": ("sinks", dict(sink=sink)),
+                    "dropout": ("dropout 0.1", dict(dropout_p=0.1))}
+        cases = {"plain": ours(q, k, v, dout, causal=causal)}
+        for name, keywords in (variants[key] for key in variants if key in args.variants):
+            cases[name] = ours(q, k, v, dout, causal=causal, **keywords)
+        cases["cuDNN plain"] = cudnn(q, k, v, dout, causal)
         times = interleaved(cases, timer, args.rounds)
         for pass_name, factor in PASS_FLOP_FACTOR.items():
             flops = 4 * batch * heads * n * n * d * factor / (2 if causal else 1)
@@ -127,11 +131,14 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     args = parser.parse_args(argv)
     print(f"{torch.cuda.get_device_name()}, {args.rounds} interleaved rounds of {args.reps} reps")
     timer = Timer(args.reps, warmup=3)
-    window_section(args, timer)
-    cost_section(args, timer)
+    if "window" in args.variants:
+        window_section(args, timer)
+    if set(args.variants) - {"window"}:
+        cost_section(args, timer)
 
 
 if __name__ == "__main__":
