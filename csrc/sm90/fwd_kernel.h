@@ -394,6 +394,28 @@ struct Consumer {
     }
   }
 
+  // Whether all of this warpgroup's rows lie past the sequence's end: a decode tile's packed
+  // query rows (at most 64) leave every warpgroup but the first idle.
+  __device__ __forceinline__ bool idle() const { return blk.first_row + wg_row >= blk.seq.len_q; }
+
+  // An idle warpgroup's part of a tile: no GEMMs, only the turns and ring releases a working one
+  // gives, so the producer and the working warpgroup run as before. Each release waits for its
+  // fill to land first, so it can never count toward the slot's next fill.
+  __device__ __forceinline__ void keep_in_step() const {
+    ring.q.wait_full(sm.q_full());
+    for (int i = 0; i < blk.blocks(); ++i) {
+      wait_turn();
+      pass_turn();
+      ring.block(i).wait_full(sm.k_full(stage_of(i)));
+      release(sm.k_empty(stage_of(i)));
+      ring.block(i).wait_full(sm.v_full(stage_of(i)));
+      release(sm.v_empty(stage_of(i)));
+    }
+    wait_turn();
+    pass_turn();
+    release(sm.q_empty());
+  }
+
   __device__ __forceinline__ void run(const FwdParams& p) const {
     float o[1][kOTiles][4];
 #pragma unroll
@@ -572,7 +594,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     for (int tile = queue.pop(); tile < tiles.count; tile = queue.pop()) {
       const FwdBlock<Traits, Mask> blk(p, tiles, tile);
       if (blk.empty()) continue;
-      Consumer<Traits, Mask>(blk, sm, ring, warpgroup - 1).run(p);
+      const Consumer<Traits, Mask> consumer(blk, sm, ring, warpgroup - 1);
+      // From a paged cache an idle warpgroup (decode) only keeps in step: measured 8-9% faster.
+      // From a contiguous one the same was up to 5% slower at large caches (H200), so it works.
+      if (kPaged && consumer.idle()) {
+        if (blk.has_keys()) consumer.keep_in_step();
+      } else {
+        consumer.run(p);
+      }
       if (blk.has_keys()) ring.advance(blk.blocks());
     }
   }
