@@ -127,6 +127,7 @@ struct BwdSplitDimConsumer {
   // dQ into dq_accum (its columns swizzled: dq_accum_col), a column pair per vector reduction.
   __device__ __forceinline__ void add_dq(const BwdParams& p, const BwdKeyBlock<Traits, Mask>& blk, int s_idx,
                                          const float (&dq)[kDimTiles][4]) const {
+    if (FAT_BWD_TIMING_SKIP_DQ_REDUCE) return;
     const int first_row = blk.first_row(s_idx);
     float* rows = p.dq_accum + blk.dq_split * p.dq_accum_split_stride +
                   blk.seq.q_offset(p.dq_accum_batch_stride, p.dq_accum_row_stride) +
