@@ -16,7 +16,7 @@ from . import decode, ops, sinks
 from .rotary import apply_rotary
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-# The head dims the kernels are compiled for (256: the sm80 kernels, on Hopper too).
+# The head dims the kernels are compiled for (both families, fp16 and bf16).
 KERNEL_HEAD_DIMS = (64, 128, 256)
 # Every head dim from 1 to 256 is accepted: the others run zero-padded to the next kernel head
 # dim (zeros add nothing to q.k, and the padded output columns are sliced off; the default
