@@ -130,6 +130,19 @@ __device__ __forceinline__ void for_each_key_block(const BwdParams& p, F&& f) {
   }
 }
 
+// The mbarriers of the K/V slot and of the Q/dO ring, which every sm90 backward kernel has
+// (thread 0, before its fence).
+template <typename Traits>
+__device__ __forceinline__ void init_ring_barriers(const BwdSmem<Traits>& sm) {
+  constexpr int kConsumerThreads = 128 * Traits::kConsumerWarpgroups;
+  mbar_init(sm.kv_full(), 1);
+  mbar_init(sm.kv_empty(), kConsumerThreads / 32);  // one arrival per consumer warp
+  for (int s = 0; s < Traits::kStages; ++s) {
+    mbar_init(sm.q_full(s), 1 + 32);  // the TMA thread (with its bytes) and the lse/D warp
+    mbar_init(sm.q_empty(s), kConsumerThreads);
+  }
+}
+
 // ---- producer warp 0, one thread: K and V once per key block, Q and dO per step.
 template <typename Traits, typename Mask>
 __device__ __forceinline__ void load_tiles(const BwdParams& p, const CUtensorMap* tma_q, const CUtensorMap* tma_k,
@@ -598,12 +611,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const BwdSmem<Traits> sm(smem_raw);
   constexpr int kConsumerThreads = 128 * Traits::kConsumerWarpgroups;
   if (threadIdx.x == 0) {
-    mbar_init(sm.kv_full(), 1);
-    mbar_init(sm.kv_empty(), kConsumerThreads / 32);  // one arrival per consumer warp
-    for (int s = 0; s < Traits::kStages; ++s) {
-      mbar_init(sm.q_full(s), 1 + 32);  // the TMA thread (with its bytes) and the lse/D warp
-      mbar_init(sm.q_empty(s), kConsumerThreads);
-    }
+    init_ring_barriers(sm);
     mbar_init(sm.dq_full(), kConsumerThreads);  // every consumer thread, after its fence
     mbar_init(sm.dq_empty(), 1);
     for (int b = 0; Traits::kDqOneStepLate && b < 2; ++b) {

@@ -230,14 +230,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #ifdef FAT_SM90_DEVICE
   extern __shared__ char smem_raw[];
   const BwdSmem<Traits> sm(smem_raw);
-  constexpr int kConsumerThreads = 128 * Traits::kConsumerWarpgroups;
   if (threadIdx.x == 0) {
-    mbar_init(sm.kv_full(), 1);
-    mbar_init(sm.kv_empty(), kConsumerThreads / 32);  // one arrival per consumer warp
-    for (int s = 0; s < Traits::kStages; ++s) {
-      mbar_init(sm.q_full(s), 1 + 32);  // the TMA thread (with its bytes) and the lse/D warp
-      mbar_init(sm.q_empty(s), kConsumerThreads);
-    }
+    init_ring_barriers(sm);
     mbar_init_fence();
   }
   __syncthreads();
