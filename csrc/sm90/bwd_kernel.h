@@ -143,6 +143,35 @@ __device__ __forceinline__ void init_ring_barriers(const BwdSmem<Traits>& sm) {
   }
 }
 
+// A consumer thread's dK (times softmax_scale) and dV (times dv_scale) of a key block, in the
+// m16n8 accumulator layout: rows key0 and key0 + 8 of the block (keys past its end skipped),
+// columns col0 + 8 t, col0 + 8 t + 1 of tile t.
+template <typename Traits, typename Mask, int Tiles>
+__device__ __forceinline__ void store_kv_grads(const BwdParams& p, const BwdKeyBlock<Traits, Mask>& blk, int key0,
+                                               int col0, const float (&dk)[Tiles][4], const float (&dv)[Tiles][4],
+                                               float dv_scale) {
+  using Element = typename Traits::Element;
+  using Ops = ElementOps<Element>;
+  Element* dk_out = static_cast<Element*>(p.dk) + blk.seq.k_offset(p.dk_batch_stride, p.dk_row_stride) +
+                    blk.head_k * p.dk_head_stride + blk.first_key * p.dk_row_stride;
+  Element* dv_out = static_cast<Element*>(p.dv) + blk.seq.k_offset(p.dv_batch_stride, p.dv_row_stride) +
+                    blk.head_k * p.dv_head_stride + blk.first_key * p.dv_row_stride;
+  const int valid = blk.valid_keys();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key0 + 8 * r;
+    if (key >= valid) continue;
+#pragma unroll
+    for (int t = 0; t < Tiles; ++t) {
+      const int col = col0 + 8 * t;
+      *reinterpret_cast<uint32_t*>(dk_out + key * p.dk_row_stride + col) =
+          Ops::pack(dk[t][2 * r] * p.softmax_scale, dk[t][2 * r + 1] * p.softmax_scale);
+      *reinterpret_cast<uint32_t*>(dv_out + key * p.dv_row_stride + col) =
+          Ops::pack(dv[t][2 * r] * dv_scale, dv[t][2 * r + 1] * dv_scale);
+    }
+  }
+}
+
 // ---- producer warp 0, one thread: K and V once per key block, Q and dO per step.
 template <typename Traits, typename Mask>
 __device__ __forceinline__ void load_tiles(const BwdParams& p, const CUtensorMap* tma_q, const CUtensorMap* tma_k,
@@ -458,29 +487,6 @@ struct BwdConsumer {
         st_shared_f32x2((base ^ (32 * t)) + 8 * r * kRowBytes, dq[t][2 * r], dq[t][2 * r + 1]);
   }
 
-  __device__ __forceinline__ void store_kv_grads(const BwdParams& p, const BwdKeyBlock<Traits, Mask>& blk,
-                                                 const float (&dk)[kKvTiles][4], const float (&dv)[kKvTiles][4]) const {
-    Element* dk_out = static_cast<Element*>(p.dk) + blk.seq.k_offset(p.dk_batch_stride, p.dk_row_stride) +
-                      blk.head_k * p.dk_head_stride + blk.first_key * p.dk_row_stride;
-    Element* dv_out = static_cast<Element*>(p.dv) + blk.seq.k_offset(p.dv_batch_stride, p.dv_row_stride) +
-                      blk.head_k * p.dv_head_stride + blk.first_key * p.dv_row_stride;
-    const int valid = blk.valid_keys();
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int key = key_of(2 * r);
-      if (key >= valid) continue;
-#pragma unroll
-      for (int t = 0; t < kKvTiles; ++t) {
-        const int col = col_of(t, 0);
-        *reinterpret_cast<uint32_t*>(dk_out + key * p.dk_row_stride + col) =
-            Ops::pack(dk[t][2 * r] * p.softmax_scale, dk[t][2 * r + 1] * p.softmax_scale);
-        const float dv_scale = Mask::kDropout ? blk.mask.dropout_scale : 1.f;  // the kept P's 1 / p_keep
-        *reinterpret_cast<uint32_t*>(dv_out + key * p.dv_row_stride + col) =
-            Ops::pack(dv[t][2 * r] * dv_scale, dv[t][2 * r + 1] * dv_scale);
-      }
-    }
-  }
-
   // A retired dQ piece into the staged block, for the drain warp.
   __device__ __forceinline__ void stage_dq(float (&dq)[8][4], RingPosition<1>& dq_slot) const {
     fence_operand(dq);
@@ -596,7 +602,8 @@ struct BwdConsumer {
         warp_release(sm.kv_empty());
         kv = kv.plus(1);
       }
-      store_kv_grads(p, blk, dk, dv);
+      // dV of the kept P: times 1 / p_keep with dropout
+      store_kv_grads(p, blk, key_of(0), col_of(0, 0), dk, dv, Mask::kDropout ? blk.mask.dropout_scale : 1.f);
     });
   }
 };

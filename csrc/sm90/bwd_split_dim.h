@@ -179,27 +179,6 @@ struct BwdSplitDimConsumer {
     add_dq(p, blk, s_idx, dq);
   }
 
-  __device__ __forceinline__ void store_kv_grads(const BwdParams& p, const BwdKeyBlock<Traits, Mask>& blk,
-                                                 const float (&dk)[kDimTiles][4], const float (&dv)[kDimTiles][4]) const {
-    Element* dk_out = static_cast<Element*>(p.dk) + blk.seq.k_offset(p.dk_batch_stride, p.dk_row_stride) +
-                      blk.head_k * p.dk_head_stride + blk.first_key * p.dk_row_stride;
-    Element* dv_out = static_cast<Element*>(p.dv) + blk.seq.k_offset(p.dv_batch_stride, p.dv_row_stride) +
-                      blk.head_k * p.dv_head_stride + blk.first_key * p.dv_row_stride;
-    const int valid = blk.valid_keys();
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int key = row_of(2 * r);
-      if (key >= valid) continue;
-#pragma unroll
-      for (int t = 0; t < kDimTiles; ++t) {
-        const int col = dim_of(t);
-        *reinterpret_cast<uint32_t*>(dk_out + key * p.dk_row_stride + col) =
-            Ops::pack(dk[t][2 * r] * p.softmax_scale, dk[t][2 * r + 1] * p.softmax_scale);
-        *reinterpret_cast<uint32_t*>(dv_out + key * p.dv_row_stride + col) = Ops::pack(dv[t][2 * r], dv[t][2 * r + 1]);
-      }
-    }
-  }
-
   __device__ __forceinline__ void run(const BwdParams& p) const {
     RingPosition<1> kv;
     RingPosition<Traits::kStages> q;
@@ -217,7 +196,7 @@ struct BwdSplitDimConsumer {
         warp_release(sm.kv_empty());
         kv = kv.plus(1);
       }
-      store_kv_grads(p, blk, dk, dv);
+      store_kv_grads(p, blk, row_of(0), dim_of(0), dk, dv, 1.f);
     });
   }
 };
