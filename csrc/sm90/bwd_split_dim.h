@@ -1,7 +1,7 @@
-// The sm90 backward at head dim 256 (BwdSplitDimTraits): TMA producer warps as in bwd_kernel.h
-// (load_tiles, load_row_stats), two consumer warpgroups that split each step's S^T / dP^T by
-// query columns and dK, dV, dQ by head-dim columns, with P^T and dS^T exchanged through shared
-// memory.
+// The sm90 backward's dK and dV at head dim 256 (BwdSplitDimTraits; dQ is bwd_dq.h's kernel):
+// TMA producer warps as in bwd_kernel.h (load_tiles, load_row_stats), two consumer warpgroups
+// that split each step's S^T / dP^T by query columns and dK, dV by head-dim columns, with P^T and
+// dS^T exchanged through shared memory.
 #pragma once
 #include "bwd_kernel.h"
 
@@ -14,18 +14,18 @@ struct BwdSplitDimConsumer {
   static constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHalfM = Traits::kHalfM;
   static constexpr int kHalfDim = Traits::kHalfDim;
   static constexpr int kSTiles = kHalfM / 8;     // 8-column tiles of this warpgroup's S^T, dP^T (queries)
-  static constexpr int kDimTiles = kHalfDim / 8;  // of its dK, dV, dQ (head-dim columns)
+  static constexpr int kDimTiles = kHalfDim / 8;  // of its dK, dV (head-dim columns)
   static constexpr int kSlabElems = 64;
   static_assert(!Mask::kSoftcap && !Mask::kAlibi && !Mask::kDropout, "head dim 256: masks only (flash_api)");
 
   const BwdSmem<Traits>& sm;
-  const int wg, lane, warp_row;  // warp_row: this warp's first row (key, or query for dQ) of 64
+  const int wg, lane, warp_row;  // warp_row: this warp's first key row of 64
 
   __device__ __forceinline__ BwdSplitDimConsumer(const BwdSmem<Traits>& sm_, int warpgroup)
       : sm(sm_), wg(warpgroup), lane(threadIdx.x % 32), warp_row(threadIdx.x / 32 % 4 * 16) {}
 
-  // Accumulator element [t][j] (m16n8 layout per warp): its row (key of S^T, query of dQ) and,
-  // for S^T / dP^T, its query in the block; for dK / dV / dQ its head-dim column.
+  // Accumulator element [t][j] (m16n8 layout per warp): its row (key) and, for S^T / dP^T, its
+  // query in the block; for dK / dV its head-dim column.
   __device__ __forceinline__ int row_of(int j) const { return warp_row + lane / 4 + 8 * (j / 2); }
   __device__ __forceinline__ int query_of(int t, int j) const { return kHalfM * wg + 8 * t + 2 * (lane % 4) + j % 2; }
   __device__ __forceinline__ int dim_of(int t) const { return kHalfDim * wg + 8 * t + 2 * (lane % 4); }
@@ -115,36 +115,8 @@ struct BwdSplitDimConsumer {
                                                mn_major_desc(dim_half(sm.q(stage), kBlockM), kBlockM, kk), 1);
   }
 
-  // dQ = dS K for this warpgroup's head-dim columns: dS^T read transposed (queries as M), K's
-  // rows as K.
-  __device__ __forceinline__ void issue_dq(float (&dq)[kDimTiles][4], int buffer) const {
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk)
-      wgmma_ss<Element, kHalfDim, true, true>(dq, mn_major_desc(pds(buffer, 1), kBlockN, kk),
-                                              mn_major_desc(dim_half(sm.k(), kBlockN), kBlockN, kk), kk > 0);
-  }
-
-  // dQ into dq_accum (its columns swizzled: dq_accum_col), a column pair per vector reduction.
-  __device__ __forceinline__ void add_dq(const BwdParams& p, const BwdKeyBlock<Traits, Mask>& blk, int s_idx,
-                                         const float (&dq)[kDimTiles][4]) const {
-    if (FAT_BWD_TIMING_SKIP_DQ_REDUCE) return;
-    const int first_row = blk.first_row(s_idx);
-    float* rows = p.dq_accum + blk.dq_split * p.dq_accum_split_stride +
-                  blk.seq.q_offset(p.dq_accum_batch_stride, p.dq_accum_row_stride) +
-                  blk.head(s_idx, p.heads / p.heads_k) * p.dq_accum_head_stride + first_row * p.dq_accum_row_stride;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = row_of(2 * r);
-      if (first_row + row >= blk.seq.len_q) continue;
-#pragma unroll
-      for (int t = 0; t < kDimTiles; ++t)
-        atomic_add_pair(rows + row * p.dq_accum_row_stride + dq_accum_col(row, dim_of(t)), dq[t][2 * r],
-                        dq[t][2 * r + 1]);
-    }
-  }
-
   // One step: this warpgroup's S^T, dP^T -> P^T, dS^T into buffer `buffer`; once both halves are
-  // there, dV, dK and dQ of its head-dim half. The other warpgroup reads this buffer until its
+  // there, dV and dK of its head-dim half. The other warpgroup reads this buffer until its
   // own GEMMs of the step are done, and it is written again two steps later: by then both
   // warpgroups have met at the next step's barrier, which each reaches only after those GEMMs.
   __device__ __forceinline__ void step(const BwdParams& p, const BwdKeyBlock<Traits, Mask>& blk, int s_idx,
@@ -164,19 +136,15 @@ struct BwdSplitDimConsumer {
     store_half(pds(buffer, 1), dp);
     fence_proxy_async();  // plain stores, read next by wgmma (async proxy)
     Barriers::bwd_ds_ready().sync();
-    float dq[kDimTiles][4];
     wgmma_fence();
     issue_kv_grads(dk, dv, buffer, stage);
-    issue_dq(dq, buffer);
     wgmma_commit();
     wgmma_wait<0>();
     fence_operand(dk);
     fence_operand(dv);
-    fence_operand(dq);
     // Q, dO, lse and D of this step read. Every thread arrives: the lse/D rows are rewritten by
     // plain stores, which must be ordered after each thread's own reads.
     mbar_arrive(sm.q_empty(stage));
-    add_dq(p, blk, s_idx, dq);
   }
 
   __device__ __forceinline__ void store_kv_grads(const BwdParams& p, const BwdKeyBlock<Traits, Mask>& blk,

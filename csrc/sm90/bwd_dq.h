@@ -1,0 +1,273 @@
+// The hd256 backward's dQ (BwdDqTraits), a kernel of its own beside the dK / dV kernel of
+// bwd_split_dim.h: a CTA owns 128 query rows and walks the key blocks they see, recomputing
+// S = Q K^T and dP = dO V^T per block, and keeps dQ += dS K in registers. At head dim 256 adding
+// each key block's dQ into global memory from the dK / dV kernel moved 64 KB per 64 x 64 step
+// through L2 reductions (twice hd128's bytes per FLOP), which bound that kernel; recomputing two
+// GEMMs here costs less. dQ is written once, as plain stores into dq_accum's split 0 (the dsum
+// pass cleared it; the conversion pass scales it), so the result is deterministic.
+#pragma once
+#include "bwd_kernel.h"
+
+namespace fat::sm90 {
+
+template <typename Traits>
+struct BwdDqSmem {
+  using Element = typename Traits::Element;
+  char* base;
+  __device__ __forceinline__ explicit BwdDqSmem(char* raw) : base(raw + ((1024 - (smem_addr(raw) & 1023)) & 1023)) {}
+  template <typename T = Element>
+  __device__ __forceinline__ T* at(uint32_t offset) const {
+    return reinterpret_cast<T*>(base + offset);
+  }
+  __device__ __forceinline__ Element* q() const { return at(Traits::kQOffset); }
+  __device__ __forceinline__ Element* dout() const { return at(Traits::kDoOffset); }
+  __device__ __forceinline__ Element* k(int stage) const { return at(Traits::kKOffset + stage * Traits::kKVBytes); }
+  __device__ __forceinline__ Element* v() const { return at(Traits::kVOffset); }
+  __device__ __forceinline__ uint64_t* barriers() const { return at<uint64_t>(Traits::kBarrierOffset); }
+  __device__ __forceinline__ uint64_t* q_full() const { return barriers(); }
+  __device__ __forceinline__ uint64_t* k_full(int stage) const { return barriers() + 1 + stage; }
+  __device__ __forceinline__ uint64_t* k_empty(int stage) const { return barriers() + 1 + Traits::kKStages + stage; }
+  __device__ __forceinline__ uint64_t* v_full() const { return barriers() + 1 + 2 * Traits::kKStages; }
+  __device__ __forceinline__ uint64_t* v_empty() const { return v_full() + 1; }
+};
+
+// One CTA's query block of one (q head, batch) and the key blocks [n_begin, n_end) it sees.
+template <typename Traits, typename Mask>
+struct BwdQueryBlock {
+  SeqInfo seq;
+  Mask mask;
+  int head, head_k, first_row, n_begin, n_end;
+  __device__ __forceinline__ BwdQueryBlock(const BwdParams& p)
+      : seq(p, blockIdx.z), mask(seq, p), head(blockIdx.y), head_k(blockIdx.y / (p.heads / p.heads_k)) {
+    first_row = blockIdx.x * Traits::kBlockM;
+    n_begin = mask.n_begin(first_row, Traits::kBlockN);
+    n_end = first_row < seq.len_q ? mask.n_end(first_row, Traits::kBlockM, Traits::kBlockN) : 0;
+  }
+  __device__ __forceinline__ int blocks() const { return max(0, n_end - n_begin); }
+  __device__ __forceinline__ int first_key(int i) const { return (n_begin + i) * Traits::kBlockN; }
+  __device__ __forceinline__ int batch_coord() const { return seq.varlen ? 0 : seq.batch; }
+};
+
+// ---- producer, one thread: Q and dO once, then K (two stages) and V (one) per key block.
+template <typename Traits, typename Mask>
+__device__ __forceinline__ void load_dq_tiles(const BwdQueryBlock<Traits, Mask>& blk, const CUtensorMap* tma_q,
+                                              const CUtensorMap* tma_k, const CUtensorMap* tma_v,
+                                              const CUtensorMap* tma_do, const BwdDqSmem<Traits>& sm) {
+  constexpr int kSlabElems = 64, kSlabs = Traits::kHeadDim / 64;
+  const int b = blk.batch_coord(), row = static_cast<int>(blk.seq.first_q) + blk.first_row;
+  mbar_arrive_expect_tx(sm.q_full(), 2 * Traits::kQBytes);
+#pragma unroll
+  for (int slab = 0; slab < kSlabs; ++slab) {
+    tma_load_4d(sm.q() + slab * Traits::kBlockM * kSlabElems, tma_q, sm.q_full(), slab * kSlabElems, row, blk.head, b);
+    tma_load_4d(sm.dout() + slab * Traits::kBlockM * kSlabElems, tma_do, sm.q_full(), slab * kSlabElems, row,
+                blk.head, b);
+  }
+  RingPosition<Traits::kKStages> k;
+  RingPosition<1> v;
+  for (int i = 0; i < blk.blocks(); ++i, k = k.plus(1), v = v.plus(1)) {
+    const int key_row = static_cast<int>(blk.seq.first_k) + blk.first_key(i), stage = k.stage();
+    k.wait_empty(sm.k_empty(stage));
+    mbar_arrive_expect_tx(sm.k_full(stage), Traits::kKVBytes);
+#pragma unroll
+    for (int slab = 0; slab < kSlabs; ++slab)
+      tma_load_4d(sm.k(stage) + slab * Traits::kBlockN * kSlabElems, tma_k, sm.k_full(stage), slab * kSlabElems,
+                  key_row, blk.head_k, b);
+    v.wait_empty(sm.v_empty());
+    mbar_arrive_expect_tx(sm.v_full(), Traits::kKVBytes);
+#pragma unroll
+    for (int slab = 0; slab < kSlabs; ++slab)
+      tma_load_4d(sm.v() + slab * Traits::kBlockN * kSlabElems, tma_v, sm.v_full(), slab * kSlabElems, key_row,
+                  blk.head_k, b);
+  }
+}
+
+template <typename Traits, typename Mask>
+struct BwdDqConsumer {
+  using Element = typename Traits::Element;
+  static constexpr int kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
+  static constexpr int kSTiles = kBlockN / 8;  // 8-column tiles of S, dP (keys)
+  static constexpr int kDqN = 128;             // dQ += dS K as wgmmas of N = 128 head-dim columns
+  static constexpr int kDqChunks = kHeadDim / kDqN, kDqTiles = kDqN / 8;
+  static constexpr int kSlices = kBlockN / 16;  // k16 slices of dS as A operands
+  static constexpr int kSlabElems = 64;
+  static_assert(!Mask::kSoftcap && !Mask::kAlibi && !Mask::kDropout, "head dim 256: masks only (flash_api)");
+
+  const BwdDqSmem<Traits>& sm;
+  const BwdQueryBlock<Traits, Mask>& blk;
+  const int wg, lane, warp_row;  // warp_row: this warp's first row of the warpgroup's 64
+  const int wg_row;              // the warpgroup's first row in the sequence
+
+  __device__ __forceinline__ BwdDqConsumer(const BwdDqSmem<Traits>& sm_, const BwdQueryBlock<Traits, Mask>& blk_,
+                                           int warpgroup)
+      : sm(sm_), blk(blk_), wg(warpgroup), lane(threadIdx.x % 32), warp_row(threadIdx.x / 32 % 4 * 16),
+        wg_row(blk_.first_row + 64 * warpgroup) {}
+
+  // Accumulator element [t][j] (m16n8 layout per warp): its row in the warpgroup's 64 and its
+  // column (key of S / dP, or head-dim column of a dQ chunk).
+  __device__ __forceinline__ int row_of(int j) const { return warp_row + lane / 4 + 8 * (j / 2); }
+  __device__ __forceinline__ int col_of(int t, int j) const { return 8 * t + 2 * (lane % 4) + j % 2; }
+
+  // S = Q K^T and dP = dO V^T for this warpgroup's 64 rows over the block's 64 keys (K = 256),
+  // issued as two groups.
+  __device__ __forceinline__ void issue_s_dp(float (&s)[kSTiles][4], float (&dp)[kSTiles][4], int stage) const {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk)
+      wgmma_ss<Element, kBlockN>(s, kmajor_desc(sm.q(), Traits::kBlockM, 64 * wg, kk),
+                                 kmajor_desc(sm.k(stage), kBlockN, 0, kk), kk > 0);
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk)
+      wgmma_ss<Element, kBlockN>(dp, kmajor_desc(sm.dout(), Traits::kBlockM, 64 * wg, kk),
+                                 kmajor_desc(sm.v(), kBlockN, 0, kk), kk > 0);
+    wgmma_commit();
+  }
+
+  // S -> P = exp2(S scale_log2 - lse log2 e), 0 where masked; only blocks that reach past the end
+  // or cross a mask edge test elements (two loops, as in the other backward consumers).
+  __device__ __forceinline__ void scores_to_p(float (&s)[kSTiles][4], int first_key, const float (&lse)[2],
+                                              float scale_log2) const {
+    if (blk.mask.block_needs_mask(wg_row, 64, first_key, kBlockN))
+      exponentiate<true>(s, first_key, lse, scale_log2);
+    else
+      exponentiate<false>(s, first_key, lse, scale_log2);
+  }
+  template <bool MaskElements>
+  __device__ __forceinline__ void exponentiate(float (&s)[kSTiles][4], int first_key, const float (&lse)[2],
+                                               float scale_log2) const {
+#pragma unroll
+    for (int t = 0; t < kSTiles; ++t)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float p = fast_exp2(fmaf(s[t][j], scale_log2, -lse[j / 2]));
+        if constexpr (MaskElements) {
+          if (blk.mask.masked(wg_row + row_of(j), first_key + col_of(t, j))) p = 0.f;
+        }
+        s[t][j] = p;
+      }
+  }
+
+  // dP -> dS = P (dP - D), packed as the A fragments of dQ += dS K.
+  __device__ __forceinline__ static void ds_fragments(const float (&p)[kSTiles][4], float (&dp)[kSTiles][4],
+                                                      const float (&dsum)[2], uint32_t (&a)[kSlices][4]) {
+#pragma unroll
+    for (int t = 0; t < kSTiles; ++t)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) dp[t][j] = p[t][j] * (dp[t][j] - dsum[j / 2]);
+    pack_a_fragments<Element, kSlices>(dp, a);
+  }
+
+  // dQ += dS K over the block's 64 keys: K's rows as the K dimension, its head-dim columns as N
+  // (a transposed B), one chunk of 128 columns (two slabs) per wgmma.
+  __device__ __forceinline__ void issue_dq(float (&dq)[kDqChunks][kDqTiles][4], const uint32_t (&a)[kSlices][4],
+                                           int stage) const {
+    wgmma_fence();
+#pragma unroll
+    for (int c = 0; c < kDqChunks; ++c)
+#pragma unroll
+      for (int kk = 0; kk < kSlices; ++kk)
+        wgmma_rs<Element, kDqN>(dq[c], a[kk],
+                                mn_major_desc(sm.k(stage) + c * (kDqN / 64) * kBlockN * kSlabElems, kBlockN, kk), 1);
+    wgmma_commit();
+  }
+
+  // dQ (unscaled: the conversion pass multiplies by softmax_scale) into dq_accum's split 0, its
+  // columns swizzled (dq_accum_col), rows past the sequence's end skipped.
+  __device__ __forceinline__ void store_dq(const BwdParams& p, const float (&dq)[kDqChunks][kDqTiles][4]) const {
+    float* rows = p.dq_accum + blk.seq.q_offset(p.dq_accum_batch_stride, p.dq_accum_row_stride) +
+                  blk.head * p.dq_accum_head_stride + wg_row * p.dq_accum_row_stride;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row_of(2 * r);
+      if (wg_row + row >= blk.seq.len_q) continue;
+#pragma unroll
+      for (int c = 0; c < kDqChunks; ++c)
+#pragma unroll
+        for (int t = 0; t < kDqTiles; ++t)
+          *reinterpret_cast<float2*>(rows + row * p.dq_accum_row_stride + dq_accum_col(row, kDqN * c + col_of(t, 0))) =
+              make_float2(dq[c][t][2 * r], dq[c][t][2 * r + 1]);
+    }
+  }
+
+  __device__ __forceinline__ void run(const BwdParams& p) const {
+    constexpr float kLog2e = 1.4426950408889634f;
+    // This thread's two rows' lse (log2 units) and D; rows past the end get lse = +inf and D = 0,
+    // so their P and dS are exactly 0 whatever TMA brought for them.
+    float lse[2], dsum[2];
+    const int64_t stats = blk.seq.lse_offset(p, blk.head);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = wg_row + row_of(2 * r);
+      const bool valid = row < blk.seq.len_q;
+      lse[r] = valid ? p.lse[stats + row] * kLog2e : INFINITY;
+      dsum[r] = valid ? p.dsum[stats + row] : 0.f;
+    }
+    float dq[kDqChunks][kDqTiles][4];
+#pragma unroll
+    for (int c = 0; c < kDqChunks; ++c)
+#pragma unroll
+      for (int t = 0; t < kDqTiles; ++t)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) dq[c][t][j] = 0.f;
+    mbar_wait(sm.q_full(), 0);
+    RingPosition<Traits::kKStages> k;
+    RingPosition<1> v;
+    for (int i = 0; i < blk.blocks(); ++i, k = k.plus(1), v = v.plus(1)) {
+      const int stage = k.stage(), first_key = blk.first_key(i);
+      float s[kSTiles][4], dp[kSTiles][4];
+      uint32_t a[kSlices][4];
+      k.wait_full(sm.k_full(stage));
+      v.wait_full(sm.v_full());
+      issue_s_dp(s, dp, stage);
+      wgmma_wait<1>();  // S done; dP may still run
+      fence_operand(s);
+      scores_to_p(s, first_key, lse, p.scale_log2);
+      wgmma_wait<0>();
+      fence_operand(dp);
+      warp_release(sm.v_empty());  // V read (dP done)
+      ds_fragments(s, dp, dsum, a);
+      issue_dq(dq, a, stage);
+      wgmma_wait<0>();
+#pragma unroll
+      for (int c = 0; c < kDqChunks; ++c) fence_operand(dq[c]);
+      warp_release(sm.k_empty(stage));  // K read (S and dQ done)
+    }
+    store_dq(p, dq);
+  }
+};
+
+template <typename Traits, typename Mask>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    bwd_kernel_dq(const __grid_constant__ BwdParams p, const __grid_constant__ CUtensorMap tma_q,
+                  const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v,
+                  const __grid_constant__ CUtensorMap tma_do) {
+#ifdef FAT_SM90_DEVICE
+  extern __shared__ char smem_raw[];
+  const BwdDqSmem<Traits> sm(smem_raw);
+  const BwdQueryBlock<Traits, Mask> blk(p);
+  if (blk.blocks() == 0) return;  // rows past the sequence, or seeing no key: dQ stays 0
+  constexpr int kConsumerWarps = 4 * Traits::kConsumerWarpgroups;
+  if (threadIdx.x == 0) {
+    mbar_init(sm.q_full(), 1);
+    for (int s = 0; s < Traits::kKStages; ++s) {
+      mbar_init(sm.k_full(s), 1);
+      mbar_init(sm.k_empty(s), kConsumerWarps);  // one arrival per consumer warp
+    }
+    mbar_init(sm.v_full(), 1);
+    mbar_init(sm.v_empty(), kConsumerWarps);
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  const int warpgroup = warp_uniform(threadIdx.x / 128);
+  if (warpgroup == 0) {
+    regs_decrease<Traits::kProducerRegisters>();
+    if (threadIdx.x == 0) load_dq_tiles<Traits, Mask>(blk, &tma_q, &tma_k, &tma_v, &tma_do, sm);
+  } else {
+    regs_increase<Traits::kConsumerRegisters>();
+    BwdDqConsumer<Traits, Mask>(sm, blk, warpgroup - 1).run(p);
+  }
+#endif
+}
+
+}  // namespace fat::sm90
