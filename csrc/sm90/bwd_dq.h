@@ -81,6 +81,15 @@ __device__ __forceinline__ void load_dq_tiles(const BwdQueryBlock<Traits, Mask>&
   }
 }
 
+// A tile's address hidden from ptxas, so that the wgmma descriptors built from it are computed
+// where they are used: Q, dO and V never move, and their 48 descriptors hoisted out of the key
+// loop took registers the loop spilled (~50 words a block).
+template <typename T>
+__device__ __forceinline__ const T* opaque(const T* tile) {
+  asm volatile("" : "+l"(tile));
+  return tile;
+}
+
 template <typename Traits, typename Mask>
 struct BwdDqConsumer {
   using Element = typename Traits::Element;
@@ -107,19 +116,30 @@ struct BwdDqConsumer {
   __device__ __forceinline__ int row_of(int j) const { return warp_row + lane / 4 + 8 * (j / 2); }
   __device__ __forceinline__ int col_of(int t, int j) const { return 8 * t + 2 * (lane % 4) + j % 2; }
 
-  // S = Q K^T and dP = dO V^T for this warpgroup's 64 rows over the block's 64 keys (K = 256),
-  // issued as two groups.
-  __device__ __forceinline__ void issue_s_dp(float (&s)[kSTiles][4], float (&dp)[kSTiles][4], int stage) const {
+  // Turns: the two warpgroups take turns issuing GEMMs (each turn's GEMMs one group or two), so
+  // one's element-wise work runs beside the other's GEMMs. Each takes 2 x blocks + 1 turns;
+  // warpgroup 1 gives warpgroup 0 the first (bwd_kernel_dq).
+  __device__ __forceinline__ void wait_turn() const { Barriers::bwd_dq_turn(wg).sync(); }
+  __device__ __forceinline__ void pass_turn() const { Barriers::bwd_dq_turn(wg ^ 1).arrive(); }
+
+  // S = Q K^T (resp. dP = dO V^T) for this warpgroup's 64 rows over the block's 64 keys (K = 256),
+  // issued as one group.
+  __device__ __forceinline__ void issue_s(float (&s)[kSTiles][4], int stage) const {
+    const Element *q = opaque(sm.q()), *k = opaque(sm.k(stage));
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk)
-      wgmma_ss<Element, kBlockN>(s, kmajor_desc(sm.q(), Traits::kBlockM, 64 * wg, kk),
-                                 kmajor_desc(sm.k(stage), kBlockN, 0, kk), kk > 0);
+      wgmma_ss<Element, kBlockN>(s, kmajor_desc(q, Traits::kBlockM, 64 * wg, kk), kmajor_desc(k, kBlockN, 0, kk),
+                                 kk > 0);
     wgmma_commit();
+  }
+  __device__ __forceinline__ void issue_dp(float (&dp)[kSTiles][4]) const {
+    const Element *dout = opaque(sm.dout()), *v = opaque(sm.v());
+    wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk)
-      wgmma_ss<Element, kBlockN>(dp, kmajor_desc(sm.dout(), Traits::kBlockM, 64 * wg, kk),
-                                 kmajor_desc(sm.v(), kBlockN, 0, kk), kk > 0);
+      wgmma_ss<Element, kBlockN>(dp, kmajor_desc(dout, Traits::kBlockM, 64 * wg, kk), kmajor_desc(v, kBlockN, 0, kk),
+                                 kk > 0);
     wgmma_commit();
   }
 
@@ -161,13 +181,14 @@ struct BwdDqConsumer {
   // (a transposed B), one chunk of 128 columns (two slabs) per wgmma.
   __device__ __forceinline__ void issue_dq(float (&dq)[kDqChunks][kDqTiles][4], const uint32_t (&a)[kSlices][4],
                                            int stage) const {
+    const Element* k = opaque(sm.k(stage));
     wgmma_fence();
 #pragma unroll
     for (int c = 0; c < kDqChunks; ++c)
 #pragma unroll
       for (int kk = 0; kk < kSlices; ++kk)
         wgmma_rs<Element, kDqN>(dq[c], a[kk],
-                                mn_major_desc(sm.k(stage) + c * (kDqN / 64) * kBlockN * kSlabElems, kBlockN, kk), 1);
+                                mn_major_desc(k + c * (kDqN / 64) * kBlockN * kSlabElems, kBlockN, kk), 1);
     wgmma_commit();
   }
 
@@ -209,29 +230,60 @@ struct BwdDqConsumer {
       for (int t = 0; t < kDqTiles; ++t)
 #pragma unroll
         for (int j = 0; j < 4; ++j) dq[c][t][j] = 0.f;
+    // Per block i two turns: {dQ(i-1), S(i)}, then {dP(i)}. P(i) runs beside the other warpgroup's
+    // first turn, dS(i) beside its second. V is read only by dP, so its one stage is refilled
+    // while three turns of GEMMs run. K(i-1) is released after the first turn, so K(i+1) has
+    // both warpgroups' second turns to land in its slot (S(i) before dQ(i-1) would let P(i)
+    // start one GEMM earlier but hold K(i-1) until dP(i): K(i+1) would then land late).
+    const int n = blk.blocks();
+    const RingPosition<Traits::kKStages> k;
+    const RingPosition<1> v;
+    float s[kSTiles][4], dp[kSTiles][4];
+    uint32_t a[kSlices][4];
     mbar_wait(sm.q_full(), 0);
-    RingPosition<Traits::kKStages> k;
-    RingPosition<1> v;
-    for (int i = 0; i < blk.blocks(); ++i, k = k.plus(1), v = v.plus(1)) {
-      const int stage = k.stage(), first_key = blk.first_key(i);
-      float s[kSTiles][4], dp[kSTiles][4];
-      uint32_t a[kSlices][4];
-      k.wait_full(sm.k_full(stage));
-      v.wait_full(sm.v_full());
-      issue_s_dp(s, dp, stage);
-      wgmma_wait<1>();  // S done; dP may still run
+    k.wait_full(sm.k_full(k.stage()));
+    wait_turn();
+    issue_s(s, k.stage());
+    pass_turn();
+    wgmma_wait<0>();
+    fence_operand(s);
+    scores_to_p(s, blk.first_key(0), lse, p.scale_log2);
+    v.wait_full(sm.v_full());
+    wait_turn();
+    issue_dp(dp);
+    pass_turn();
+    wgmma_wait<0>();
+    fence_operand(dp);
+    warp_release(sm.v_empty());
+    ds_fragments(s, dp, dsum, a);
+    for (int i = 1; i < n; ++i) {
+      const RingPosition<Traits::kKStages> k_this = k.plus(i), k_last = k.plus(i - 1);
+      k_this.wait_full(sm.k_full(k_this.stage()));
+      wait_turn();
+      issue_dq(dq, a, k_last.stage());
+      issue_s(s, k_this.stage());
+      pass_turn();
+      wgmma_wait<0>();
       fence_operand(s);
-      scores_to_p(s, first_key, lse, p.scale_log2);
-      wgmma_wait<0>();
-      fence_operand(dp);
-      warp_release(sm.v_empty());  // V read (dP done)
-      ds_fragments(s, dp, dsum, a);
-      issue_dq(dq, a, stage);
-      wgmma_wait<0>();
 #pragma unroll
       for (int c = 0; c < kDqChunks; ++c) fence_operand(dq[c]);
-      warp_release(sm.k_empty(stage));  // K read (S and dQ done)
+      warp_release(sm.k_empty(k_last.stage()));  // K(i-1) read (dQ(i-1) done)
+      scores_to_p(s, blk.first_key(i), lse, p.scale_log2);
+      v.plus(i).wait_full(sm.v_full());
+      wait_turn();
+      issue_dp(dp);
+      pass_turn();
+      wgmma_wait<0>();
+      fence_operand(dp);
+      warp_release(sm.v_empty());  // V(i) read (dP(i) done)
+      ds_fragments(s, dp, dsum, a);
     }
+    wait_turn();
+    issue_dq(dq, a, k.plus(n - 1).stage());
+    if (wg == 0) pass_turn();  // (warpgroup 1's would be an arrival nobody waits for)
+    wgmma_wait<0>();
+#pragma unroll
+    for (int c = 0; c < kDqChunks; ++c) fence_operand(dq[c]);
     store_dq(p, dq);
   }
 };
@@ -265,6 +317,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if (threadIdx.x == 0) load_dq_tiles<Traits, Mask>(blk, &tma_q, &tma_k, &tma_v, &tma_do, sm);
   } else {
     regs_increase<Traits::kConsumerRegisters>();
+    if (warpgroup == 2) Barriers::bwd_dq_turn(0).arrive();  // the first turn is warpgroup 0's
     BwdDqConsumer<Traits, Mask>(sm, blk, warpgroup - 1).run(p);
   }
 #endif
