@@ -99,7 +99,7 @@ struct BwdDqConsumer {
   static constexpr int kDqChunks = kHeadDim / kDqN, kDqTiles = kDqN / 8;
   static constexpr int kSlices = kBlockN / 16;  // k16 slices of dS as A operands
   static constexpr int kSlabElems = 64;
-  static_assert(!Mask::kSoftcap && !Mask::kAlibi && !Mask::kDropout, "head dim 256: masks only (flash_api)");
+  static_assert(!Mask::kDropout, "head dim 256: no dropout (flash_api)");
 
   const BwdDqSmem<Traits>& sm;
   const BwdQueryBlock<Traits, Mask>& blk;
@@ -143,22 +143,30 @@ struct BwdDqConsumer {
     wgmma_commit();
   }
 
-  // S -> P = exp2(S scale_log2 - lse log2 e), 0 where masked; only blocks that reach past the end
-  // or cross a mask edge test elements (two loops, as in the other backward consumers).
+  // S -> P = exp2(S scale_log2 - lse log2 e), with ALiBi's bias first (alibi_coef: the head's,
+  // Variant::alibi_coef), 0 where masked; only blocks that reach past the end or cross a mask
+  // edge test elements (two loops, as in the other backward consumers).
   __device__ __forceinline__ void scores_to_p(float (&s)[kSTiles][4], int first_key, const float (&lse)[2],
-                                              float scale_log2) const {
+                                              float scale_log2, float alibi_coef) const {
     if (blk.mask.block_needs_mask(wg_row, 64, first_key, kBlockN))
-      exponentiate<true>(s, first_key, lse, scale_log2);
+      exponentiate<true>(s, first_key, lse, scale_log2, alibi_coef);
     else
-      exponentiate<false>(s, first_key, lse, scale_log2);
+      exponentiate<false>(s, first_key, lse, scale_log2, alibi_coef);
   }
   template <bool MaskElements>
   __device__ __forceinline__ void exponentiate(float (&s)[kSTiles][4], int first_key, const float (&lse)[2],
-                                               float scale_log2) const {
+                                               float scale_log2, float alibi_coef) const {
+    // ALiBi: the query position (row + shift) and key of element (t, j) are these lane bases plus
+    // 8 (j / 2) and 8 t + j % 2 (row_of, col_of)
+    const float alibi_position = static_cast<float>(wg_row + blk.mask.shift + row_of(0));
+    const float alibi_key = static_cast<float>(first_key + col_of(0, 0));
 #pragma unroll
     for (int t = 0; t < kSTiles; ++t)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
+        if constexpr (Mask::kAlibi)
+          s[t][j] = blk.mask.alibi_bias(s[t][j], alibi_coef, alibi_position + static_cast<float>(8 * (j / 2)),
+                                        alibi_key + static_cast<float>(8 * t + j % 2));
         float p = fast_exp2(fmaf(s[t][j], scale_log2, -lse[j / 2]));
         if constexpr (MaskElements) {
           if (blk.mask.masked(wg_row + row_of(j), first_key + col_of(t, j))) p = 0.f;
@@ -167,13 +175,45 @@ struct BwdDqConsumer {
       }
   }
 
-  // dP -> dS = P (dP - D), packed as the A fragments of dQ += dS K.
-  __device__ __forceinline__ static void ds_fragments(const float (&p)[kSTiles][4], float (&dp)[kSTiles][4],
-                                                      const float (&dsum)[2], uint32_t (&a)[kSlices][4]) {
+  // Softcap: S and dP -> dS = P (dP - D) (1 - t^2) with t = tanh(S softcap_scale) and
+  // P = exp2(t scale_log2 - lse log2 e), in one pass once both GEMMs are done (t would otherwise
+  // take a tile of registers beside P).
+  __device__ __forceinline__ void softcap_ds(const float (&s)[kSTiles][4], float (&dp)[kSTiles][4], int first_key,
+                                             const float (&lse)[2], const float (&dsum)[2], float scale_log2) const {
+    if (blk.mask.block_needs_mask(wg_row, 64, first_key, kBlockN))
+      softcap_ds<true>(s, dp, first_key, lse, dsum, scale_log2);
+    else
+      softcap_ds<false>(s, dp, first_key, lse, dsum, scale_log2);
+  }
+  template <bool MaskElements>
+  __device__ __forceinline__ void softcap_ds(const float (&s)[kSTiles][4], float (&dp)[kSTiles][4], int first_key,
+                                             const float (&lse)[2], const float (&dsum)[2], float scale_log2) const {
 #pragma unroll
     for (int t = 0; t < kSTiles; ++t)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) dp[t][j] = p[t][j] * (dp[t][j] - dsum[j / 2]);
+      for (int j = 0; j < 4; ++j) {
+        const float score = blk.mask.score(s[t][j]);
+        float p = fast_exp2(fmaf(score, scale_log2, -lse[j / 2]));
+        if constexpr (MaskElements) {
+          if (blk.mask.masked(wg_row + row_of(j), first_key + col_of(t, j))) p = 0.f;
+        }
+        dp[t][j] = p * (dp[t][j] - dsum[j / 2]) * blk.mask.score_grad(score);
+      }
+  }
+
+  // dP -> dS = P (dP - D) (softcap: s holds the raw scores and softcap_ds makes dS), packed as the
+  // A fragments of dQ += dS K.
+  __device__ __forceinline__ void ds_fragments(const float (&s)[kSTiles][4], float (&dp)[kSTiles][4], int first_key,
+                                               const float (&lse)[2], const float (&dsum)[2], float scale_log2,
+                                               uint32_t (&a)[kSlices][4]) const {
+    if constexpr (Mask::kSoftcap) {
+      softcap_ds(s, dp, first_key, lse, dsum, scale_log2);
+    } else {
+#pragma unroll
+      for (int t = 0; t < kSTiles; ++t)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) dp[t][j] = s[t][j] * (dp[t][j] - dsum[j / 2]);
+    }
     pack_a_fragments<Element, kSlices>(dp, a);
   }
 
@@ -223,6 +263,7 @@ struct BwdDqConsumer {
       lse[r] = valid ? p.lse[stats + row] * kLog2e : INFINITY;
       dsum[r] = valid ? p.dsum[stats + row] : 0.f;
     }
+    const float alibi_coef = blk.mask.alibi_coef(blk.head);
     float dq[kDqChunks][kDqTiles][4];
 #pragma unroll
     for (int c = 0; c < kDqChunks; ++c)
@@ -247,7 +288,7 @@ struct BwdDqConsumer {
     pass_turn();
     wgmma_wait<0>();
     fence_operand(s);
-    scores_to_p(s, blk.first_key(0), lse, p.scale_log2);
+    if constexpr (!Mask::kSoftcap) scores_to_p(s, blk.first_key(0), lse, p.scale_log2, alibi_coef);
     v.wait_full(sm.v_full());
     wait_turn();
     issue_dp(dp);
@@ -255,7 +296,7 @@ struct BwdDqConsumer {
     wgmma_wait<0>();
     fence_operand(dp);
     warp_release(sm.v_empty());
-    ds_fragments(s, dp, dsum, a);
+    ds_fragments(s, dp, blk.first_key(0), lse, dsum, p.scale_log2, a);
     for (int i = 1; i < n; ++i) {
       const RingPosition<Traits::kKStages> k_this = k.plus(i), k_last = k.plus(i - 1);
       k_this.wait_full(sm.k_full(k_this.stage()));
@@ -268,7 +309,7 @@ struct BwdDqConsumer {
 #pragma unroll
       for (int c = 0; c < kDqChunks; ++c) fence_operand(dq[c]);
       warp_release(sm.k_empty(k_last.stage()));  // K(i-1) read (dQ(i-1) done)
-      scores_to_p(s, blk.first_key(i), lse, p.scale_log2);
+      if constexpr (!Mask::kSoftcap) scores_to_p(s, blk.first_key(i), lse, p.scale_log2, alibi_coef);
       v.plus(i).wait_full(sm.v_full());
       wait_turn();
       issue_dp(dp);
@@ -276,7 +317,7 @@ struct BwdDqConsumer {
       wgmma_wait<0>();
       fence_operand(dp);
       warp_release(sm.v_empty());  // V(i) read (dP(i) done)
-      ds_fragments(s, dp, dsum, a);
+      ds_fragments(s, dp, blk.first_key(i), lse, dsum, p.scale_log2, a);
     }
     wait_turn();
     issue_dq(dq, a, k.plus(n - 1).stage());

@@ -61,15 +61,15 @@ cudaError_t launch_bwd_dq(const BwdParams& p, cudaStream_t stream) {
 namespace fat {
 
 // Query rows per step: 128 at hd64 (FA3's choice too), 64 at hd128 (the registers of dK, dV).
-// Head dim 256: two kernels, for the masks alone (flash_api runs the sm80 kernel for softcap,
-// ALiBi and dropout there): dK and dV (bwd_split_dim.h), then dQ (bwd_dq.h).
+// Head dim 256: two kernels, dK and dV (bwd_split_dim.h), then dQ (bwd_dq.h); the masks plain,
+// with softcap or with ALiBi (flash_api runs the sm80 kernel for dropout there).
 template <typename Element, int HeadDim>
 cudaError_t run_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
   if constexpr (HeadDim == 256) {
     using Traits = sm90::BwdSplitDimTraits<Element>;
     static_assert(kBwdBlockN % Traits::kBlockN == 0, "flash_api sizes dq_accum splits with kBwdBlockN");
-    if (p.softcap || p.alibi || p.dropout) return cudaErrorNotSupported;
-    return mask_switch<false, false>(p, [&](auto variant) {
+    if (p.dropout) return cudaErrorNotSupported;
+    return variant_switch(p, [&](auto variant) {
       using Mask = typename decltype(variant)::type;
       const cudaError_t err = sm90::launch_bwd<Traits, Mask>(p, stream);
       return err == cudaSuccess ? sm90::launch_bwd_dq<sm90::BwdDqTraits<Element>, Mask>(p, stream) : err;

@@ -16,7 +16,7 @@ struct BwdSplitDimConsumer {
   static constexpr int kSTiles = kHalfM / 8;     // 8-column tiles of this warpgroup's S^T, dP^T (queries)
   static constexpr int kDimTiles = kHalfDim / 8;  // of its dK, dV (head-dim columns)
   static constexpr int kSlabElems = 64;
-  static_assert(!Mask::kSoftcap && !Mask::kAlibi && !Mask::kDropout, "head dim 256: masks only (flash_api)");
+  static_assert(!Mask::kDropout, "head dim 256: no dropout (flash_api)");
 
   const BwdSmem<Traits>& sm;
   const int wg, lane, warp_row;  // warp_row: this warp's first key row of 64
@@ -51,29 +51,71 @@ struct BwdSplitDimConsumer {
     wgmma_commit();
   }
 
-  // S^T -> P^T = exp2(S^T scale_log2 - lse log2 e), 0 where masked (two loops, as the hd64/128
-  // consumer: a per-element test in every block made predicated compares of every element).
+  // S^T -> P^T = exp2(S^T scale_log2 - lse log2 e), with ALiBi's bias first (alibi_coef: the
+  // step's head's, Variant::alibi_coef), 0 where masked (two loops, as the hd64/128 consumer: a
+  // per-element test in every block made predicated compares of every element).
   __device__ __forceinline__ void scores_to_p(float (&s)[kSTiles][4], const BwdKeyBlock<Traits, Mask>& blk,
-                                              int first_row, int stage, float scale_log2) const {
+                                              int first_row, int stage, float scale_log2, float alibi_coef) const {
     if (blk.mask.block_needs_mask(first_row + kHalfM * wg, kHalfM, blk.first_key, kBlockN))
-      exponentiate<true>(s, blk, first_row, stage, scale_log2);
+      exponentiate<true>(s, blk, first_row, stage, scale_log2, alibi_coef);
     else
-      exponentiate<false>(s, blk, first_row, stage, scale_log2);
+      exponentiate<false>(s, blk, first_row, stage, scale_log2, alibi_coef);
   }
   template <bool MaskElements>
   __device__ __forceinline__ void exponentiate(float (&s)[kSTiles][4], const BwdKeyBlock<Traits, Mask>& blk,
-                                               int first_row, int stage, float scale_log2) const {
+                                               int first_row, int stage, float scale_log2, float alibi_coef) const {
     const float* lse = sm.lse_log2(stage);
+    // ALiBi: the query position (row + shift) and key of element (t, j) are these lane bases plus
+    // 8 t + j % 2 and 8 (j / 2) (query_of, row_of)
+    const float alibi_position = static_cast<float>(first_row + blk.mask.shift + query_of(0, 0));
+    const float alibi_key = static_cast<float>(blk.first_key + row_of(0));
 #pragma unroll
     for (int t = 0; t < kSTiles; ++t) {
       const float2 l = *reinterpret_cast<const float2*>(lse + query_of(t, 0));
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
+        if constexpr (Mask::kAlibi)
+          s[t][j] = blk.mask.alibi_bias(s[t][j], alibi_coef, alibi_position + static_cast<float>(8 * t + j % 2),
+                                        alibi_key + static_cast<float>(8 * (j / 2)));
         float p = fast_exp2(fmaf(s[t][j], scale_log2, -(j % 2 ? l.y : l.x)));
         if constexpr (MaskElements) {
           if (blk.mask.masked(first_row + query_of(t, j), blk.first_key + row_of(j))) p = 0.f;
         }
         s[t][j] = p;
+      }
+    }
+  }
+
+  // Softcap: S^T and dP^T -> P^T = exp2(t scale_log2 - lse log2 e) with t = tanh(S^T softcap_scale),
+  // and dS^T = P^T (dP^T - D) (1 - t^2), in one pass once both GEMMs are done (t is needed by
+  // both; keeping it beside P^T would cost a tile of registers).
+  __device__ __forceinline__ void softcap_p_and_ds(float (&s)[kSTiles][4], float (&dp)[kSTiles][4],
+                                                   const BwdKeyBlock<Traits, Mask>& blk, int first_row, int stage,
+                                                   float scale_log2) const {
+    if (blk.mask.block_needs_mask(first_row + kHalfM * wg, kHalfM, blk.first_key, kBlockN))
+      softcap_p_and_ds<true>(s, dp, blk, first_row, stage, scale_log2);
+    else
+      softcap_p_and_ds<false>(s, dp, blk, first_row, stage, scale_log2);
+  }
+  template <bool MaskElements>
+  __device__ __forceinline__ void softcap_p_and_ds(float (&s)[kSTiles][4], float (&dp)[kSTiles][4],
+                                                   const BwdKeyBlock<Traits, Mask>& blk, int first_row, int stage,
+                                                   float scale_log2) const {
+    const float* lse = sm.lse_log2(stage);
+    const float* dsum = sm.dsum(stage);
+#pragma unroll
+    for (int t = 0; t < kSTiles; ++t) {
+      const float2 l = *reinterpret_cast<const float2*>(lse + query_of(t, 0));
+      const float2 d = *reinterpret_cast<const float2*>(dsum + query_of(t, 0));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float score = blk.mask.score(s[t][j]);
+        float p = fast_exp2(fmaf(score, scale_log2, -(j % 2 ? l.y : l.x)));
+        if constexpr (MaskElements) {
+          if (blk.mask.masked(first_row + query_of(t, j), blk.first_key + row_of(j))) p = 0.f;
+        }
+        s[t][j] = p;
+        dp[t][j] = p * (dp[t][j] - (j % 2 ? d.y : d.x)) * blk.mask.score_grad(score);
       }
     }
   }
@@ -126,12 +168,19 @@ struct BwdSplitDimConsumer {
     float s[kSTiles][4], dp[kSTiles][4];
     q.wait_full(sm.q_full(stage));
     issue_s_dp(s, dp, stage);
-    wgmma_wait<1>();  // S^T done; dP^T may still run
-    fence_operand(s);
-    scores_to_p(s, blk, first_row, stage, p.scale_log2);
-    wgmma_wait<0>();
-    fence_operand(dp);
-    dp_to_ds(dp, s, stage);
+    if constexpr (Mask::kSoftcap) {
+      wgmma_wait<0>();
+      fence_operand(s);
+      fence_operand(dp);
+      softcap_p_and_ds(s, dp, blk, first_row, stage, p.scale_log2);
+    } else {
+      wgmma_wait<1>();  // S^T done; dP^T may still run
+      fence_operand(s);
+      scores_to_p(s, blk, first_row, stage, p.scale_log2, blk.mask.alibi_coef(blk.head(s_idx, p.heads / p.heads_k)));
+      wgmma_wait<0>();
+      fence_operand(dp);
+      dp_to_ds(dp, s, stage);
+    }
     store_half(pds(buffer, 0), s);
     store_half(pds(buffer, 1), dp);
     fence_proxy_async();  // plain stores, read next by wgmma (async proxy)
