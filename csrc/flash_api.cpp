@@ -148,12 +148,10 @@ bool sm90_kernels_available() {
 }
 
 // Combinations of softcap, ALiBi and dropout run on the sm80 kernels (their Combined variant) in
-// both passes; so do softcap, ALiBi and dropout alone in the head dim 256 backward (its sm90
-// kernel has the masks only).
+// both passes; so does dropout in the head dim 256 backward (its sm90 kernels have none).
 bool use_sm90_kernels(const FwdParams& p, bool backward = false) {
-  const bool feature = p.softcap || p.alibi || p.dropout;
   return p.rows_q > 0 && p.rows_k > 0 && has_sm90_kernels(p.head_dim, backward) && !combines_features(p) &&
-         !(backward && p.head_dim == 256 && feature) && sm90_kernels_available();
+         !(backward && p.head_dim == 256 && p.dropout) && sm90_kernels_available();
 }
 
 // The attention variant an op asks for: causal, and flash_attn's window_size (left, right).

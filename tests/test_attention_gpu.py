@@ -103,7 +103,7 @@ def test_sliding_window_against_fp64(window, causal, sq, sk, head_dim, dtype):
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 7)), (True, (100, -1)),
                                            (False, (-1, 0))])
 @pytest.mark.parametrize("sq,sk", [(200, 200), (97, 300), (300, 97), (1, 513)])
-@pytest.mark.parametrize("head_dim,dtype", [(64, torch.bfloat16), (128, torch.float16)])
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.bfloat16), (128, torch.float16), (256, torch.bfloat16)])
 def test_alibi_against_fp64(per_batch, causal, window, sq, sk, head_dim, dtype):
     """alibi_slopes (nheads,) or (batch, nheads), flash_attn's bias: -slope |i + sk - sq - j|, and
     slope j where the kernel runs causal (causal, or a (-1, 0) window; lse as flash_attn returns
@@ -136,7 +136,7 @@ def test_softcap_with_alibi_against_fp64(causal, window, sq, sk, head_dim, dtype
 @pytest.mark.parametrize("softcap", [5.0, 50.0])
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 7)), (True, (100, -1))])
 @pytest.mark.parametrize("sq,sk", [(200, 200), (97, 300), (300, 97), (1, 513)])
-@pytest.mark.parametrize("head_dim,dtype", [(64, torch.bfloat16), (128, torch.float16)])
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.bfloat16), (128, torch.float16), (256, torch.bfloat16)])
 def test_softcap_against_fp64(softcap, causal, window, sq, sk, head_dim, dtype):
     """softcap: scores x -> softcap * tanh(x / softcap) (Gemma 2), forward and backward, alone and
     with causal / window, GQA, sq != sk, one query row (split-KV); a softcap of 5 bends most scores

@@ -31,8 +31,7 @@
 #define FAT_BWD_TIMING_SKIP_ELEMENTWISE 0
 #endif
 // Benchmark-only, likewise (FLASH_ATTN_T_BWD_TIMING_SKIP_DQ_REDUCE=1): the drain warp skips the
-// bulk reductions into dq_accum, and the hd256 consumers their vector reductions (dQ stays
-// zero), to time what the L2 reduction traffic costs.
+// bulk reductions into dq_accum (dQ stays zero), to time what the L2 reduction traffic costs.
 #ifndef FAT_BWD_TIMING_SKIP_DQ_REDUCE
 #define FAT_BWD_TIMING_SKIP_DQ_REDUCE 0
 #endif

@@ -1,7 +1,7 @@
-// The sm90 backward at head dim 256 (BwdSplitDimTraits): TMA producer warps as in bwd_kernel.h
-// (load_tiles, load_row_stats), two consumer warpgroups that split each step's S^T / dP^T by
-// query columns and dK, dV, dQ by head-dim columns, with P^T and dS^T exchanged through shared
-// memory.
+// The sm90 backward's dK and dV at head dim 256 (BwdSplitDimTraits; dQ is bwd_dq.h's kernel):
+// TMA producer warps as in bwd_kernel.h (load_tiles, load_row_stats), two consumer warpgroups
+// that split each step's S^T / dP^T by query columns and dK, dV by head-dim columns, with P^T and
+// dS^T exchanged through shared memory.
 #pragma once
 #include "bwd_kernel.h"
 
@@ -14,18 +14,18 @@ struct BwdSplitDimConsumer {
   static constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHalfM = Traits::kHalfM;
   static constexpr int kHalfDim = Traits::kHalfDim;
   static constexpr int kSTiles = kHalfM / 8;     // 8-column tiles of this warpgroup's S^T, dP^T (queries)
-  static constexpr int kDimTiles = kHalfDim / 8;  // of its dK, dV, dQ (head-dim columns)
+  static constexpr int kDimTiles = kHalfDim / 8;  // of its dK, dV (head-dim columns)
   static constexpr int kSlabElems = 64;
-  static_assert(!Mask::kSoftcap && !Mask::kAlibi && !Mask::kDropout, "head dim 256: masks only (flash_api)");
+  static_assert(!Mask::kDropout, "head dim 256: no dropout (flash_api)");
 
   const BwdSmem<Traits>& sm;
-  const int wg, lane, warp_row;  // warp_row: this warp's first row (key, or query for dQ) of 64
+  const int wg, lane, warp_row;  // warp_row: this warp's first key row of 64
 
   __device__ __forceinline__ BwdSplitDimConsumer(const BwdSmem<Traits>& sm_, int warpgroup)
       : sm(sm_), wg(warpgroup), lane(threadIdx.x % 32), warp_row(threadIdx.x / 32 % 4 * 16) {}
 
-  // Accumulator element [t][j] (m16n8 layout per warp): its row (key of S^T, query of dQ) and,
-  // for S^T / dP^T, its query in the block; for dK / dV / dQ its head-dim column.
+  // Accumulator element [t][j] (m16n8 layout per warp): its row (key) and, for S^T / dP^T, its
+  // query in the block; for dK / dV its head-dim column.
   __device__ __forceinline__ int row_of(int j) const { return warp_row + lane / 4 + 8 * (j / 2); }
   __device__ __forceinline__ int query_of(int t, int j) const { return kHalfM * wg + 8 * t + 2 * (lane % 4) + j % 2; }
   __device__ __forceinline__ int dim_of(int t) const { return kHalfDim * wg + 8 * t + 2 * (lane % 4); }
@@ -51,29 +51,71 @@ struct BwdSplitDimConsumer {
     wgmma_commit();
   }
 
-  // S^T -> P^T = exp2(S^T scale_log2 - lse log2 e), 0 where masked (two loops, as the hd64/128
-  // consumer: a per-element test in every block made predicated compares of every element).
+  // S^T -> P^T = exp2(S^T scale_log2 - lse log2 e), with ALiBi's bias first (alibi_coef: the
+  // step's head's, Variant::alibi_coef), 0 where masked (two loops, as the hd64/128 consumer: a
+  // per-element test in every block made predicated compares of every element).
   __device__ __forceinline__ void scores_to_p(float (&s)[kSTiles][4], const BwdKeyBlock<Traits, Mask>& blk,
-                                              int first_row, int stage, float scale_log2) const {
+                                              int first_row, int stage, float scale_log2, float alibi_coef) const {
     if (blk.mask.block_needs_mask(first_row + kHalfM * wg, kHalfM, blk.first_key, kBlockN))
-      exponentiate<true>(s, blk, first_row, stage, scale_log2);
+      exponentiate<true>(s, blk, first_row, stage, scale_log2, alibi_coef);
     else
-      exponentiate<false>(s, blk, first_row, stage, scale_log2);
+      exponentiate<false>(s, blk, first_row, stage, scale_log2, alibi_coef);
   }
   template <bool MaskElements>
   __device__ __forceinline__ void exponentiate(float (&s)[kSTiles][4], const BwdKeyBlock<Traits, Mask>& blk,
-                                               int first_row, int stage, float scale_log2) const {
+                                               int first_row, int stage, float scale_log2, float alibi_coef) const {
     const float* lse = sm.lse_log2(stage);
+    // ALiBi: the query position (row + shift) and key of element (t, j) are these lane bases plus
+    // 8 t + j % 2 and 8 (j / 2) (query_of, row_of)
+    const float alibi_position = static_cast<float>(first_row + blk.mask.shift + query_of(0, 0));
+    const float alibi_key = static_cast<float>(blk.first_key + row_of(0));
 #pragma unroll
     for (int t = 0; t < kSTiles; ++t) {
       const float2 l = *reinterpret_cast<const float2*>(lse + query_of(t, 0));
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
+        if constexpr (Mask::kAlibi)
+          s[t][j] = blk.mask.alibi_bias(s[t][j], alibi_coef, alibi_position + static_cast<float>(8 * t + j % 2),
+                                        alibi_key + static_cast<float>(8 * (j / 2)));
         float p = fast_exp2(fmaf(s[t][j], scale_log2, -(j % 2 ? l.y : l.x)));
         if constexpr (MaskElements) {
           if (blk.mask.masked(first_row + query_of(t, j), blk.first_key + row_of(j))) p = 0.f;
         }
         s[t][j] = p;
+      }
+    }
+  }
+
+  // Softcap: S^T and dP^T -> P^T = exp2(t scale_log2 - lse log2 e) with t = tanh(S^T softcap_scale),
+  // and dS^T = P^T (dP^T - D) (1 - t^2), in one pass once both GEMMs are done (t is needed by
+  // both; keeping it beside P^T would cost a tile of registers).
+  __device__ __forceinline__ void softcap_p_and_ds(float (&s)[kSTiles][4], float (&dp)[kSTiles][4],
+                                                   const BwdKeyBlock<Traits, Mask>& blk, int first_row, int stage,
+                                                   float scale_log2) const {
+    if (blk.mask.block_needs_mask(first_row + kHalfM * wg, kHalfM, blk.first_key, kBlockN))
+      softcap_p_and_ds<true>(s, dp, blk, first_row, stage, scale_log2);
+    else
+      softcap_p_and_ds<false>(s, dp, blk, first_row, stage, scale_log2);
+  }
+  template <bool MaskElements>
+  __device__ __forceinline__ void softcap_p_and_ds(float (&s)[kSTiles][4], float (&dp)[kSTiles][4],
+                                                   const BwdKeyBlock<Traits, Mask>& blk, int first_row, int stage,
+                                                   float scale_log2) const {
+    const float* lse = sm.lse_log2(stage);
+    const float* dsum = sm.dsum(stage);
+#pragma unroll
+    for (int t = 0; t < kSTiles; ++t) {
+      const float2 l = *reinterpret_cast<const float2*>(lse + query_of(t, 0));
+      const float2 d = *reinterpret_cast<const float2*>(dsum + query_of(t, 0));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float score = blk.mask.score(s[t][j]);
+        float p = fast_exp2(fmaf(score, scale_log2, -(j % 2 ? l.y : l.x)));
+        if constexpr (MaskElements) {
+          if (blk.mask.masked(first_row + query_of(t, j), blk.first_key + row_of(j))) p = 0.f;
+        }
+        s[t][j] = p;
+        dp[t][j] = p * (dp[t][j] - (j % 2 ? d.y : d.x)) * blk.mask.score_grad(score);
       }
     }
   }
@@ -115,36 +157,8 @@ struct BwdSplitDimConsumer {
                                                mn_major_desc(dim_half(sm.q(stage), kBlockM), kBlockM, kk), 1);
   }
 
-  // dQ = dS K for this warpgroup's head-dim columns: dS^T read transposed (queries as M), K's
-  // rows as K.
-  __device__ __forceinline__ void issue_dq(float (&dq)[kDimTiles][4], int buffer) const {
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk)
-      wgmma_ss<Element, kHalfDim, true, true>(dq, mn_major_desc(pds(buffer, 1), kBlockN, kk),
-                                              mn_major_desc(dim_half(sm.k(), kBlockN), kBlockN, kk), kk > 0);
-  }
-
-  // dQ into dq_accum (its columns swizzled: dq_accum_col), a column pair per vector reduction.
-  __device__ __forceinline__ void add_dq(const BwdParams& p, const BwdKeyBlock<Traits, Mask>& blk, int s_idx,
-                                         const float (&dq)[kDimTiles][4]) const {
-    if (FAT_BWD_TIMING_SKIP_DQ_REDUCE) return;
-    const int first_row = blk.first_row(s_idx);
-    float* rows = p.dq_accum + blk.dq_split * p.dq_accum_split_stride +
-                  blk.seq.q_offset(p.dq_accum_batch_stride, p.dq_accum_row_stride) +
-                  blk.head(s_idx, p.heads / p.heads_k) * p.dq_accum_head_stride + first_row * p.dq_accum_row_stride;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = row_of(2 * r);
-      if (first_row + row >= blk.seq.len_q) continue;
-#pragma unroll
-      for (int t = 0; t < kDimTiles; ++t)
-        atomic_add_pair(rows + row * p.dq_accum_row_stride + dq_accum_col(row, dim_of(t)), dq[t][2 * r],
-                        dq[t][2 * r + 1]);
-    }
-  }
-
   // One step: this warpgroup's S^T, dP^T -> P^T, dS^T into buffer `buffer`; once both halves are
-  // there, dV, dK and dQ of its head-dim half. The other warpgroup reads this buffer until its
+  // there, dV and dK of its head-dim half. The other warpgroup reads this buffer until its
   // own GEMMs of the step are done, and it is written again two steps later: by then both
   // warpgroups have met at the next step's barrier, which each reaches only after those GEMMs.
   __device__ __forceinline__ void step(const BwdParams& p, const BwdKeyBlock<Traits, Mask>& blk, int s_idx,
@@ -154,29 +168,32 @@ struct BwdSplitDimConsumer {
     float s[kSTiles][4], dp[kSTiles][4];
     q.wait_full(sm.q_full(stage));
     issue_s_dp(s, dp, stage);
-    wgmma_wait<1>();  // S^T done; dP^T may still run
-    fence_operand(s);
-    scores_to_p(s, blk, first_row, stage, p.scale_log2);
-    wgmma_wait<0>();
-    fence_operand(dp);
-    dp_to_ds(dp, s, stage);
+    if constexpr (Mask::kSoftcap) {
+      wgmma_wait<0>();
+      fence_operand(s);
+      fence_operand(dp);
+      softcap_p_and_ds(s, dp, blk, first_row, stage, p.scale_log2);
+    } else {
+      wgmma_wait<1>();  // S^T done; dP^T may still run
+      fence_operand(s);
+      scores_to_p(s, blk, first_row, stage, p.scale_log2, blk.mask.alibi_coef(blk.head(s_idx, p.heads / p.heads_k)));
+      wgmma_wait<0>();
+      fence_operand(dp);
+      dp_to_ds(dp, s, stage);
+    }
     store_half(pds(buffer, 0), s);
     store_half(pds(buffer, 1), dp);
     fence_proxy_async();  // plain stores, read next by wgmma (async proxy)
     Barriers::bwd_ds_ready().sync();
-    float dq[kDimTiles][4];
     wgmma_fence();
     issue_kv_grads(dk, dv, buffer, stage);
-    issue_dq(dq, buffer);
     wgmma_commit();
     wgmma_wait<0>();
     fence_operand(dk);
     fence_operand(dv);
-    fence_operand(dq);
     // Q, dO, lse and D of this step read. Every thread arrives: the lse/D rows are rewritten by
     // plain stores, which must be ordered after each thread's own reads.
     mbar_arrive(sm.q_empty(stage));
-    add_dq(p, blk, s_idx, dq);
   }
 
   __device__ __forceinline__ void run(const BwdParams& p) const {

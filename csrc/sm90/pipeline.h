@@ -48,6 +48,9 @@ struct Barriers {
   __device__ __forceinline__ static constexpr NamedBarrier fwd_turn(int warpgroup) { return {1 + warpgroup, 256}; }
   // Backward (hd128): both consumer warpgroups have written their halves of dS^T to shared memory.
   static constexpr NamedBarrier bwd_ds_ready() { return {4, 256}; }
+  // Backward dQ kernel (hd256): consumer warpgroup w (0-1) waits for its turn to issue GEMMs, as
+  // the forward's fwd_turn.
+  __device__ __forceinline__ static constexpr NamedBarrier bwd_dq_turn(int warpgroup) { return {5 + warpgroup, 256}; }
 };
 
 }  // namespace fat::sm90

@@ -184,4 +184,33 @@ struct BwdSplitDimTraits {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
 };
 
+// The hd256 backward's dQ kernel (bwd_dq.h): a CTA owns 128 query rows (64 per consumer
+// warpgroup) with their Q and dO resident and walks the 64-key blocks they see. K streams through
+// two stages (read by S = Q K^T early in a block and by dQ += dS K at its end), V through one
+// (read by dP = dO V^T only). lse and D live in registers (two rows a thread).
+template <typename Element_>
+struct BwdDqTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = 256, kBlockM = 128, kBlockN = 64;
+  static constexpr int kConsumerWarpgroups = 2;
+  static constexpr int kKStages = 2;
+  static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
+  static constexpr int kProducerRegisters = 24;
+  static constexpr int kConsumerRegisters = 240;
+
+  static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);   // Q or dO: 64 KB
+  static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);  // a K or V block: 32 KB
+
+  static constexpr uint32_t kQOffset = 0;
+  static constexpr uint32_t kDoOffset = kQOffset + kQBytes;
+  static constexpr uint32_t kKOffset = kDoOffset + kQBytes;
+  static constexpr uint32_t kVOffset = kKOffset + kKStages * kKVBytes;
+  static constexpr uint32_t kBarrierOffset = kVOffset + kKVBytes;
+  static constexpr int kBarriers = 1 + 2 * kKStages + 2;  // Q/dO full; per K stage full, empty; V full, empty
+  static constexpr int kSmemBytes = kBarrierOffset + kBarriers * 8 + 1024;  // + alignment slack
+
+  static_assert(kProducerRegisters * 128 + kConsumerRegisters * 256 <= 65536, "registers");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
+};
+
 }  // namespace fat::sm90
