@@ -1,6 +1,6 @@
-"""Philox4x32-10 (Salmon et al., SC'11), the counter-based generator the dropout kernels use,
-written with torch int64 tensors so that it runs anywhere and serves as the tests' reference for
-the kernels' keep masks.
+"""Philox4x32 (Salmon et al., SC'11), the counter-based generator the dropout kernels use, with
+7 rounds (MASK_ROUNDS, FlashAttention-2's count), written with torch int64 tensors so that it runs
+anywhere and serves as the tests' reference for the kernels' keep masks.
 
 The mask (csrc/common/philox.h computes the same): element (bh = batch * nheads + head, query
 row i, key column j) of a call with seed s (64 bits) and offset o (the generator's offset, low 32
@@ -15,6 +15,7 @@ import torch
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # multipliers
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85  # key schedule (Weyl) increments
 _MASK = 0xFFFFFFFF
+MASK_ROUNDS = 7  # the dropout mask's rounds (csrc/common/philox.h); the generator's standard is 10
 
 
 def _mulhilo(a, m):
@@ -55,7 +56,7 @@ def dropout_keep_mask(seed, offset, batch, nheads, seqlen_q, seqlen_k, p_dropout
     shape = (batch * nheads, seqlen_q, seqlen_k)
     counter = torch.stack([(4 * (j >> 5) + ((j >> 1) & 3)).expand(shape), i.expand(shape), bh.expand(shape),
                            torch.full(shape, offset & _MASK, dtype=torch.int64, device=device)], dim=-1)
-    words = philox4x32(counter, (seed & _MASK, (seed >> 32) & _MASK))
+    words = philox4x32(counter, (seed & _MASK, (seed >> 32) & _MASK), rounds=MASK_ROUNDS)
     half = 2 * ((j >> 3) & 3) + (j & 1)
     word = torch.gather(words, -1, (half >> 1).expand(shape).unsqueeze(-1)).squeeze(-1)
     value = (word >> (16 * (half & 1))) & 0xFFFF

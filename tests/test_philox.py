@@ -1,5 +1,5 @@
-"""CPU: the Philox4x32-10 reference against the generator's published known-answer vectors, and
-the dropout keep mask's statistics."""
+"""CPU: the Philox4x32 reference (10 rounds) against the generator's published known-answer
+vectors, and the dropout keep mask's statistics (7 rounds, flash_attn_t.philox.MASK_ROUNDS)."""
 import torch
 
 from flash_attn_t.philox import dropout_keep_mask, keep_threshold, philox4x32
