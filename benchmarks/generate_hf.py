@@ -6,8 +6,9 @@ One seeded random model (transformers' LlamaConfig + LlamaForCausalLM, nothing d
 whose state dict is loaded into a fresh model per backend; every backend generates
 --new-tokens tokens after the same random prompt of --prompt tokens per sequence (batch --batch),
 with min_new_tokens = max_new_tokens so all run the same number of steps. Times are wall clock
-between CUDA synchronisations, median of --reps runs after one warm-up: the prefill alone (one
-new token) and the whole generation; decode = whole - prefill. Also printed: the share of the
+between CUDA synchronisations, median of --reps runs after one warm-up, the backends interleaved
+rep by rep (this decoding is host-bound, and the host drifts): the prefill alone (one new token)
+and the whole generation; decode = whole - prefill. Also printed: the share of the
 generated tokens equal to the first backend's (bf16 near-ties may differ).
 
     python benchmarks/generate_hf.py                        # 8 layers, batch 1 and 8, 2k prompt
@@ -33,18 +34,27 @@ CACHES = {"dynamic": {}, "static": dict(cache_implementation="static", disable_c
           "static_compiled": dict(cache_implementation="static")}
 
 
-def timed(fn, device, reps):
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def generation(config, weights, backend, prompt, device, dtype, cache):
+    """generate(new tokens) -> token ids, for a fresh model with `backend`'s attention."""
+    model = LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation(backend))
+    model.load_state_dict(weights)
+    model.to(device, dtype).eval()
+
+    def generate(new):
+        with torch.no_grad():
+            return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                                  min_new_tokens=new, do_sample=False, pad_token_id=0, **CACHES[cache])
+    return generate
 
 
 def main(argv=None):
@@ -80,27 +90,28 @@ def main(argv=None):
         prompt = torch.randint(0, args.vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
         prompt = prompt.to(device)
         reference = None
-        for cache, backend in ((c, b) for c in args.caches for b in args.backends):
+        for cache in args.caches:
             torch._dynamo.reset()
-            model = LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation(backend))
-            model.load_state_dict(weights)
-            model.to(device, dtype).eval()
-
-            def generate(new):
-                with torch.no_grad():
-                    return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
-                                          min_new_tokens=new, do_sample=False, pad_token_id=0, **CACHES[cache])
-
-            prefill, _ = timed(lambda: generate(1), device, args.reps)
-            whole, tokens = timed(lambda: generate(args.new_tokens), device, args.reps)
-            steps = args.new_tokens - 1
-            decode = max(whole - prefill, 1e-9)
-            tokens = tokens[:, args.prompt:]
-            reference = tokens if reference is None else reference
-            same = (tokens == reference).float().mean().item()
-            print(f"{batch:>5} {cache:>15} {backend:>13} {1e3 * prefill:>10.1f} {batch * steps / decode:>12.0f} "
-                  f"{1e3 * decode / steps:>9.2f} {100 * same:>14.0f}%")
-            del model
+            runs = {backend: generation(config, weights, backend, prompt, device, dtype, cache)
+                    for backend in args.backends}
+            for run in runs.values():  # warm-up (and, for a compiled cache, compilation)
+                run(1), run(args.new_tokens)
+            times = {backend: ([], []) for backend in args.backends}
+            for _ in range(args.reps):  # backends interleaved rep by rep: drift hits them alike
+                for backend, run in runs.items():
+                    times[backend][0].append(timed(lambda: run(1), device)[0])
+                    whole, tokens = timed(lambda: run(args.new_tokens), device)
+                    times[backend][1].append(whole)
+            for backend, (prefills, wholes) in times.items():
+                prefill, whole = statistics.median(prefills), statistics.median(wholes)
+                steps = args.new_tokens - 1
+                decode = max(whole - prefill, 1e-9)
+                tokens = runs[backend](args.new_tokens)[:, args.prompt:]
+                reference = tokens if reference is None else reference
+                same = (tokens == reference).float().mean().item()
+                print(f"{batch:>5} {cache:>15} {backend:>13} {1e3 * prefill:>10.1f} {batch * steps / decode:>12.0f} "
+                      f"{1e3 * decode / steps:>9.2f} {100 * same:>14.0f}%")
+            del runs
     return 0
 
 
