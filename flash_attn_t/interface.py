@@ -21,7 +21,7 @@ KERNEL_HEAD_DIMS = (64, 128, 256)
 # Every head dim from 1 to 256 is accepted: the others run zero-padded to the next kernel head
 # dim (zeros add nothing to q.k, and the padded output columns are sliced off; the default
 # softmax scale stays 1 / sqrt of the given head dim).
-SUPPORTED_HEAD_DIMS = tuple(range(1, KERNEL_HEAD_DIMS[-1] + 1))
+SUPPORTED_HEAD_DIMS = range(1, KERNEL_HEAD_DIMS[-1] + 1)  # (a range: `in` is one comparison, not a scan)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,10 +58,11 @@ def check_dtypes(q, k, v):
 def check_shapes(q, k, v, *, varlen):
     """Batched: q (batch, seqlen_q, nheads, headdim), k and v (batch, seqlen_k, nheads_k, headdim).
     varlen: q (total_q, nheads, headdim), k and v (total_k, nheads_k, headdim)."""
-    rank, layout = (3, "(total_tokens, nheads, headdim)") if varlen else (4, "(batch, seqlen, nheads, headdim)")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != rank:
-            raise ValueError(f"{name} must have {rank} dimensions {layout}, got shape {tuple(t.shape)}")
+    rank = 3 if varlen else 4
+    if q.dim() != rank or k.dim() != rank or v.dim() != rank:
+        layout = "(total_tokens, nheads, headdim)" if varlen else "(batch, seqlen, nheads, headdim)"
+        name, t = next((name, t) for name, t in (("q", q), ("k", k), ("v", v)) if t.dim() != rank)
+        raise ValueError(f"{name} must have {rank} dimensions {layout}, got shape {tuple(t.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if not varlen and k.shape[0] != q.shape[0]:
@@ -84,6 +85,8 @@ def check_heads(q, k, k_name="k"):
 
 def check_strides(q, k, v, names=("q", "k", "v")):
     """The kernels read rows of headdim contiguous elements; other strides may be anything."""
+    if q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1:
+        return
     for name, t in zip(names, (q, k, v)):
         if t.stride(-1) != 1 and t.numel() > 0:
             raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got stride {t.stride(-1)}")
@@ -109,18 +112,23 @@ KERNEL_FEATURES = {
 }
 
 
+_UNIMPLEMENTED = {
+    "dropout": "dropout_p={dropout_p}: dropout is not implemented yet (use dropout_p=0.0)",
+    "window": "window_size={window_size}: sliding-window attention is not implemented yet (use (-1, -1))",
+    "softcap": "softcap={softcap}: logit soft-capping is not implemented yet (use 0.0)",
+    "alibi": "alibi_slopes: ALiBi is not implemented yet (pass None)",
+    "paged_kv": "block_table: a paged KV cache is not implemented yet (pass None)",
+}
+
+
 def check_unimplemented(dropout_p=0.0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, block_table=None):
-    asked = {
-        "dropout": (dropout_p != 0.0, f"dropout_p={dropout_p}: dropout is not implemented yet (use dropout_p=0.0)"),
-        "window": (tuple(window_size) != (-1, -1), f"window_size={tuple(window_size)}: sliding-window attention is "
-                   "not implemented yet (use (-1, -1))"),
-        "softcap": (softcap != 0.0, f"softcap={softcap}: logit soft-capping is not implemented yet (use 0.0)"),
-        "alibi": (alibi_slopes is not None, "alibi_slopes: ALiBi is not implemented yet (pass None)"),
-        "paged_kv": (block_table is not None, "block_table: a paged KV cache is not implemented yet (pass None)"),
-    }
-    for feature, (wanted, message) in asked.items():
+    # (messages formatted only when raised: this runs on every decode call)
+    asked = (("dropout", dropout_p != 0.0), ("window", tuple(window_size) != (-1, -1)), ("softcap", softcap != 0.0),
+             ("alibi", alibi_slopes is not None), ("paged_kv", block_table is not None))
+    for feature, wanted in asked:
         if wanted and not KERNEL_FEATURES[feature]:
-            raise NotImplementedError(message)
+            raise NotImplementedError(_UNIMPLEMENTED[feature].format(dropout_p=dropout_p,
+                                                                      window_size=tuple(window_size), softcap=softcap))
 
 
 def check_window_size(window_size):
@@ -420,6 +428,11 @@ def _pad_head_dim(*tensors):
     return tuple(torch.nn.functional.pad(t, (0, target - head_dim)) for t in tensors)
 
 
+def _unpad_head_dim(out, head_dim):
+    """The kernels' output cut back to the caller's head dim (itself when that had a kernel)."""
+    return out if out.shape[-1] == head_dim else out[..., :head_dim]
+
+
 def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -565,7 +578,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     else:  # inference: no autograd.Function (its bookkeeping was ~15% of a decode call's host time)
         out, lse = _forward(q_, k_, v_, softmax_scale, bool(causal), (*window_size, softcap), learnable_sink,
                             alibi_slopes, dropout_p, _rng_state(q, dropout_p))
-    return _result(out[..., :head_dim], lse, return_attn_probs)
+    return _result(_unpad_head_dim(out, head_dim), lse, return_attn_probs)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -629,7 +642,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         out, lse = _varlen_forward(q_, k_, v_, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                                    softmax_scale, bool(causal), (*window_size, softcap), learnable_sink, alibi_slopes,
                                    dropout_p, _rng_state(q, dropout_p))
-    return _result(out[..., :head_dim], lse, return_attn_probs)
+    return _result(_unpad_head_dim(out, head_dim), lse, return_attn_probs)
 
 
 def _paged_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
@@ -671,7 +684,7 @@ def _paged_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         q_, k_, v_, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), softmax_scale, bool(causal),
         *window_size, softcap, alibi_slopes=alibi_slopes, learnable_sink=_kernel_sink(learnable_sink),
         block_table=block_table)
-    return _result(out[..., :head_dim], lse, return_attn_probs)
+    return _result(_unpad_head_dim(out, head_dim), lse, return_attn_probs)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -792,5 +805,5 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         out, lse = torch.ops.flash_attn_t.fwd_kvcache(
             q_, k_cache_, v_cache_, seqlens, cache_batch_idx, cache_leftpad, softmax_scale, bool(causal), *window_size,
             softcap, alibi_slopes=alibi_slopes, learnable_sink=_kernel_sink(learnable_sink), block_table=block_table)
-    out = out[..., :head_dim]
+    out = _unpad_head_dim(out, head_dim)
     return (out, lse) if return_softmax_lse else out
