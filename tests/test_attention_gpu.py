@@ -202,6 +202,17 @@ def test_large_inputs_stay_finite_and_accurate(dtype, head_dim):
         check_against_reference(q, k, v, dout, causal)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_hd256_with_more_tiles_than_sms(causal):
+    # A persistent kernel (the sm90 forward; the hd256 backward's) takes a second tile on a CTA
+    # only when there are more tiles than SMs: 1536 tokens, 8 q / 4 kv heads make 96 tiles per
+    # sequence in each hd256 grid (12 query blocks of 128 per q head, 24 key blocks of 64 per kv
+    # head), and the batch makes at least two per SM.
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    q, k, v, dout = make_inputs(-(-2 * sms // 96), 1536, 1536, 8, 4, 256, torch.bfloat16, seed=11)
+    check_against_reference(q, k, v, dout, causal)
+
+
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_custom_softmax_scale(head_dim):
     q, k, v, dout = make_inputs(1, 150, 190, 2, 1, head_dim, torch.bfloat16, seed=9)

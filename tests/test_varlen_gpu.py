@@ -52,6 +52,37 @@ def test_varlen_against_fp64(dtype, head_dim, causal, deterministic, heads, head
 
 
 @pytest.mark.parametrize("causal", [False, True])
+def test_varlen_hd256_with_more_tiles_than_sms(causal):
+    # The persistent kernels' tiles over a varlen batch: grids sized by the longest sequence, so
+    # most tiles of the shorter ones are empty and skipped, and at least two per SM (8 q / 4 kv
+    # heads: 96 tiles per sequence of 1536 in each hd256 grid).
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    pattern_q, pattern_k = [1536, 0, 700, 1, 1200, 129], [1536, 5, 900, 1, 0, 300]
+    repeats = -(-2 * sms // (96 * len(pattern_q)))
+    lens_q, lens_k = pattern_q * repeats, pattern_k * repeats
+    torch.manual_seed(7)
+    q = torch.randn(sum(lens_q), 8, 256, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(sum(lens_k), 4, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    dout = torch.randn_like(q)
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    poison_allocator()
+    out = flash_attn_varlen_func(*leaves, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal)
+    poison_allocator()
+    grads = torch.autograd.grad(out, leaves, dout)
+    refs = []
+    for compute_dtype in (torch.float64, torch.bfloat16):
+        ref_leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
+        ref_out, _ = attention_reference(*ref_leaves, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                         compute_dtype=compute_dtype)
+        refs.append((ref_out, torch.autograd.grad(ref_out, ref_leaves, dout.to(compute_dtype))))
+    (ref_out, ref_grads), (pt_out, pt_grads) = refs
+    assert_close_to_ref(out, ref_out, pt_out, "out")
+    for name, g, ref_g, pt_g in zip(("dq", "dk", "dv"), grads, ref_grads, pt_grads):
+        assert_close_to_ref(g, ref_g, pt_g, name)
+
+
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("window", [(16, 0), (40, 7), (-1, 3)])
 def test_varlen_sliding_window_against_fp64(causal, window):
     lens_q, lens_k = [0, 1, 17, 130, 300], [5, 1, 0, 200, 129]
