@@ -97,16 +97,17 @@ def main(argv=None):
             for run in runs.values():  # warm-up (and, for a compiled cache, compilation)
                 run(1), run(args.new_tokens)
             times = {backend: ([], []) for backend in args.backends}
+            generated = {}
             for _ in range(args.reps):  # backends interleaved rep by rep: drift hits them alike
                 for backend, run in runs.items():
                     times[backend][0].append(timed(lambda: run(1), device)[0])
-                    whole, tokens = timed(lambda: run(args.new_tokens), device)
+                    whole, generated[backend] = timed(lambda: run(args.new_tokens), device)
                     times[backend][1].append(whole)
             for backend, (prefills, wholes) in times.items():
                 prefill, whole = statistics.median(prefills), statistics.median(wholes)
                 steps = args.new_tokens - 1
                 decode = max(whole - prefill, 1e-9)
-                tokens = runs[backend](args.new_tokens)[:, args.prompt:]
+                tokens = generated[backend][:, args.prompt:]
                 reference = tokens if reference is None else reference
                 same = (tokens == reference).float().mean().item()
                 print(f"{batch:>5} {cache:>15} {backend:>13} {1e3 * prefill:>10.1f} {batch * steps / decode:>12.0f} "
