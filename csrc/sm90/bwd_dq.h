@@ -123,25 +123,21 @@ struct BwdDqConsumer {
   __device__ __forceinline__ void pass_turn() const { Barriers::bwd_dq_turn(wg ^ 1).arrive(); }
 
   // S = Q K^T (resp. dP = dO V^T) for this warpgroup's 64 rows over the block's 64 keys (K = 256),
-  // issued as one group.
+  // issued as one group: rows_tile is Q (dO), keys_tile K (V).
+  __device__ __forceinline__ void issue_scores(float (&acc)[kSTiles][4], const Element* rows_tile,
+                                               const Element* keys_tile) const {
+    const Element *rows = opaque(rows_tile), *keys = opaque(keys_tile);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk)
+      wgmma_ss<Element, kBlockN>(acc, kmajor_desc(rows, Traits::kBlockM, 64 * wg, kk),
+                                 kmajor_desc(keys, kBlockN, 0, kk), kk > 0);
+    wgmma_commit();
+  }
   __device__ __forceinline__ void issue_s(float (&s)[kSTiles][4], int stage) const {
-    const Element *q = opaque(sm.q()), *k = opaque(sm.k(stage));
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk)
-      wgmma_ss<Element, kBlockN>(s, kmajor_desc(q, Traits::kBlockM, 64 * wg, kk), kmajor_desc(k, kBlockN, 0, kk),
-                                 kk > 0);
-    wgmma_commit();
+    issue_scores(s, sm.q(), sm.k(stage));
   }
-  __device__ __forceinline__ void issue_dp(float (&dp)[kSTiles][4]) const {
-    const Element *dout = opaque(sm.dout()), *v = opaque(sm.v());
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk)
-      wgmma_ss<Element, kBlockN>(dp, kmajor_desc(dout, Traits::kBlockM, 64 * wg, kk), kmajor_desc(v, kBlockN, 0, kk),
-                                 kk > 0);
-    wgmma_commit();
-  }
+  __device__ __forceinline__ void issue_dp(float (&dp)[kSTiles][4]) const { issue_scores(dp, sm.dout(), sm.v()); }
 
   // S -> P = exp2(S scale_log2 - lse log2 e), with ALiBi's bias first (alibi_coef: the head's,
   // Variant::alibi_coef), 0 where masked; only blocks that reach past the end or cross a mask
