@@ -28,8 +28,8 @@ fi
 
 if part sanitizer; then
   echo "== compute-sanitizer (memcheck, racecheck) on a small forward + backward"
-  # Each tool runs in well under a minute; a hang (seen once under racecheck) ends at the timeout
-  # (exit 124) instead of taking the rest of the device call.
+  # Each tool runs in well under a minute; a hang (racecheck has hung on a kernel change) ends
+  # at the timeout (exit 124) instead of taking the rest of the device call.
   for tool in memcheck racecheck; do
     timeout "${SANITIZER_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 1 \
       python3 benchmarks/sanitizer_case.py > "$OUT/sanitizer_$tool.log" 2>&1
